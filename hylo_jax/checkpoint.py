@@ -1,0 +1,84 @@
+"""Model checkpoints on disk: resolved config (YAML), parameters (orbax), tokenizer (HF files).
+
+Layout of a model folder written by `hylo import`:
+  DIR/config.yaml   {"model": ModelConfig, "source": where it came from}
+  DIR/params/       orbax checkpoint of the parameter state (pure dict)
+  DIR/tokenizer/    transformers tokenizer files, when one was available
+Parameters restore directly onto the shardings of any mesh.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from hylo_jax.config import ModelConfig, from_dict, load_yaml, save_yaml, to_dict
+from hylo_jax.convert.hf import abstract_model
+from hylo_jax.errors import CheckpointError
+from hylo_jax.models.transformer import CausalLM, check_mesh
+from hylo_jax.sharding import state_shardings
+
+
+def save_model(directory: str | Path, model: nnx.Module, cfg: ModelConfig, *, tokenizer=None,
+               source: str = "") -> Path:
+    """Writes config, parameters and tokenizer; refuses to overwrite existing parameters."""
+    directory = Path(directory).absolute()
+    if (directory / "params").exists():
+        raise CheckpointError(f"{directory}/params exists; choose a new --out folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_yaml({"model": to_dict(cfg), "source": source}, directory / "config.yaml")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", params)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory / "tokenizer"))
+    return directory
+
+
+def read_model_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig stored in a model folder."""
+    directory = Path(directory)
+    if not (directory / "config.yaml").is_file():
+        raise CheckpointError(f"{directory} is not a hylo_jax model folder (no config.yaml)")
+    data: dict[str, Any] = load_yaml(directory / "config.yaml")
+    if "model" not in data:
+        raise CheckpointError(f"{directory}/config.yaml has no 'model' section")
+    return from_dict(ModelConfig, data["model"], "model")
+
+
+def load_model(directory: str | Path, mesh: jax.sharding.Mesh, **overrides: Any
+               ) -> tuple[CausalLM, ModelConfig]:
+    """Restores a model folder onto `mesh`; `overrides` change compute fields (dtype, remat...)."""
+    from hylo_jax.config import replace
+
+    directory = Path(directory).absolute()
+    cfg = replace(read_model_config(directory), **overrides)
+    check_mesh(cfg, mesh)
+    graphdef, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+    if not (directory / "params").is_dir():
+        raise CheckpointError(f"{directory} has no params/ folder")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(directory / "params", target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory}/params does not match its config.yaml: {e}") from e
+    nnx.replace_by_pure_dict(abstract, restored)
+    return nnx.merge(graphdef, abstract), cfg
+
+
+def load_tokenizer(directory: str | Path):
+    """The tokenizer saved beside a model, or None."""
+    path = Path(directory) / "tokenizer"
+    if not path.is_dir():
+        return None
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)

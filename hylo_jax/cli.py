@@ -1,0 +1,164 @@
+"""The `hylo` command: import, generate, demo, describe.
+
+Every command takes `key=value` overrides after its flags (sections: model, mesh, sampling),
+applied on top of `--config FILE.yaml` when given. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from hylo_jax.config import (ConfigError, MeshConfig, ModelConfig, apply_overrides, describe,
+                             from_dict, load_yaml)
+from hylo_jax.errors import HyloError
+from hylo_jax.generate import SamplingConfig
+
+log = logging.getLogger("hylo")
+
+SECTIONS = {"model": None, "mesh": MeshConfig, "sampling": SamplingConfig}
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def _settings(args) -> dict:
+    """The YAML config (if any) with command-line overrides applied, validated by section."""
+    data = load_yaml(args.config) if getattr(args, "config", None) else {}
+    data = apply_overrides(data, args.overrides)
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {unknown}; valid: {sorted(SECTIONS)}")
+    return data
+
+
+def _mesh(settings: dict):
+    from hylo_jax.sharding import make_mesh
+
+    return make_mesh(from_dict(MeshConfig, settings.get("mesh", {}), "mesh"))
+
+
+def cmd_import(args) -> None:
+    import jax
+    from flax import nnx
+
+    from hylo_jax.checkpoint import save_model
+    from hylo_jax.convert.hf import load_hf_model
+    from hylo_jax.presets import resolve
+
+    settings = _settings(args)
+    path = resolve(args.hf)
+    t0 = time.perf_counter()
+    model, cfg = load_hf_model(path, _mesh(settings), **settings.get("model", {}))
+    tokenizer = _hf_tokenizer(path)
+    out = save_model(args.out, model, cfg, tokenizer=tokenizer, source=str(args.hf))
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    print(f"imported {cfg.arch} ({n / 1e6:.1f}M parameters) from {args.hf} to {out} "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+
+def _hf_tokenizer(path: Path):
+    """The tokenizer of a HF folder or GGUF file, or None if it has none."""
+    import transformers
+
+    from hylo_jax.convert.sources import find_gguf
+
+    gguf = find_gguf(path)
+    try:
+        if gguf is not None:
+            return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer found beside %s (%s); `hylo generate` will need one", path, e)
+        return None
+
+
+def run_generate(ckpt: str | Path, prompt: str, settings: dict, *, chat: bool = True) -> str:
+    """Loads a model folder and answers one prompt; returns the decoded continuation."""
+    from hylo_jax.checkpoint import load_model, load_tokenizer
+    from hylo_jax.generate import generate
+
+    model, _ = load_model(ckpt, _mesh(settings), **settings.get("model", {}))
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer is None:
+        raise HyloError(f"{ckpt} has no tokenizer/ folder; re-import it from a folder with one")
+    sampling = from_dict(SamplingConfig, settings.get("sampling", {}), "sampling")
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    stop = [t for t in [tokenizer.eos_token_id] if t is not None]
+    t0 = time.perf_counter()
+    (out,) = generate(model, [list(ids)], sampling, stop_tokens=stop)
+    log.info("generated %d tokens in %.2fs (compile included)", len(out), time.perf_counter() - t0)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def cmd_generate(args) -> None:
+    print(run_generate(args.ckpt, args.prompt, _settings(args), chat=not args.raw))
+
+
+def cmd_demo(args) -> None:
+    """The embedded default job: import SmolLM2-135M-Instruct offline and ask it a question."""
+    out = Path(args.out)
+    settings = _settings(args)
+    if not (out / "params").is_dir():
+        args.hf = "smollm2"
+        cmd_import(args)
+    answer = run_generate(out, DEMO_QUESTION, settings)
+    print(f"Q: {DEMO_QUESTION}\nA: {answer}")
+
+
+def cmd_describe(args) -> None:
+    del args
+    for name, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("sampling", SamplingConfig)):
+        print(f"# {name}: {cls.__doc__.splitlines()[0]}")
+        print(describe(cls, f"{name}."))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hylo", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file with model/mesh/sampling sections")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mesh.tensor=2")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("import", cmd_import, "import a Hugging Face / GGUF teacher into a hylo_jax model folder")
+    p.add_argument("--hf", required=True, help="HF model folder, .gguf file, or preset (smollm2)")
+    p.add_argument("--out", required=True, help="output folder")
+    p = add("generate", cmd_generate, "continue a prompt with a model folder")
+    p.add_argument("--ckpt", required=True, help="model folder written by `hylo import`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p = add("demo", cmd_demo, "import the SmolLM2-135M teacher offline and answer a question")
+    p.add_argument("--out", default="runs/smollm2", help="model folder (reused if present)")
+    add("describe", cmd_describe, "list every config key with its default and meaning")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args.fn(args)
+    except HyloError as e:
+        print(f"hylo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

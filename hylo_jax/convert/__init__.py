@@ -1,0 +1,1 @@
+"""Weight bridges between Hugging Face / PyTorch checkpoints and hylo_jax parameters."""

@@ -1,0 +1,124 @@
+"""One attention dispatch for every model: cuDNN flash attention on GPU, splash on TPU, XLA on CPU.
+
+Layout [batch, time, heads, head_dim]; keys/values may have fewer heads (GQA). `attention` is
+causal self-attention over aligned query/key sequences (training, prefill), with optional
+segment ids for packed documents. `cached_attention` lets new queries attend a preallocated
+cache (decode, chunked prefill).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("auto", "xla", "cudnn", "splash")
+_SPLASH_BLOCK = 512
+
+
+def _pad_values(v: jax.Array, dim: int) -> jax.Array:
+    """Pads v's head_dim to `dim` (kernels need equal q/k/v head dims); callers slice it off."""
+    return jnp.pad(v, [(0, 0)] * 3 + [(0, dim - v.shape[-1])])
+
+
+def resolve_impl(impl: str, seq_len: int, segment_ids: jax.Array | None) -> str:
+    """The concrete kernel for `impl` on the default backend ("auto" picks per backend)."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "cudnn"
+    if backend == "tpu":
+        if seq_len % _SPLASH_BLOCK == 0:
+            return "splash"
+        log.info("attention: T=%d is not a multiple of %d, using XLA on TPU", seq_len, _SPLASH_BLOCK)
+    return "xla"
+
+
+def attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b t hk d"],
+    v: Float[Array, "b t hk dv"],
+    *,
+    segment_ids: Int[Array, "b t"] | None = None,
+    scale: float | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Float[Array, "b t h dv"]:
+    """softmax(q k^T * scale + causal/segment mask) v, with key/value heads shared by groups."""
+    b, t, h, d = q.shape
+    if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[-1] != d or k.shape[2] != v.shape[2]:
+        raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
+    if h % k.shape[2]:
+        raise ValueError(f"query heads {h} not a multiple of key/value heads {k.shape[2]}")
+    scale = d ** -0.5 if scale is None else scale
+    dv = v.shape[-1]
+    if dv != d:
+        v = _pad_values(v, d) if dv < d else v
+        if dv > d:
+            raise ValueError(f"value head_dim {dv} larger than query head_dim {d} is not supported")
+    kind = resolve_impl(impl, t, segment_ids)
+    if kind == "splash":
+        out = _splash(q, k, v, segment_ids, scale, interpret)
+    else:
+        mask = None
+        if segment_ids is not None:
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
+                                           implementation=kind)
+    return out[..., :dv]
+
+
+def cached_attention(
+    q: Float[Array, "b tq h d"],
+    k_cache: Float[Array, "b s hk d"],
+    v_cache: Float[Array, "b s hk dv"],
+    *,
+    q_positions: Int[Array, "b tq"],
+    kv_length: Int[Array, "b"],
+    scale: float | None = None,
+) -> Float[Array, "b tq h dv"]:
+    """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length."""
+    d, dv = q.shape[-1], v_cache.shape[-1]
+    scale = d ** -0.5 if scale is None else scale
+    slots = jnp.arange(k_cache.shape[1])
+    mask = (slots[None, None, :] <= q_positions[:, :, None]) & (slots < kv_length[:, None])[:, None]
+    v = _pad_values(v_cache, d) if dv < d else v_cache
+    out = jax.nn.dot_product_attention(q, k_cache, v.astype(k_cache.dtype), mask=mask[:, None],
+                                       scale=scale, implementation="xla")
+    return out[..., :dv]
+
+
+def _splash(q, k, v, segment_ids, scale, interpret):
+    """TPU splash attention: one MQA kernel per key/value head, vmapped over batch and kv heads."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    hk = k.shape[2]
+    group = h // hk
+    block = min(_SPLASH_BLOCK, t)
+    kernel = sk.make_splash_mqa_single_device(
+        sm.MultiHeadMask([sm.CausalMask((t, t))] * group),
+        block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block,
+                                  block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block),
+        interpret=interpret)
+    # [b, hk, group, t, d] queries; [b, hk, t, d] keys and values.
+    qg = (q * scale).reshape(b, t, hk, group, d).transpose(0, 2, 3, 1, 4)
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def one(qh, kh, vh, seg):
+        ids = None if seg is None else sk.SegmentIds(q=seg, kv=seg)
+        return kernel(qh, kh, vh, segment_ids=ids)
+
+    per_head = jax.vmap(one, in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head, in_axes=(0, 0, 0, 0 if segment_ids is not None else None))(
+        qg, kg, vg, segment_ids)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)

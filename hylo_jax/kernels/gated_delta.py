@@ -1,0 +1,256 @@
+"""Gated delta rule (Gated DeltaNet, Yang et al., ICLR 2025) as pure JAX functions.
+
+Per batch element and head, with state S of shape [dk, dv], log-decay g_t <= 0 and step size beta_t:
+
+    S'_t = exp(g_t) S_{t-1}                                  (decay)
+    S_t  = S'_t + beta_t k_t (v_t - S'_t^T k_t)^T            (delta-rule write)
+         = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t  = S_t^T (scale q_t),    scale = 1/sqrt(dk) by default
+
+This is the convention of `torch_recurrent_gated_delta_rule` / `torch_chunk_gated_delta_rule` in
+transformers' qwen3_next (and of fla's `chunk_gated_delta_rule`), including the optional L2 normalisation of
+q and k, x / sqrt(sum x^2 + 1e-6), applied before scaling.
+
+Layout is [batch, time, heads, dim]; all maths is done in fp32, outputs are cast to v.dtype and states are fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+_L2NORM_EPS = 1e-6
+
+
+def _l2norm(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    """x / sqrt(sum(x^2) + eps) over the last axis (the fla / transformers convention)."""
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _L2NORM_EPS)
+
+
+def _prepare_qk(q: Array, k: Array, scale: float | None, use_qk_l2norm: bool) -> tuple[Array, Array]:
+    """Cast q, k to fp32, optionally L2-normalise them, and fold the scale into q."""
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return q * scale, k
+
+
+def _check_shapes(specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]]) -> None:
+    """Check that every array has the rank of its spec and that each named dimension has one size throughout."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, (shape, dims) in specs.items():
+        if len(shape) != len(dims):
+            raise ValueError(f"{name} must have rank {len(dims)} [{', '.join(dims)}], got shape {shape}")
+        for dim, size in zip(dims, shape):
+            if dim not in sizes:
+                sizes[dim] = (size, name)
+            elif sizes[dim][0] != size:
+                first_size, first_name = sizes[dim]
+                raise ValueError(
+                    f"dimension '{dim}' mismatch: {first_name} has {dim}={first_size} but {name} has {dim}={size}"
+                    f" (shape {shape}, expected [{', '.join(dims)}])"
+                )
+
+
+def _delta_step(
+    state: Float[Array, "b h dk dv"],
+    q_t: Float[Array, "b h dk"],
+    k_t: Float[Array, "b h dk"],
+    v_t: Float[Array, "b h dv"],
+    g_t: Float[Array, "b h"],
+    beta_t: Float[Array, "b h"],
+) -> tuple[Float[Array, "b h dv"], Float[Array, "b h dk dv"]]:
+    """One recurrence step on prepared fp32 inputs (q already scaled): S' = e^g S; S = S' + k beta (v - S'^T k)^T."""
+    state = jnp.exp(g_t)[..., None, None] * state
+    delta = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", state, k_t))
+    state = state + k_t[..., :, None] * delta[..., None, :]
+    return jnp.einsum("bhkv,bhk->bhv", state, q_t), state
+
+
+def _reference(
+    q: Float[Array, "b t h dk"],
+    k: Float[Array, "b t h dk"],
+    v: Float[Array, "b t h dv"],
+    g: Float[Array, "b t h"],
+    beta: Float[Array, "b t h"],
+    state: Float[Array, "b h dk dv"],
+    reset: Bool[Array, "b t"],
+    chunk_size: int,
+) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
+    """Token-by-token `lax.scan` of the recurrence (the oracle); the state is zeroed before every reset token."""
+    del chunk_size
+
+    def step(s, xs):
+        q_t, k_t, v_t, g_t, beta_t, reset_t = xs
+        s = jnp.where(reset_t[:, None, None, None], 0.0, s)
+        o_t, s = _delta_step(s, q_t, k_t, v_t, g_t, beta_t)
+        return s, o_t
+
+    state, o = lax.scan(step, state, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, reset)))
+    return jnp.moveaxis(o, 0, 1), state
+
+
+def _chunked(
+    q: Float[Array, "b t h dk"],
+    k: Float[Array, "b t h dk"],
+    v: Float[Array, "b t h dv"],
+    g: Float[Array, "b t h"],
+    beta: Float[Array, "b t h"],
+    state: Float[Array, "b h dk dv"],
+    reset: Bool[Array, "b t"],
+    chunk_size: int,
+) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
+    """Chunkwise WY / UT-transform form of the recurrence.
+
+    In a chunk with start state S0, positions i = 1..C and cumulative log-decay G_i = g_1 + ... + g_i, the writes
+    delta_i = beta_i (v_i - (e^{g_i} S_{i-1})^T k_i) satisfy (I - A) delta = beta v - (beta k e^G) S0 with
+    A_ij = -beta_i (k_i . k_j) e^{G_i - G_j} for j < i. With T = (I - A)^{-1}, u = T (beta v), w = T (beta k e^G):
+        delta = u - w S0
+        o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
+        S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
+    Only the last line and delta need the carried state, so a `lax.scan` over chunks does just that.
+    Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
+    """
+    b, t, h, _ = q.shape
+    pad = -t % chunk_size
+    if pad:
+        # g = 0 and beta = 0 make padded tokens identity steps: no decay, no write.
+        q, k, v, g, beta, reset = (
+            jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta, reset)
+        )
+    n = (t + pad) // chunk_size
+
+    def chunks(x: Array) -> Array:  # [b, n*C, h, ...] -> [n, b, h, C, ...]
+        return jnp.moveaxis(x.reshape(b, n, chunk_size, h, *x.shape[3:]), (1, 3), (0, 2))
+
+    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    # Index of the segment inside its chunk: resets seen so far in the chunk, [n, b, 1, C].
+    seg = jnp.cumsum(jnp.moveaxis(reset.reshape(b, n, chunk_size), 1, 0), axis=-1)[:, :, None, :]
+    carry_in = seg == 0  # position is still in the segment that the carried state belongs to
+    carry_out = seg == seg[..., -1:]  # position is in the segment that the chunk's final state belongs to
+    same = seg[..., :, None] == seg[..., None, :]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
+    strict = causal & ~jnp.eye(chunk_size, dtype=bool)
+
+    def masked_exp(x: Array, mask: Array) -> Array:
+        """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
+        return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+    cum = jnp.cumsum(g, axis=-1)  # G_i, [n, b, h, C]
+    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
+    decay_in = masked_exp(cum, carry_in)  # e^{G_i}
+    decay_out = masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
+    decay_chunk = decay_in[..., -1]  # e^{G_C}
+
+    kk = jnp.einsum("nbhik,nbhjk->nbhij", k, k)
+    # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
+    minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
+    uw = lax.linalg.triangular_solve(minus_a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
+    attn = jnp.einsum("nbhik,nbhjk->nbhij", q, k) * masked_exp(diff, causal & same)
+    q_in = decay_in[..., None] * q
+    k_out = decay_out[..., None] * k
+
+    def step(s, xs):
+        u_c, w_c, attn_c, q_c, k_c, decay_c = xs
+        delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
+        o_c = jnp.einsum("bhik,bhkv->bhiv", q_c, s) + jnp.einsum("bhij,bhjv->bhiv", attn_c, delta)
+        s = decay_c[..., None, None] * s + jnp.einsum("bhjk,bhjv->bhkv", k_c, delta)
+        return s, o_c
+
+    state, o = lax.scan(step, state, (u, w, attn, q_in, k_out, decay_chunk))
+    o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, n * chunk_size, h, -1)
+    return o[:, :t], state
+
+
+_IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {"reference": _reference, "chunked": _chunked}
+
+
+def gated_delta_rule(
+    q: Float[Array, "b t h dk"],
+    k: Float[Array, "b t h dk"],
+    v: Float[Array, "b t h dv"],
+    g: Float[Array, "b t h"],
+    beta: Float[Array, "b t h"],
+    *,
+    scale: float | None = None,
+    initial_state: Float[Array, "b h dk dv"] | None = None,
+    segment_ids: Int[Array, "b t"] | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+    impl: str = "chunked",
+) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
+    """Gated delta rule over a sequence: S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t * scale.
+
+    g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
+    whose id differs from the previous token's, so `initial_state` only feeds the first segment.
+    `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two) or "reference" (token-by-token scan).
+    Returns (o in v.dtype, final state in fp32).
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {sorted(_IMPLS)}")
+    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
+    specs = {
+        "q": (q.shape, ("batch", "time", "heads", "dk")),
+        "k": (k.shape, ("batch", "time", "heads", "dk")),
+        "v": (v.shape, ("batch", "time", "heads", "dv")),
+        "g": (g.shape, ("batch", "time", "heads")),
+        "beta": (beta.shape, ("batch", "time", "heads")),
+    }
+    if initial_state is not None:
+        specs["initial_state"] = (initial_state.shape, ("batch", "heads", "dk", "dv"))
+    if segment_ids is not None:
+        specs["segment_ids"] = (segment_ids.shape, ("batch", "time"))
+    _check_shapes(specs)
+
+    b, t, h, dk = q.shape
+    q, k = _prepare_qk(q, k, scale, use_qk_l2norm)
+    if initial_state is None:
+        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+    else:
+        state = initial_state.astype(jnp.float32)
+    if segment_ids is None:
+        reset = jnp.zeros((b, t), dtype=bool)
+    else:
+        reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+    v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
+    o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
+    return o.astype(v.dtype), state
+
+
+def gated_delta_step(
+    state: Float[Array, "b h dk dv"],
+    q_t: Float[Array, "b h dk"],
+    k_t: Float[Array, "b h dk"],
+    v_t: Float[Array, "b h dv"],
+    g_t: Float[Array, "b h"],
+    beta_t: Float[Array, "b h"],
+    *,
+    scale: float | None = None,
+    use_qk_l2norm: bool = False,
+) -> tuple[Float[Array, "b h dv"], Float[Array, "b h dk dv"]]:
+    """One decode token: S = e^{g_t} S; S = S + beta_t k_t (v_t - S^T k_t)^T; o_t = S^T q_t * scale.
+
+    Returns (o_t in v_t.dtype, new state in fp32).
+    """
+    _check_shapes(
+        {
+            "state": (state.shape, ("batch", "heads", "dk", "dv")),
+            "q_t": (q_t.shape, ("batch", "heads", "dk")),
+            "k_t": (k_t.shape, ("batch", "heads", "dk")),
+            "v_t": (v_t.shape, ("batch", "heads", "dv")),
+            "g_t": (g_t.shape, ("batch", "heads")),
+            "beta_t": (beta_t.shape, ("batch", "heads")),
+        }
+    )
+    q_t, k_t = _prepare_qk(q_t, k_t, scale, use_qk_l2norm)
+    state, v32, g32, beta32 = (x.astype(jnp.float32) for x in (state, v_t, g_t, beta_t))
+    o_t, state = _delta_step(state, q_t, k_t, v32, g32, beta32)
+    return o_t.astype(v_t.dtype), state

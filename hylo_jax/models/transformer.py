@@ -1,0 +1,192 @@
+"""The teacher: a Llama / Qwen2 / Qwen3 decoder in Flax NNX with Hugging Face-like names.
+
+Module tree (parameter paths mirror transformers'): `model.embed_tokens`, `model.layers[i]`
+with `input_layernorm`, `self_attn.{q,k,v,o}_proj` (+ `q_norm`, `k_norm` in Qwen3),
+`post_attention_layernorm`, `mlp.{gate,up,down}_proj`; `model.norm`; `lm_head` (absent when tied).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from hylo_jax.config import ModelConfig
+from hylo_jax.kernels.attention import attention, cached_attention
+from hylo_jax.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
+from hylo_jax.models.rope import apply_rope, rope_cos_sin
+from hylo_jax.sharding import check_divides, constrain
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+@struct.dataclass
+class KVCache:
+    """Preallocated keys and values of one attention layer: [batch, max_len, kv_heads, head_dim]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
+        shape = (batch, max_len, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def write(self, k: jax.Array, v: jax.Array, positions: Int[Array, "b t"]) -> KVCache:
+        """Stores the new tokens' keys/values at their positions (one slot per position)."""
+        rows = jnp.arange(k.shape[0])[:, None]
+        return KVCache(self.k.at[rows, positions].set(k.astype(self.k.dtype)),
+                       self.v.at[rows, positions].set(v.astype(self.v.dtype)))
+
+
+def segment_positions(segment_ids: Int[Array, "b t"]) -> Int[Array, "b t"]:
+    """Position of each token inside its document: t minus the start of its segment."""
+    t = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE (+ QKV bias for Qwen2, q/k RMSNorm for Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "q_heads"),
+                             use_bias=cfg.attention_bias, **kw)
+        self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
+                             use_bias=cfg.attention_bias, **kw)
+        self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"),
+                             use_bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(cfg.num_heads * hd, d, axes=("q_heads", "embed"), **kw)
+        if cfg.qk_norm:
+            pd = dtype_of(cfg.param_dtype)
+            self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=pd, axes=("head_dim",))
+            self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=pd, axes=("head_dim",))
+        else:
+            self.q_norm = self.k_norm = None
+        self.cfg = cfg
+
+    def __call__(self, x: Float[Array, "b t d"], cos, sin, *, segment_ids=None, cache=None,
+                 positions=None, kv_length=None) -> tuple[Float[Array, "b t d"], KVCache | None]:
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        if cache is None:
+            out = attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
+        else:
+            cache = cache.write(k, v, positions)
+            out = cached_attention(q, cache.k, cache.v, q_positions=positions, kv_length=kv_length)
+        out = checkpoint_name(out, "attention_out")
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = dtype_of(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
+                       dtype=dtype_of(cfg.dtype), param_dtype=pd)
+
+    def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None, kv_length=None):
+        mixed, cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids=segment_ids,
+                                      cache=cache, positions=positions, kv_length=kv_length)
+        x = constrain(x + mixed, ACT)
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT)
+        return x, cache
+
+
+class Decoder(nnx.Module):
+    """Embedding, the stack of decoder layers, final RMSNorm (HF's `model`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dt, param_dtype=pd)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
+        self.cfg = cfg
+
+    def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], *, segment_ids=None,
+                 caches=None, kv_length=None) -> tuple[Float[Array, "b t d"], list | None]:
+        cfg = self.cfg
+        x = constrain(self.embed_tokens(tokens), ACT)
+        cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            call = type(layer).__call__
+            if cfg.remat != "none" and caches is None:
+                call = nnx.remat(call, policy=REMAT_POLICIES[cfg.remat])
+            x, cache = call(layer, x, cos, sin, segment_ids,
+                            None if caches is None else caches[i], positions, kv_length)
+            new_caches.append(cache)
+        return self.norm(x), (None if caches is None else new_caches)
+
+
+def check_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> None:
+    """`MeshError` unless tensor parallelism splits whole heads (query and key/value)."""
+    check_divides(mesh, "model.num_heads", cfg.num_heads, ("tensor",))
+    check_divides(mesh, "model.num_kv_heads", cfg.num_kv_heads, ("tensor",))
+
+
+class CausalLM(nnx.Module):
+    """Decoder plus LM head; logits are returned in fp32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.model = Decoder(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
+            dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        self.cfg = cfg
+
+    def logits(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
+        """LM head on final hidden states."""
+        if self.lm_head is None:
+            out = self.model.embed_tokens.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return constrain(out, ("act_batch", "act_length", "act_vocab")).astype(jnp.float32)
+
+    def hidden_states(self, tokens: Int[Array, "b t"], *, positions=None,
+                      segment_ids=None) -> Float[Array, "b t d"]:
+        """Final normalised hidden states; positions restart per segment when not given."""
+        if positions is None:
+            positions = (segment_positions(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+        hidden, _ = self.model(tokens, positions, segment_ids=segment_ids)
+        return hidden
+
+    def __call__(self, tokens: Int[Array, "b t"], *, positions=None,
+                 segment_ids=None) -> Float[Array, "b t v"]:
+        return self.logits(self.hidden_states(tokens, positions=positions, segment_ids=segment_ids))
+
+    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
+        cfg = self.cfg
+        return [KVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.dtype))
+                for _ in range(cfg.num_layers)]
+
+    def forward_cached(self, tokens: Int[Array, "b t"], caches: list[KVCache],
+                       positions: Int[Array, "b t"], kv_length: Int[Array, "b"]):
+        """Runs new tokens at `positions` against the caches; returns (logits, caches)."""
+        hidden, caches = self.model(tokens, positions, caches=caches, kv_length=kv_length)
+        return self.logits(hidden), caches

@@ -1,0 +1,150 @@
+"""Device mesh and logical-axis sharding rules.
+
+Parameters and activations are annotated with *logical* axis names; `LOGICAL_RULES` (the one
+table) maps each to mesh axes. Parameters carry their names as `nnx.Param(..., logical_axes=...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from hylo_jax.config import MeshConfig
+from hylo_jax.errors import MeshError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# logical axis -> mesh axes. Parameter axes first, then activation axes (prefixed "act_").
+LOGICAL_RULES: dict[str, tuple[str, ...]] = {
+    # parameters
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "q_heads": ("tensor",),  # flattened heads * head_dim of a projection
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "norm": (),
+    # activations
+    "act_batch": ("data", "fsdp"),
+    "act_length": ("sequence",),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    "act_head_dim": (),
+}
+
+
+def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
+    """The PartitionSpec for a tuple of logical axis names (None = replicated)."""
+    out = []
+    for name in axes:
+        if name is None:
+            out.append(None)
+            continue
+        if name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
+        mesh_axes = LOGICAL_RULES[name]
+        out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*out)
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Mesh axis sizes with a -1 filled in; `MeshError` if they cannot cover `num_devices`."""
+    sizes = {a: getattr(cfg, a) for a in MESH_AXES}
+    fill = [a for a, s in sizes.items() if s == -1]
+    bad = [a for a, s in sizes.items() if s == 0 or s < -1]
+    if bad or len(fill) > 1:
+        raise MeshError(f"mesh sizes must be positive with at most one -1, got {sizes}")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % fixed:
+            raise MeshError(f"mesh {sizes}: fixed axes multiply to {fixed}, which does not divide "
+                            f"the {num_devices} devices")
+        sizes[fill[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(f"mesh {sizes} multiplies to {math.prod(sizes.values())} but "
+                        f"{num_devices} devices are present")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes (data, fsdp, tensor, sequence) over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def _mesh_axis_size(mesh: Mesh, spec_entry) -> int:
+    if spec_entry is None:
+        return 1
+    names = (spec_entry,) if isinstance(spec_entry, str) else spec_entry
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def param_logical_axes(state: nnx.State) -> nnx.State:
+    """For each parameter, its logical axes (from the `logical_axes` metadata)."""
+
+    def axes(var):
+        names = var.get_metadata().get("logical_axes")
+        return names if names is not None else (None,) * len(var.shape)
+
+    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """NamedShardings of every variable in `state` (abstract or concrete).
+
+    Raises `MeshError` naming the parameter when a mesh axis does not divide the dimension it
+    shards, so a bad mesh fails before any compilation.
+    """
+
+    def one(path, var):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        names = var.get_metadata().get("logical_axes") or (None,) * len(value.shape)
+        if len(names) != len(value.shape):
+            raise ValueError(f"{_path_str(path)}: logical axes {names} for shape {value.shape}")
+        spec = logical_to_spec(names)
+        for dim, entry, name in zip(value.shape, spec, names):
+            size = _mesh_axis_size(mesh, entry)
+            if dim % size:
+                raise MeshError(f"parameter {_path_str(path)} has {name} dimension {dim}, which "
+                                f"mesh axes {entry} of size {size} do not divide")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _path_str(path) -> str:
+    parts = []
+    for p in path:
+        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+        parts.append(str(key))
+    return ".".join(parts)
+
+
+def check_divides(mesh: Mesh, what: str, dim: int, axes: Sequence[str]) -> None:
+    """`MeshError` unless the product of `axes` divides `dim` (e.g. batch over data*fsdp)."""
+    size = math.prod(mesh.shape[a] for a in axes)
+    if dim % size:
+        raise MeshError(f"{what}={dim} is not divisible by mesh axes {tuple(axes)} of size {size}")
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical axes, when a mesh is set (`jax.set_mesh`); else x."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
