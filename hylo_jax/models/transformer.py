@@ -77,8 +77,11 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.cfg = cfg
 
-    def __call__(self, x: Float[Array, "b t d"], cos, sin, *, segment_ids=None, cache=None,
-                 positions=None, kv_length=None) -> tuple[Float[Array, "b t d"], KVCache | None]:
+    def __call__(self, x: Float[Array, "b t d"], *, positions: Int[Array, "b t"], segment_ids=None,
+                 cache: KVCache | None = None, kv_length=None
+                 ) -> tuple[Float[Array, "b t d"], KVCache | None]:
+        """Causal self-attention at `positions`; with a cache, new keys/values are written into it
+        and the queries attend its first `kv_length` slots (decode / chunked prefill)."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim)
@@ -86,6 +89,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
@@ -109,9 +113,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
                        dtype=dtype_of(cfg.dtype), param_dtype=pd)
 
-    def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None, kv_length=None):
-        mixed, cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids=segment_ids,
-                                      cache=cache, positions=positions, kv_length=kv_length)
+    def __call__(self, x, positions, segment_ids=None, cache=None, kv_length=None):
+        mixed, cache = self.self_attn(self.input_layernorm(x), positions=positions,
+                                      segment_ids=segment_ids, cache=cache, kv_length=kv_length)
         x = constrain(x + mixed, ACT)
         x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT)
         return x, cache
@@ -131,14 +135,13 @@ class Decoder(nnx.Module):
                  caches=None, kv_length=None) -> tuple[Float[Array, "b t d"], list | None]:
         cfg = self.cfg
         x = constrain(self.embed_tokens(tokens), ACT)
-        cos, sin = rope_cos_sin(positions, cfg.rope, cfg.head_dim)
         new_caches = []
         for i, layer in enumerate(self.layers):
             call = type(layer).__call__
             if cfg.remat != "none" and caches is None:
                 call = nnx.remat(call, policy=REMAT_POLICIES[cfg.remat])
-            x, cache = call(layer, x, cos, sin, segment_ids,
-                            None if caches is None else caches[i], positions, kv_length)
+            x, cache = call(layer, x, positions, segment_ids,
+                            None if caches is None else caches[i], kv_length)
             new_caches.append(cache)
         return self.norm(x), (None if caches is None else new_caches)
 
