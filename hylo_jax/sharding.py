@@ -29,6 +29,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "q_heads": ("tensor",),  # flattened heads * head_dim of a projection
     "kv_heads": ("tensor",),
     "head_dim": (),
+    "latent": (),  # MLA's low-rank latent (small: replicated)
     "norm": (),
     # activations
     "act_batch": ("data", "fsdp"),

@@ -1,0 +1,225 @@
+"""Multi-Head Latent Attention (MLA, DeepSeek-V2/V3) with HyLo's grouped key/value heads.
+
+For hidden states h (one token), with r = kv_lora_rank, dn/dr = qk_nope/qk_rope_head_dim:
+
+    c_Q = norm(W_DQ h)                    (q_lora_rank > 0; else q = W_Q h)
+    [q_nope ; q_rope]_i = (W_UQ c_Q)_i    per query head i
+    [c_KV ; k_rope] = W_DKV h             k_rope [dr] is shared by every head
+    c_KV = norm(c_KV)                     (latent_norm; DeepSeek on, HyLo off)
+    [k_nope ; v]_g = (W_UKV c_KV)_g       per key/value head g (HyLo: the teacher's KV head count;
+                                          query head i uses g = i // (num_heads / num_kv_heads))
+    score_ij = ([q_nope ; rope(q_rope)]_i . [k_nope ; rope(k_rope)]_g) / sqrt(dn + dr) * m
+    y = W_O concat_i(softmax_j(score_ij) v_gj)
+
+m is DeepSeek's YaRN softmax correction (`rope.yarn_softmax_scale`). Training and prefill
+decompress K/V and call the shared attention kernel. Decode keeps only the latent
+[c_KV ; rope(k_rope)] (r + dr numbers per token and layer) and absorbs W_UK into the query
+(q_nope_i W_UK_g^T lives in latent space) and W_UV into the output, so no per-head K/V exists.
+
+Parameter names follow transformers' DeepseekV3Attention: q_a_proj, q_a_layernorm, q_b_proj
+(or q_proj), kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj (per kv head [k_nope ; v]), o_proj.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from hylo_jax.config import RopeConfig, doc
+from hylo_jax.errors import ConfigError
+from hylo_jax.kernels.attention import attention
+from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
+from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
+from hylo_jax.sharding import constrain
+
+# Logical axis of the low-rank latent dimensions (see sharding.LOGICAL_RULES).
+LATENT = "latent"
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention of one layer."""
+
+    hidden_size: int = doc(512, "Model width d.")
+    num_heads: int = doc(8, "Query heads.")
+    num_kv_heads: int = doc(8, "Key/value up-projection heads (DeepSeek: num_heads; HyLo: the "
+                            "teacher's KV heads, each shared by num_heads/num_kv_heads queries).")
+    q_lora_rank: int = doc(0, "Query compression rank (q_a_proj -> q_b_proj); 0 = plain q_proj.")
+    kv_lora_rank: int = doc(128, "Key/value latent width r (the cached c_KV).")
+    qk_nope_head_dim: int = doc(64, "Per-head query/key width without RoPE.")
+    qk_rope_head_dim: int = doc(32, "Per-head query width with RoPE; the rotary key is shared.")
+    v_head_dim: int = doc(64, "Per-head value width.")
+    latent_norm: bool = doc(False, "RMSNorm on the q and kv latents (DeepSeek True, HyLo False).")
+    rms_norm_eps: float = doc(1e-6, "Epsilon of the latent RMSNorms.")
+    rope: RopeConfig = doc(RopeConfig, "Rotary embedding of the qk_rope dimensions.", factory=True)
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Compute dtype.")
+    param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
+    attention_impl: Literal["auto", "xla", "cudnn", "splash"] = doc(
+        "auto", "Attention kernel of the training/prefill path (see kernels.attention).")
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "kv_lora_rank", "qk_nope_head_dim",
+                     "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"mla.{name} must be positive, got {getattr(self, name)}")
+        if self.q_lora_rank < 0:
+            raise ConfigError(f"mla.q_lora_rank must be positive or 0 (plain q_proj), "
+                              f"got {self.q_lora_rank}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"mla.num_heads={self.num_heads} is not a multiple of "
+                              f"mla.num_kv_heads={self.num_kv_heads}")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"mla.qk_rope_head_dim={self.qk_rope_head_dim} must be even for RoPE")
+        if self.v_head_dim > self.qk_head_dim:
+            raise ConfigError(f"mla.v_head_dim={self.v_head_dim} exceeds the query/key head width "
+                              f"qk_nope_head_dim + qk_rope_head_dim = {self.qk_head_dim}, which "
+                              "the attention kernel does not support")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:
+        """Width of one cached token: c_KV and the rotated shared key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+def mla_cache_bytes_per_token(cfg: MLAConfig, dtype_bytes: int) -> int:
+    """Decode cache size of one token in one layer: (kv_lora_rank + qk_rope_head_dim) numbers."""
+    return cfg.latent_dim * dtype_bytes
+
+
+@struct.dataclass
+class MLACache:
+    """Preallocated latents of one MLA layer: [batch, max_len, kv_lora_rank + qk_rope_head_dim],
+    each slot [c_KV (normed) ; k_rope (rotated)]."""
+
+    latent: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, cfg: MLAConfig) -> MLACache:
+        return cls(jnp.zeros((batch, max_len, cfg.latent_dim), dtype_of(cfg.dtype)))
+
+    def write(self, latent: Float[Array, "b t l"], positions: Int[Array, "b t"]) -> MLACache:
+        """Stores the new tokens' latents at their positions (one slot per position)."""
+        rows = jnp.arange(latent.shape[0])[:, None]
+        return MLACache(self.latent.at[rows, positions].set(latent.astype(self.latent.dtype)))
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention; same call interface as `transformer.Attention`."""
+
+    def __init__(self, cfg: MLAConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
+        pd = dtype_of(cfg.param_dtype)
+        d, q_width = cfg.hidden_size, cfg.num_heads * cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = Linear(d, cfg.q_lora_rank, axes=("embed", LATENT), **kw)
+            self.q_a_layernorm = (RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps, param_dtype=pd)
+                                  if cfg.latent_norm else None)
+            self.q_b_proj = Linear(cfg.q_lora_rank, q_width, axes=(LATENT, "q_heads"), **kw)
+        else:
+            self.q_proj = Linear(d, q_width, axes=("embed", "q_heads"), **kw)
+        self.kv_a_proj_with_mqa = Linear(d, cfg.latent_dim, axes=("embed", LATENT), **kw)
+        self.kv_a_layernorm = (RMSNorm(cfg.kv_lora_rank, eps=cfg.rms_norm_eps, param_dtype=pd)
+                               if cfg.latent_norm else None)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank,
+                                cfg.num_kv_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                axes=(LATENT, "kv_heads"), **kw)
+        self.o_proj = Linear(cfg.num_heads * cfg.v_head_dim, d, axes=("q_heads", "embed"), **kw)
+        self.cfg = cfg
+
+    def _queries(self, x: Float[Array, "b t d"]) -> Float[Array, "b t h dq"]:
+        """[q_nope ; q_rope] per head, before RoPE."""
+        cfg = self.cfg
+        if cfg.q_lora_rank:
+            c_q = self.q_a_proj(x)
+            if self.q_a_layernorm is not None:
+                c_q = self.q_a_layernorm(c_q)
+            q = self.q_b_proj(c_q)
+        else:
+            q = self.q_proj(x)
+        return q.reshape(*x.shape[:2], cfg.num_heads, cfg.qk_head_dim)
+
+    def _latents(self, x: Float[Array, "b t d"], cos, sin) -> Float[Array, "b t l"]:
+        """[norm(c_KV) ; rope(k_rope)] of each token: what the decode cache stores."""
+        r = self.cfg.kv_lora_rank
+        ckv = self.kv_a_proj_with_mqa(x)
+        c, k_rope = ckv[..., :r], ckv[..., r:]
+        if self.kv_a_layernorm is not None:
+            c = self.kv_a_layernorm(c)
+        k_rope = apply_rope(k_rope[:, :, None, :], cos, sin)[:, :, 0, :]
+        return jnp.concatenate([c, k_rope], axis=-1)
+
+    def _up_kernels(self) -> tuple[Float[Array, "r g dn"], Float[Array, "r g dv"]]:
+        """kv_b_proj's kernel split per kv head into W_UK [r, g, dn] and W_UV [r, g, dv]."""
+        cfg = self.cfg
+        w = self.kv_b_proj.kernel[...].astype(dtype_of(cfg.dtype))
+        w = w.reshape(cfg.kv_lora_rank, cfg.num_kv_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+    def __call__(self, x: Float[Array, "b t d"], *, positions: Int[Array, "b t"], segment_ids=None,
+                 cache: MLACache | None = None, kv_length=None
+                 ) -> tuple[Float[Array, "b t d"], MLACache | None]:
+        """Causal MLA at `positions`; with a cache, the new latents are written into it and the
+        queries attend its first `kv_length` slots in latent space (decode / chunked prefill)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        dn = cfg.qk_nope_head_dim
+        scale = cfg.qk_head_dim ** -0.5 * yarn_softmax_scale(cfg.rope)
+        cos, sin = rope_cos_sin(positions, cfg.rope, cfg.qk_rope_head_dim)
+        q = self._queries(x)
+        q_nope, q_rope = q[..., :dn], apply_rope(q[..., dn:], cos, sin)
+        latent = self._latents(x, cos, sin)
+        if cache is None:
+            out = self._decompressed(q_nope, q_rope, latent, segment_ids, scale)
+        else:
+            cache = cache.write(latent, positions)
+            out = self._absorbed(q_nope, q_rope, cache.latent, positions, kv_length, scale)
+        out = checkpoint_name(out, "attention_out")
+        return self.o_proj(out.reshape(b, t, -1)), cache
+
+    def _decompressed(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],
+                      latent: Float[Array, "b t l"], segment_ids: Int[Array, "b t"] | None,
+                      scale: float) -> Float[Array, "b t h dv"]:
+        """k_g = [c W_UK_g ; k_rope], v_g = c W_UV_g, then the shared causal attention kernel."""
+        cfg = self.cfg
+        w_uk, w_uv = self._up_kernels()
+        c, k_rope = latent[..., :cfg.kv_lora_rank], latent[..., cfg.kv_lora_rank:]
+        k_nope = jnp.einsum("btr,rgn->btgn", c, w_uk)
+        v = jnp.einsum("btr,rgv->btgv", c, w_uv)
+        k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))
+        k = jnp.concatenate([k_nope, k_rope], -1)
+        q = constrain(jnp.concatenate([q_nope, q_rope], -1),
+                      ("act_batch", "act_length", "act_heads", "act_head_dim"))
+        k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
+        return attention(q, k, v, segment_ids=segment_ids, scale=scale, impl=cfg.attention_impl)
+
+    def _absorbed(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],
+                  latent: Float[Array, "b s l"], positions: Int[Array, "b t"],
+                  kv_length: Int[Array, "b"], scale: float) -> Float[Array, "b t h dv"]:
+        """Attention over the latent cache with W_UK folded into the query and W_UV into the output:
+        q_i . k_gj = [q_nope_i W_UK_g^T ; q_rope_i] . latent_j,  o_i = (sum_j p_ij c_j) W_UV_g."""
+        cfg = self.cfg
+        b, t, h, _ = q_nope.shape
+        g = cfg.num_kv_heads
+        w_uk, w_uv = self._up_kernels()
+        q_nope = q_nope.reshape(b, t, g, h // g, -1)
+        q_lat = jnp.einsum("btgqn,rgn->btgqr", q_nope, w_uk)
+        q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1)
+        scores = jnp.einsum("btgql,bsl->bgqts", q_abs, latent.astype(q_abs.dtype),
+                            preferred_element_type=jnp.float32) * scale
+        slots = jnp.arange(latent.shape[1])
+        mask = (slots <= positions[:, :, None]) & (slots < kv_length[:, None, None])
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q_abs.dtype)
+        c = latent[..., :cfg.kv_lora_rank].astype(q_abs.dtype)
+        o_lat = jnp.einsum("bgqts,bsr->btgqr", probs, c)
+        return jnp.einsum("btgqr,rgv->btgqv", o_lat, w_uv).reshape(b, t, h, cfg.v_head_dim)
