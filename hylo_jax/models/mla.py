@@ -186,6 +186,9 @@ class MLA(nnx.Module):
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out.reshape(b, t, -1)), cache
 
+    def init_cache(self, batch: int, max_len: int) -> MLACache:
+        return MLACache.zeros(batch, max_len, self.cfg)
+
     def _decompressed(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],
                       latent: Float[Array, "b t l"], segment_ids: Int[Array, "b t"] | None,
                       scale: float) -> Float[Array, "b t h dv"]:

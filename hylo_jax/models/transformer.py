@@ -7,6 +7,8 @@ with `input_layernorm`, `self_attn.{q,k,v,o}_proj` (+ `q_norm`, `k_norm` in Qwen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -101,21 +103,41 @@ class Attention(nnx.Module):
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out.reshape(b, t, -1)), cache
 
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.cfg
+        return KVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.dtype))
+
+
+# A mixer factory builds one layer's token mixer: rngs -> (attribute name, module). Every mixer has
+# __call__(x, *, positions, segment_ids, cache, kv_length) -> (y, cache) and init_cache(batch, max_len).
+MixerFactory = Callable[[nnx.Rngs], tuple[str, nnx.Module]]
+
+
+def attention_mixer(cfg: ModelConfig) -> MixerFactory:
+    """The teacher's own GQA attention, stored as `self_attn`."""
+    return lambda rngs: ("self_attn", Attention(cfg, rngs=rngs))
+
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x)). The mixer is the teacher's
+    attention or, in a hybrid, MLA / Mamba2 / GDN, stored under its HF-like attribute name."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mixer: MixerFactory | None = None):
         pd = dtype_of(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.mixer_name, module = (mixer or attention_mixer(cfg))(rngs)
+        setattr(self, self.mixer_name, module)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs,
                        dtype=dtype_of(cfg.dtype), param_dtype=pd)
 
+    @property
+    def mixer(self) -> nnx.Module:
+        return getattr(self, self.mixer_name)
+
     def __call__(self, x, positions, segment_ids=None, cache=None, kv_length=None):
-        mixed, cache = self.self_attn(self.input_layernorm(x), positions=positions,
-                                      segment_ids=segment_ids, cache=cache, kv_length=kv_length)
+        mixed, cache = self.mixer(self.input_layernorm(x), positions=positions,
+                                  segment_ids=segment_ids, cache=cache, kv_length=kv_length)
         x = constrain(x + mixed, ACT)
         x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT)
         return x, cache
@@ -124,10 +146,14 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
     """Embedding, the stack of decoder layers, final RMSNorm (HF's `model`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 mixers: Sequence[MixerFactory] | None = None):
         dt, pd = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        mixers = mixers or [attention_mixer(cfg)] * cfg.num_layers
+        if len(mixers) != cfg.num_layers:
+            raise ValueError(f"{len(mixers)} mixers for {cfg.num_layers} layers")
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dt, param_dtype=pd)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, mixer=m) for m in mixers])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.cfg = cfg
 
@@ -153,10 +179,12 @@ def check_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> None:
 
 
 class CausalLM(nnx.Module):
-    """Decoder plus LM head; logits are returned in fp32."""
+    """Decoder plus LM head; logits are returned in fp32. `mixers` (one factory per layer) makes
+    it a hybrid; the default is the teacher (attention everywhere)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.model = Decoder(cfg, rngs=rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 mixers: Sequence[MixerFactory] | None = None):
+        self.model = Decoder(cfg, rngs=rngs, mixers=mixers)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
             dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
@@ -183,10 +211,9 @@ class CausalLM(nnx.Module):
                  segment_ids=None) -> Float[Array, "b t v"]:
         return self.logits(self.hidden_states(tokens, positions=positions, segment_ids=segment_ids))
 
-    def init_cache(self, batch: int, max_len: int) -> list[KVCache]:
-        cfg = self.cfg
-        return [KVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype_of(cfg.dtype))
-                for _ in range(cfg.num_layers)]
+    def init_cache(self, batch: int, max_len: int) -> list:
+        """Each layer's empty decode cache (KV, MLA latent, or recurrent state)."""
+        return [layer.mixer.init_cache(batch, max_len) for layer in self.model.layers]
 
     def forward_cached(self, tokens: Int[Array, "b t"], caches: list[KVCache],
                        positions: Int[Array, "b t"], kv_length: Int[Array, "b"]):
