@@ -13,8 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from hylo_jax.config import (ConfigError, MeshConfig, ModelConfig, apply_overrides, describe,
-                             from_dict, load_yaml)
+from hylo_jax.config import ConfigError, MeshConfig, ModelConfig, apply_overrides, describe, from_dict, load_yaml
 from hylo_jax.errors import HyloError
 from hylo_jax.generate import SamplingConfig
 

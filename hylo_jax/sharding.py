@@ -10,9 +10,9 @@ import math
 from collections.abc import Sequence
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from hylo_jax.config import MeshConfig

@@ -2,8 +2,7 @@
 
 import pytest
 
-from hylo_jax.config import (MeshConfig, ModelConfig, apply_overrides, describe, from_dict,
-                             load_yaml, save_yaml)
+from hylo_jax.config import MeshConfig, ModelConfig, apply_overrides, describe, from_dict, load_yaml, save_yaml
 from hylo_jax.errors import ConfigError, MeshError
 from hylo_jax.sharding import logical_to_spec, resolve_mesh_shape
 
