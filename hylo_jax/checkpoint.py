@@ -1,7 +1,7 @@
 """Model checkpoints on disk: resolved config (YAML), parameters (orbax), tokenizer (HF files).
 
-Layout of a model folder written by `hylo import`:
-  DIR/config.yaml   {"model": ModelConfig, "source": where it came from}
+Layout of a model folder (`hylo import`, `hylo upcycle`):
+  DIR/config.yaml   {"model": ModelConfig, "hybrid": HybridConfig or absent, "source": origin}
   DIR/params/       orbax checkpoint of the parameter state (pure dict)
   DIR/tokenizer/    transformers tokenizer files, when one was available
 Parameters restore directly onto the shardings of any mesh.
@@ -19,18 +19,23 @@ from flax import nnx
 from hylo_jax.config import ModelConfig, from_dict, load_yaml, save_yaml, to_dict
 from hylo_jax.convert.hf import abstract_model
 from hylo_jax.errors import CheckpointError
-from hylo_jax.models.transformer import CausalLM, check_mesh
+from hylo_jax.models.hybrid import HybridConfig, ModelSpec
+from hylo_jax.models.transformer import CausalLM
 from hylo_jax.sharding import state_shardings
 
 
-def save_model(directory: str | Path, model: nnx.Module, cfg: ModelConfig, *, tokenizer=None,
-               source: str = "") -> Path:
+def save_model(directory: str | Path, model: nnx.Module, spec: ModelSpec | ModelConfig, *,
+               tokenizer=None, source: str = "") -> Path:
     """Writes config, parameters and tokenizer; refuses to overwrite existing parameters."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
     directory = Path(directory).absolute()
     if (directory / "params").exists():
         raise CheckpointError(f"{directory}/params exists; choose a new --out folder")
     directory.mkdir(parents=True, exist_ok=True)
-    save_yaml({"model": to_dict(cfg), "source": source}, directory / "config.yaml")
+    config = {"model": to_dict(spec.model), "source": source}
+    if spec.hybrid is not None:
+        config["hybrid"] = to_dict(spec.hybrid)
+    save_yaml(config, directory / "config.yaml")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / "params", params)
@@ -39,26 +44,26 @@ def save_model(directory: str | Path, model: nnx.Module, cfg: ModelConfig, *, to
     return directory
 
 
-def read_model_config(directory: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a model folder."""
+def read_spec(directory: str | Path) -> ModelSpec:
+    """The architecture stored in a model folder."""
     directory = Path(directory)
     if not (directory / "config.yaml").is_file():
         raise CheckpointError(f"{directory} is not a hylo_jax model folder (no config.yaml)")
     data: dict[str, Any] = load_yaml(directory / "config.yaml")
     if "model" not in data:
         raise CheckpointError(f"{directory}/config.yaml has no 'model' section")
-    return from_dict(ModelConfig, data["model"], "model")
+    hybrid = data.get("hybrid")
+    return ModelSpec(from_dict(ModelConfig, data["model"], "model"),
+                     None if hybrid is None else from_dict(HybridConfig, hybrid, "hybrid"))
 
 
 def load_model(directory: str | Path, mesh: jax.sharding.Mesh, **overrides: Any
-               ) -> tuple[CausalLM, ModelConfig]:
+               ) -> tuple[CausalLM, ModelSpec]:
     """Restores a model folder onto `mesh`; `overrides` change compute fields (dtype, remat...)."""
-    from hylo_jax.config import replace
-
     directory = Path(directory).absolute()
-    cfg = replace(read_model_config(directory), **overrides)
-    check_mesh(cfg, mesh)
-    graphdef, abstract = abstract_model(cfg)
+    spec = read_spec(directory).with_overrides(**overrides)
+    spec.check_mesh(mesh)
+    graphdef, abstract = abstract_model(spec)
     shardings = state_shardings(abstract, mesh)
     target = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
@@ -71,7 +76,7 @@ def load_model(directory: str | Path, mesh: jax.sharding.Mesh, **overrides: Any
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"{directory}/params does not match its config.yaml: {e}") from e
     nnx.replace_by_pure_dict(abstract, restored)
-    return nnx.merge(graphdef, abstract), cfg
+    return nnx.merge(graphdef, abstract), spec
 
 
 def load_tokenizer(directory: str | Path):

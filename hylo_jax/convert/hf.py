@@ -19,6 +19,7 @@ from flax import nnx
 from hylo_jax.config import ModelConfig, RopeConfig
 from hylo_jax.convert.sources import StateDictSource, TensorSource, find_gguf, open_folder
 from hylo_jax.errors import CheckpointError, UnsupportedArchitectureError
+from hylo_jax.models.hybrid import ModelSpec
 from hylo_jax.models.transformer import CausalLM, check_mesh
 from hylo_jax.sharding import state_shardings
 
@@ -133,11 +134,10 @@ def load_params(abstract: nnx.State, source: TensorSource, shardings: nnx.State,
     return nnx.from_flat_state(filled)
 
 
-def abstract_model(cfg: ModelConfig, factory: Callable[[ModelConfig], nnx.Module] | None = None):
+def abstract_model(spec: ModelSpec | ModelConfig):
     """(graphdef, abstract parameter state) of a model, without allocating it."""
-    factory = factory or (lambda c: CausalLM(c, rngs=nnx.Rngs(0)))
-    model = nnx.eval_shape(lambda: factory(cfg))
-    return nnx.split(model)
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(spec)
+    return nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
 
 
 def build_from_source(cfg: ModelConfig, source: TensorSource, mesh: jax.sharding.Mesh) -> CausalLM:
