@@ -19,7 +19,8 @@ from hylo_jax.generate import SamplingConfig
 
 log = logging.getLogger("hylo")
 
-SECTIONS = {"model": None, "mesh": MeshConfig, "sampling": SamplingConfig}
+SECTIONS = {"model": None, "mesh": MeshConfig, "sampling": SamplingConfig, "hybrid": None,
+            "teacher": None}
 DEMO_QUESTION = "What is the capital of France?"
 
 
@@ -102,6 +103,110 @@ def cmd_generate(args) -> None:
     print(run_generate(args.ckpt, args.prompt, _settings(args), chat=not args.raw))
 
 
+def _teacher_source(args, settings: dict) -> str:
+    teacher = getattr(args, "teacher", None) or settings.get("teacher")
+    if not teacher:
+        raise ConfigError("no teacher: pass --teacher or set `teacher:` in the config")
+    return str(teacher)
+
+
+def _load_teacher(source: str, settings: dict):
+    """(teacher model, tokenizer or None) from a hylo model folder, HF folder, GGUF or preset."""
+    from hylo_jax.checkpoint import load_model, load_tokenizer
+    from hylo_jax.convert.hf import load_hf_model
+    from hylo_jax.presets import resolve
+
+    mesh, overrides = _mesh(settings), settings.get("model", {})
+    if (Path(source) / "config.yaml").is_file():
+        model, spec = load_model(source, mesh, **overrides)
+        if spec.hybrid is not None:
+            raise ConfigError(f"{source} is a hybrid student, not a teacher")
+        return model, load_tokenizer(source)
+    path = resolve(source)
+    model, _ = load_hf_model(path, mesh, **overrides)
+    return model, _hf_tokenizer(path)
+
+
+def _hybrid(settings: dict):
+    from hylo_jax.models.hybrid import HybridConfig
+
+    if "hybrid" not in settings:
+        raise ConfigError("the config has no `hybrid:` section (see configs/hylo-*.yaml)")
+    return from_dict(HybridConfig, settings["hybrid"], "hybrid")
+
+
+def cmd_upcycle(args) -> None:
+    from hylo_jax.checkpoint import save_model
+    from hylo_jax.convert.upcycle import upcycle
+    from hylo_jax.info import report
+    from hylo_jax.models.hybrid import ModelSpec
+
+    settings = _settings(args)
+    source = _teacher_source(args, settings)
+    teacher, tokenizer = _load_teacher(source, settings)
+    spec = ModelSpec.create(teacher.cfg, _hybrid(settings))
+    t0 = time.perf_counter()
+    student = upcycle(teacher, spec, seed=args.seed)
+    out = save_model(args.out, student, spec, tokenizer=tokenizer, source=f"upcycled from {source}")
+    print(report(spec))
+    print(f"upcycled {source} -> {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _shape_spec(settings: dict, config_path: str | None):
+    """A ModelSpec from `teacher: NAME` (configs/teachers/NAME.yaml beside the config) + hybrid."""
+    from hylo_jax.models.hybrid import ModelSpec
+
+    name = settings.get("teacher")
+    shape_file = Path(config_path or ".").parent / "teachers" / f"{name}.yaml"
+    if not name or not shape_file.is_file():
+        raise ConfigError(f"`teacher: {name}` has no shape file {shape_file}; give a model folder")
+    model = from_dict(ModelConfig, {**load_yaml(shape_file)["model"], **settings.get("model", {})},
+                      "model")
+    return ModelSpec.create(model, _hybrid(settings) if "hybrid" in settings else None)
+
+
+def cmd_info(args) -> None:
+    from hylo_jax.checkpoint import read_spec
+    from hylo_jax.info import report
+
+    settings = _settings(args)
+    if not args.ckpt and not args.config:
+        raise ConfigError("hylo info needs --ckpt DIR or --config FILE")
+    spec = read_spec(args.ckpt) if args.ckpt else _shape_spec(settings, args.config)
+    print(report(spec))
+
+
+def cmd_select_layers(args) -> None:
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from hylo_jax.config import save_yaml, to_dict
+    from hylo_jax.convert.select import sensitivity_ranking
+    from hylo_jax.data.shakespeare import load_text
+
+    settings = _settings(args)
+    teacher, tokenizer = _load_teacher(_teacher_source(args, settings), settings)
+    if tokenizer is None:
+        raise ConfigError("select-layers needs the teacher's tokenizer to tokenise held-out text")
+    text = Path(args.text).read_text() if args.text else "\n".join(load_text("heldout"))
+    ids = tokenizer(text)["input_ids"]
+    need = args.batch * args.seq_len
+    if len(ids) < need:
+        raise ConfigError(f"held-out text has {len(ids)} tokens, fewer than batch*seq_len={need}")
+    tokens = jnp.asarray(ids[:need]).reshape(args.batch, args.seq_len)
+    plan = _hybrid(settings)
+    base, ranking = sensitivity_ranking(teacher, plan, tokens, seed=args.seed)
+    print(f"all-linear student: KL to teacher {base:.4f}\nrank  layer  KL with this layer as MLA")
+    for rank, (layer, kl) in enumerate(ranking, 1):
+        print(f"{rank:>4}  {layer:>5}  {kl:.4f} ({kl - base:+.4f})")
+    chosen = tuple(sorted(layer for layer, _ in ranking[: args.num_mla]))
+    plan = dataclasses.replace(plan, mla_layers=chosen)
+    if args.out:
+        save_yaml({"teacher": settings.get("teacher"), "hybrid": to_dict(plan)}, args.out)
+    print(f"chosen mla_layers: {list(chosen)}" + (f" (written to {args.out})" if args.out else ""))
+
+
 def cmd_demo(args) -> None:
     """The embedded default job: import SmolLM2-135M-Instruct offline and ask it a question."""
     out = Path(args.out)
@@ -115,7 +220,10 @@ def cmd_demo(args) -> None:
 
 def cmd_describe(args) -> None:
     del args
-    for name, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("sampling", SamplingConfig)):
+    from hylo_jax.models.hybrid import HybridConfig
+
+    for name, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("sampling", SamplingConfig),
+                      ("hybrid", HybridConfig)):
         print(f"# {name}: {cls.__doc__.splitlines()[0]}")
         print(describe(cls, f"{name}."))
 
@@ -141,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p = add("demo", cmd_demo, "import the SmolLM2-135M teacher offline and answer a question")
     p.add_argument("--out", default="runs/smollm2", help="model folder (reused if present)")
+    p = add("upcycle", cmd_upcycle, "initialise a HyLo hybrid student from a teacher")
+    p.add_argument("--teacher", help="teacher: hylo model folder, HF folder, .gguf, or preset "
+                                     "(default: the config's `teacher:`)")
+    p.add_argument("--out", required=True, help="student model folder")
+    p.add_argument("--seed", type=int, default=0, help="seed of the freshly initialised parameters")
+    p = add("info", cmd_info, "parameters per component and decode-cache memory vs the teacher")
+    p.add_argument("--ckpt", help="model folder (or give --config with teacher: + hybrid:)")
+    p = add("select-layers", cmd_select_layers,
+            "rank layers by how much MLA there lowers the KL to the teacher (Zebra-Llama search)")
+    p.add_argument("--teacher", help="teacher (default: the config's `teacher:`)")
+    p.add_argument("--num-mla", type=int, required=True, help="how many MLA layers to choose")
+    p.add_argument("--out", help="write the chosen plan here (YAML)")
+    p.add_argument("--text", help="held-out text file (default: Hamlet from the bundled corpus)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
     add("describe", cmd_describe, "list every config key with its default and meaning")
     return parser
 

@@ -1,0 +1,1 @@
+"""Text sources, tokenisation and packing."""

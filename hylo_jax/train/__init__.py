@@ -1,0 +1,1 @@
+"""Distillation training: losses, train step, stages."""
