@@ -28,21 +28,22 @@ torch.cuda.max_memory_allocated; "n/a" where jax.devices()[0].memory_stats() is 
 
 from __future__ import annotations
 
+import argparse
+import gc
+import importlib
+import importlib.util
 import os
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
 
-# Share the GPU with the PyTorch peers: no up-front grab of 75% of the memory by JAX.
+# Before JAX starts: share the GPU with the PyTorch peers (no up-front grab of 75% of its memory),
+# and keep the peers' Triton autotune results on disk for reruns on the same machine.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75")
-
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -116,7 +117,7 @@ def load_peers() -> dict:
     for name, load in (("fla", fla), ("mamba_ssm", mamba), ("jax-linear-attention", jla)):
         try:
             peers[name] = load()
-        except Exception as err:  # noqa: BLE001 - any import failure means "not installed" here
+        except Exception as err:  # any import failure means "not installed" here
             print(f"peer {name} not installed: {_first_line(err, 200)}")
     return peers
 
@@ -218,7 +219,7 @@ def _l2(x):
 
 
 def gdn_case(rng, b, t, h, dk, dv):
-    r = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32)
     data = dict(q=_l2(r(b, t, h, dk)), k=_l2(r(b, t, h, dk)), v=r(b, t, h, dv),
                 g=np.log(rng.uniform(0.9, 1.0, (b, t, h))).astype(np.float32),
                 beta=(1 / (1 + np.exp(-r(b, t, h)))))
@@ -240,7 +241,7 @@ def gdn_impls(peers, dk):
 
 
 def ssd_case(rng, b, t, h, p, n, g):
-    r = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32)
     dt0 = np.exp(rng.uniform(np.log(1e-3), np.log(0.1), h)).astype(np.float32)
     data = dict(x=r(b, t, h, p), dt=0.5 * r(b, t, h),
                 A=-np.exp(rng.uniform(0.0, np.log(16.0), h)).astype(np.float32),
@@ -274,7 +275,7 @@ def ssd_impls(peers):
 
 
 def mla_case(rng, b, t, h, hk, d):
-    r = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    r = lambda *s: rng.standard_normal(s, dtype=np.float32)
     data = dict(q=r(b, t, h, d), k=r(b, t, hk, d), v=r(b, t, hk, d))
     return data, dict.fromkeys(data, "bfloat16"), (b, t, h, d), mla_flops(b, t, h, d, d)
 
@@ -309,7 +310,7 @@ def run_case(op, case, impls, ceiling, iters, track_memory, rows):
                 tflops = mult * flops / seconds / 1e12
                 cells = [seconds * 1e3, b * t / seconds, tflops, tflops / ceiling,
                          "n/a" if peak is None else peak]
-            except Exception as err:  # noqa: BLE001 - report the cell and go on
+            except Exception as err:  # report the cell and go on
                 cells = [failure(err), "-", "-", "-", "-"]
             row = [op, f"{b}x{t}", name, mode, *cells]
             print("  " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in row),
