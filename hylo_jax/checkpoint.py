@@ -87,3 +87,18 @@ def load_tokenizer(directory: str | Path):
     import transformers
 
     return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_teacher(source: str, mesh: jax.sharding.Mesh, **overrides: Any):
+    """(teacher model, tokenizer or None) from a hylo model folder, HF folder, GGUF or preset."""
+    from hylo_jax.convert.hf import hf_tokenizer, load_hf_model
+    from hylo_jax.presets import resolve
+
+    if (Path(source) / "config.yaml").is_file():
+        model, spec = load_model(source, mesh, **overrides)
+        if spec.hybrid is not None:
+            raise CheckpointError(f"{source} is a hybrid student, not a teacher")
+        return model, load_tokenizer(source)
+    path = resolve(source)
+    model, _ = load_hf_model(path, mesh, **overrides)
+    return model, hf_tokenizer(path)

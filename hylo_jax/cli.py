@@ -19,9 +19,12 @@ from hylo_jax.generate import SamplingConfig
 
 log = logging.getLogger("hylo")
 
-SECTIONS = {"model": None, "mesh": MeshConfig, "sampling": SamplingConfig, "hybrid": None,
-            "teacher": None}
-DEMO_QUESTION = "What is the capital of France?"
+# Every config file has the shape of a RunConfig (teacher, hybrid, data, mesh, stages, ...);
+# `model` (ModelConfig overrides) and `sampling` are accepted beside it.
+RUN_KEYS = ("teacher", "kd_teacher", "out", "hybrid", "data", "mesh", "stage1", "stage2", "dtype", "param_dtype",
+            "teacher_dtype", "remat", "seed", "eval_rows", "eval_seq_len", "tensorboard")
+SECTIONS = (*RUN_KEYS, "model", "sampling")
+DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "smollm2-demo.yaml"
 
 
 def _settings(args) -> dict:
@@ -45,35 +48,18 @@ def cmd_import(args) -> None:
     from flax import nnx
 
     from hylo_jax.checkpoint import save_model
-    from hylo_jax.convert.hf import load_hf_model
+    from hylo_jax.convert.hf import hf_tokenizer, load_hf_model
     from hylo_jax.presets import resolve
 
     settings = _settings(args)
     path = resolve(args.hf)
     t0 = time.perf_counter()
     model, cfg = load_hf_model(path, _mesh(settings), **settings.get("model", {}))
-    tokenizer = _hf_tokenizer(path)
+    tokenizer = hf_tokenizer(path)
     out = save_model(args.out, model, cfg, tokenizer=tokenizer, source=str(args.hf))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"imported {cfg.arch} ({n / 1e6:.1f}M parameters) from {args.hf} to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
-
-
-def _hf_tokenizer(path: Path):
-    """The tokenizer of a HF folder or GGUF file, or None if it has none."""
-    import transformers
-
-    from hylo_jax.convert.sources import find_gguf
-
-    gguf = find_gguf(path)
-    try:
-        if gguf is not None:
-            return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              local_files_only=True)
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        log.warning("no tokenizer found beside %s (%s); `hylo generate` will need one", path, e)
-        return None
 
 
 def run_generate(ckpt: str | Path, prompt: str, settings: dict, *, chat: bool = True) -> str:
@@ -111,20 +97,9 @@ def _teacher_source(args, settings: dict) -> str:
 
 
 def _load_teacher(source: str, settings: dict):
-    """(teacher model, tokenizer or None) from a hylo model folder, HF folder, GGUF or preset."""
-    from hylo_jax.checkpoint import load_model, load_tokenizer
-    from hylo_jax.convert.hf import load_hf_model
-    from hylo_jax.presets import resolve
+    from hylo_jax.checkpoint import load_teacher
 
-    mesh, overrides = _mesh(settings), settings.get("model", {})
-    if (Path(source) / "config.yaml").is_file():
-        model, spec = load_model(source, mesh, **overrides)
-        if spec.hybrid is not None:
-            raise ConfigError(f"{source} is a hybrid student, not a teacher")
-        return model, load_tokenizer(source)
-    path = resolve(source)
-    model, _ = load_hf_model(path, mesh, **overrides)
-    return model, _hf_tokenizer(path)
+    return load_teacher(source, _mesh(settings), **settings.get("model", {}))
 
 
 def _hybrid(settings: dict):
@@ -207,25 +182,42 @@ def cmd_select_layers(args) -> None:
     print(f"chosen mla_layers: {list(chosen)}" + (f" (written to {args.out})" if args.out else ""))
 
 
-def cmd_demo(args) -> None:
-    """The embedded default job: import SmolLM2-135M-Instruct offline and ask it a question."""
-    out = Path(args.out)
+def _run_config(args):
+    from hylo_jax.train.trainer import RunConfig
+
     settings = _settings(args)
-    if not (out / "params").is_dir():
-        args.hf = "smollm2"
-        cmd_import(args)
-    answer = run_generate(out, DEMO_QUESTION, settings)
-    print(f"Q: {DEMO_QUESTION}\nA: {answer}")
+    extra = sorted(set(settings) - set(RUN_KEYS))
+    if extra:
+        raise ConfigError(f"`hylo train` takes a run config; sections {extra} do not belong in one")
+    return from_dict(RunConfig, settings, "run")
+
+
+def cmd_train(args) -> None:
+    from hylo_jax.train.trainer import run
+
+    run(_run_config(args))
+
+
+def cmd_demo(args) -> None:
+    """The embedded default job: upcycle SmolLM2-135M-Instruct into a hybrid and distil it."""
+    from hylo_jax.train.trainer import run
+
+    if args.config is None:
+        if not DEFAULT_RUN.is_file():
+            raise ConfigError(f"the demo config {DEFAULT_RUN} is missing; pass --config")
+        args.config = str(DEFAULT_RUN)
+    run(_run_config(args))
 
 
 def cmd_describe(args) -> None:
     del args
-    from hylo_jax.models.hybrid import HybridConfig
+    from hylo_jax.train.config import StageConfig
+    from hylo_jax.train.trainer import RunConfig
 
-    for name, cls in (("model", ModelConfig), ("mesh", MeshConfig), ("sampling", SamplingConfig),
-                      ("hybrid", HybridConfig)):
-        print(f"# {name}: {cls.__doc__.splitlines()[0]}")
-        print(describe(cls, f"{name}."))
+    for name, cls in (("", RunConfig), ("stage1[i] / stage2[i]", StageConfig), ("model", ModelConfig),
+                      ("sampling", SamplingConfig)):
+        print(f"# {name or 'run'}: {cls.__doc__.splitlines()[0]}")
+        print(describe(cls, f"{name}." if name else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -247,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="model folder written by `hylo import`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p = add("demo", cmd_demo, "import the SmolLM2-135M teacher offline and answer a question")
-    p.add_argument("--out", default="runs/smollm2", help="model folder (reused if present)")
+    add("train", cmd_train, "run the stages of a run config (resumes where it stopped)")
+    add("demo", cmd_demo, "the default job: upcycle SmolLM2-135M on Shakespeare (configs/smollm2-demo.yaml)")
     p = add("upcycle", cmd_upcycle, "initialise a HyLo hybrid student from a teacher")
     p.add_argument("--teacher", help="teacher: hylo model folder, HF folder, .gguf, or preset "
                                      "(default: the config's `teacher:`)")

@@ -197,3 +197,18 @@ def load_gguf_torch(gguf: Path):
             str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype="float32")
     except ValueError as e:
         raise UnsupportedArchitectureError(f"{gguf}: {e}") from e
+
+
+def hf_tokenizer(path: Path):
+    """The tokenizer of a HF folder or GGUF file, or None if it has none."""
+    import transformers
+
+    gguf = find_gguf(path)
+    try:
+        if gguf is not None:
+            return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                              local_files_only=True)
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer found beside %s (%s)", path, e)
+        return None

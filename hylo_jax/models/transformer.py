@@ -136,11 +136,15 @@ class DecoderLayer(nnx.Module):
         return getattr(self, self.mixer_name)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, kv_length=None):
+        x, _, cache = self.forward(x, positions, segment_ids, cache, kv_length)
+        return x, cache
+
+    def forward(self, x, positions, segment_ids=None, cache=None, kv_length=None):
+        """(layer output, mixer output before the residual, cache)."""
         mixed, cache = self.mixer(self.input_layernorm(x), positions=positions,
                                   segment_ids=segment_ids, cache=cache, kv_length=kv_length)
-        x = constrain(x + mixed, ACT)
-        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT)
-        return x, cache
+        h = constrain(x + mixed, ACT)
+        return constrain(h + self.mlp(self.post_attention_layernorm(h)), ACT), mixed, cache
 
 
 class Decoder(nnx.Module):
@@ -157,19 +161,46 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pd)
         self.cfg = cfg
 
+    def _forward_fn(self, training: bool):
+        """DecoderLayer.forward, rematerialised per the config when training (no cache)."""
+        fn = DecoderLayer.forward
+        if training and self.cfg.remat != "none":
+            fn = nnx.remat(fn, policy=REMAT_POLICIES[self.cfg.remat])
+        return fn
+
     def __call__(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], *, segment_ids=None,
                  caches=None, kv_length=None) -> tuple[Float[Array, "b t d"], list | None]:
-        cfg = self.cfg
         x = constrain(self.embed_tokens(tokens), ACT)
+        forward = self._forward_fn(training=caches is None)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            call = type(layer).__call__
-            if cfg.remat != "none" and caches is None:
-                call = nnx.remat(call, policy=REMAT_POLICIES[cfg.remat])
-            x, cache = call(layer, x, positions, segment_ids,
-                            None if caches is None else caches[i], kv_length)
+            x, _, cache = forward(layer, x, positions, segment_ids,
+                                  None if caches is None else caches[i], kv_length)
             new_caches.append(cache)
         return self.norm(x), (None if caches is None else new_caches)
+
+    def trace(self, tokens: Int[Array, "b t"], positions: Int[Array, "b t"], *, segment_ids=None
+              ) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Every layer's input h_l (l = 0..L, h_L the last layer's output, before the final norm)
+        and every mixer's output a_l: the targets of intermediate-layer distillation."""
+        forward = self._forward_fn(training=True)
+        hidden, mixed = [constrain(self.embed_tokens(tokens), ACT)], []
+        for layer in self.layers:
+            out, a, _ = forward(layer, hidden[-1], positions, segment_ids)
+            hidden.append(out)
+            mixed.append(a)
+        return hidden, mixed
+
+    def teacher_forced(self, inputs: Sequence[jax.Array], positions: Int[Array, "b t"], *,
+                       segment_ids=None) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Each layer l run on the given input h_l (teacher forcing): (outputs, mixer outputs)."""
+        forward = self._forward_fn(training=True)
+        outs, mixed = [], []
+        for layer, h in zip(self.layers, inputs, strict=True):
+            out, a, _ = forward(layer, h, positions, segment_ids)
+            outs.append(out)
+            mixed.append(a)
+        return outs, mixed
 
 
 def check_mesh(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> None:
@@ -189,6 +220,12 @@ class CausalLM(nnx.Module):
             cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), rngs=rngs,
             dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype))
         self.cfg = cfg
+
+    def head_kernel(self) -> Float[Array, "d v"]:
+        """The LM head as a [d, vocab] matrix (the embedding transposed when tied)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.embedding[...].T
+        return self.lm_head.kernel[...]
 
     def logits(self, hidden: Float[Array, "b t d"]) -> Float[Array, "b t v"]:
         """LM head on final hidden states."""

@@ -1,0 +1,126 @@
+"""The fused distillation step: frozen teacher forward + student forward/backward in one jit.
+
+The student's parameters are split into trainable (matching the stage's regex) and frozen; only
+the trainable ones are differentiated, updated and donated. The teacher never gets gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from hylo_jax.models.transformer import CausalLM
+from hylo_jax.train.config import StageConfig
+from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss
+
+Batch = dict[str, jax.Array]  # tokens, targets, segment_ids, positions, loss_mask: [b, t] int32
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State  # trainable parameters only
+    opt_state: optax.OptState
+
+
+def path_str(path) -> str:
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
+
+def trainable_filter(pattern: str):
+    """nnx filter: parameters whose dotted path matches `pattern` (re.search)."""
+    regex = re.compile(pattern)
+    return lambda path, value: isinstance(value, nnx.Param) and bool(regex.search(path_str(path)))
+
+
+def make_optimizer(stage: StageConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on a linear-warm-up cosine schedule, after global-norm clipping."""
+    warmup = max(1, round(stage.warmup_ratio * stage.steps)) if stage.warmup_ratio else 0
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, stage.lr, warmup_steps=warmup, decay_steps=max(stage.steps, warmup + 1),
+        end_value=stage.lr * stage.min_lr_ratio)
+    parts = [optax.clip_by_global_norm(stage.clip_norm)] if stage.clip_norm else []
+    parts.append(optax.adamw(schedule, b1=stage.betas[0], b2=stage.betas[1], weight_decay=stage.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def split_student(student: CausalLM, stage: StageConfig):
+    """(graphdef, trainable state, frozen state); error if the regex matches nothing."""
+    graphdef, trainable, frozen = nnx.split(student, trainable_filter(stage.trainable), ...)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"stage {stage.name}: trainable={stage.trainable!r} matches no parameter")
+    return graphdef, trainable, frozen
+
+
+def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: StageConfig
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The stage's loss and its terms (the teacher's outputs carry no gradient)."""
+    kw = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+    if stage.loss == "ild":
+        hidden, mixed = teacher.model.trace(batch["tokens"], **kw)
+        hidden, mixed = jax.lax.stop_gradient((hidden, mixed))
+        outs, s_mixed = student.model.teacher_forced(hidden[:-1], **kw)
+        valid = (batch["segment_ids"] > 0).astype(jnp.float32)
+        loss = ild_loss(outs, hidden[1:], s_mixed, mixed, valid, squared=stage.ild_squared)
+        return loss, {"ild": loss}
+    h_t = jax.lax.stop_gradient(teacher.hidden_states(batch["tokens"], **kw))
+    h_s = student.hidden_states(batch["tokens"], **kw)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if stage.kl_chunk:
+        kl, ce = chunked_kd(h_t, jax.lax.stop_gradient(teacher.head_kernel()), h_s, student.head_kernel(),
+                            batch["targets"], mask, chunk=stage.kl_chunk, temperature=stage.temperature)
+    else:
+        s_logits = student.logits(h_s)
+        kl = forward_kl(teacher.logits(h_t), s_logits, temperature=stage.temperature, mask=mask)
+        logp = jax.nn.log_softmax(s_logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        ce = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return kl + stage.ce_weight * ce, {"kl": kl, "ce": ce}
+
+
+class Distiller:
+    """Holds the graph definitions and the compiled step of one stage."""
+
+    def __init__(self, student: CausalLM, teacher: CausalLM, stage: StageConfig):
+        self.stage = stage
+        self.graphdef, trainable, self.frozen = split_student(student, stage)
+        self.teacher_graphdef, self.teacher_state = nnx.split(teacher)
+        self.tx, self.schedule = make_optimizer(stage)
+        self.initial_params = trainable
+        self.step = jax.jit(self._step, donate_argnums=(0,))
+
+    def init_state(self) -> TrainState:
+        """Fresh optimiser state over a copy of the student's trainable parameters (the step
+        donates its state, so the student module's own arrays stay valid)."""
+        params = jax.tree.map(jnp.copy, self.initial_params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params))
+
+    def merge(self, params: nnx.State) -> CausalLM:
+        return nnx.merge(self.graphdef, params, self.frozen)
+
+    def _step(self, state: TrainState, frozen, teacher_state, batch: Batch) -> tuple[TrainState, dict]:
+        teacher = nnx.merge(self.teacher_graphdef, teacher_state)
+
+        def loss_fn(params):
+            return distill_loss(nnx.merge(self.graphdef, params, frozen), teacher, batch, self.stage)
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if self.stage.nan_policy == "skip":
+            keep = functools.partial(jnp.where, finite)
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "lr": self.schedule(state.step),
+                   "finite": finite}
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def run_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        return self.step(state, self.frozen, self.teacher_state, batch)

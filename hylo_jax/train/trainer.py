@@ -1,0 +1,260 @@
+"""Staged distillation runs: Stage I (ILD on the all-MLA and the all-linear students), assembly of
+the hybrid by the layer plan, Stage II (KD at growing context), held-out evaluation.
+
+Every stage writes RUN/<stage>[-mla|-linear]/ with `ckpt/` (orbax: train state + data-iterator
+state, kept every `save_every` steps), `final/` (a model folder, once the stage is done), and its
+logs. `run` skips finished stages and resumes an interrupted one from its latest checkpoint, with
+the same data order, so a killed run loses nothing but the steps since its last save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from hylo_jax.checkpoint import load_model, load_teacher, save_model
+from hylo_jax.config import MeshConfig, doc, save_yaml
+from hylo_jax.convert.upcycle import upcycle
+from hylo_jax.data.pipeline import DataConfig, make_dataset
+from hylo_jax.errors import CheckpointError, ConfigError, HyloError
+from hylo_jax.models.hybrid import HybridConfig, ModelSpec
+from hylo_jax.models.transformer import CausalLM
+from hylo_jax.sharding import check_divides, make_mesh, state_shardings
+from hylo_jax.train.config import StageConfig
+from hylo_jax.train.flops import forward_flops_per_token, peak_flops
+from hylo_jax.train.logger import MetricsLogger
+from hylo_jax.train.step import Distiller, TrainState
+
+log = logging.getLogger(__name__)
+DTYPE = Literal["float32", "bfloat16"]
+
+
+class TrainingError(HyloError):
+    """Training cannot go on (a non-finite loss or gradient under nan_policy=stop)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A whole HyLo run: teacher, plan, data, and the two lists of stages."""
+
+    teacher: str = doc("smollm2", "Teacher to upcycle from (and of Stage I): hylo model folder, HF "
+                                  "folder, .gguf, or preset.")
+    kd_teacher: str | None = doc(None, "Teacher of the Stage II (KD) stages, e.g. a larger model of the "
+                                       "same vocabulary (HyLo: Llama-3.1-8B); None = `teacher`.")
+    out: str = doc("runs/hylo", "Run folder (stages, checkpoints, logs).")
+    hybrid: HybridConfig = doc(HybridConfig, "The layer plan and mixer sizes.", factory=True)
+    data: DataConfig = doc(DataConfig, "Training text (seq_len / batch come from each stage).",
+                           factory=True)
+    mesh: MeshConfig = doc(MeshConfig, "Device mesh.", factory=True)
+    stage1: tuple[StageConfig, ...] = doc((), "ILD stages, each run on the all-MLA and on the "
+                                              "all-linear student; empty = upcycle the hybrid directly.")
+    stage2: tuple[StageConfig, ...] = doc((), "KD stages on the assembled hybrid, in order.")
+    dtype: DTYPE = doc("float32", "Compute dtype of the student.")
+    param_dtype: DTYPE = doc("float32", "Storage dtype of the student's parameters.")
+    teacher_dtype: DTYPE = doc("float32", "Compute and storage dtype of the frozen teacher.")
+    remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = doc(
+        "none", "Default activation checkpointing (a stage may override it).")
+    seed: int = doc(0, "Seed of the freshly initialised student parameters.")
+    eval_rows: int = doc(8, "Held-out rows for the perplexity report.")
+    eval_seq_len: int = doc(512, "Tokens per held-out row.")
+    tensorboard: bool = doc(True, "Write TensorBoard event files beside metrics.jsonl.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on the mesh.
+
+def place(model: CausalLM, mesh) -> CausalLM:
+    """Moves every parameter of `model` onto its sharding on `mesh`."""
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    return model
+
+
+def respec(model: CausalLM, spec: ModelSpec) -> CausalLM:
+    """The same parameters under another spec of identical structure (RoPE, remat, dtype)."""
+    graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))[0]
+    return nnx.merge(graphdef, nnx.state(model))
+
+
+def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spec: ModelSpec) -> CausalLM:
+    """The hybrid of `spec` taking MLA layers from `mla_model`, linear layers and every shared
+    parameter (embeddings, norms, MLPs, head) from `linear_model`, kept attention from `teacher`."""
+    kinds = spec.layer_kinds()
+    sources = {"mla": dict(nnx.to_flat_state(nnx.state(mla_model))),
+               "linear": dict(nnx.to_flat_state(nnx.state(linear_model))),
+               "attention": dict(nnx.to_flat_state(nnx.state(teacher)))}
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
+    filled = {}
+    for path, _ in nnx.to_flat_state(abstract):
+        keys = [getattr(p, "key", p) for p in path]
+        is_mixer = keys[:2] == ["model", "layers"] and keys[3] in ("self_attn", "linear_attn")
+        kind = kinds[int(keys[2])] if is_mixer else "linear"
+        filled[path] = sources["linear" if kind in ("gdn", "mamba2") else kind][path]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+@jax.jit
+def _nll(graphdef, state, batch):
+    model = nnx.merge(graphdef, state)
+    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def perplexity(model: CausalLM, batch: dict[str, np.ndarray]) -> float:
+    """exp(mean next-token NLL over the batch's loss-masked tokens), one row at a time."""
+    graphdef, state = nnx.split(model)
+    total = count = 0.0
+    for i in range(len(batch["tokens"])):
+        nll, n = _nll(graphdef, state, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})
+        total, count = total + float(nll), count + float(n)
+    return float(np.exp(total / max(count, 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One stage.
+
+def _non_finite(metrics: dict[str, float]) -> list[str]:
+    return [k for k, v in metrics.items() if k not in ("finite", "lr") and not np.isfinite(v)]
+
+
+def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Callable[[], CausalLM],
+                teacher: CausalLM, tokenizer, mesh, directory: Path) -> Path:
+    """Trains one stage into `directory` (resuming if it has checkpoints); returns its final folder."""
+    final = directory / "final"
+    if (final / "params").is_dir():
+        log.info("[%s] already finished: %s", directory.name, final)
+        return final
+    check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
+    check_divides(mesh, f"stage {stage.name}: seq_len", stage.seq_len, ("sequence",))
+    hybrid = spec.hybrid if stage.mla_rope is None or spec.hybrid is None else dataclasses.replace(
+        spec.hybrid, mla_rope=stage.mla_rope)
+    spec = ModelSpec.create(dataclasses.replace(spec.model, remat=stage.remat or run.remat), hybrid)
+    student = respec(init(), spec)
+    distiller = Distiller(student, teacher, stage)
+    state, data_state = distiller.init_state(), None
+    manager = ocp.CheckpointManager(
+        (directory / "ckpt").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=stage.keep_checkpoints, create=True))
+    if manager.latest_step() is not None:
+        state, data_state = _restore(manager, state, directory)
+        log.info("[%s] resuming at step %d", directory.name, int(state.step))
+    data_cfg = dataclasses.replace(run.data, seq_len=stage.seq_len, global_batch_size=stage.global_batch_size)
+    batches = make_dataset(data_cfg, tokenizer, data_state)
+    tokens = stage.seq_len * stage.global_batch_size
+    train_flops = 3 * forward_flops_per_token(spec, stage.seq_len)
+    teacher_flops = forward_flops_per_token(ModelSpec(teacher.cfg), stage.seq_len)
+    logger = MetricsLogger(directory, directory.name, tokens_per_step=tokens,
+                           flops_per_step=tokens * (train_flops + teacher_flops),
+                           peak_flops=peak_flops(), tensorboard=run.tensorboard)
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
+    start = int(state.step)
+    try:
+        with jax.set_mesh(mesh), tqdm(total=stage.steps, initial=start, desc=directory.name,
+                                       disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+            for step in range(start + 1, stage.steps + 1):
+                batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in next(batches).items()}
+                state, metrics = distiller.run_step(state, batch)
+                if not bool(metrics["finite"]):
+                    bad = _non_finite({k: float(v) for k, v in metrics.items()})
+                    if stage.nan_policy == "stop":
+                        raise TrainingError(f"[{directory.name}] step {step}: non-finite {bad}; "
+                                            "the update was not saved (nan_policy=skip skips such steps)")
+                    log.warning("[%s] step %d: non-finite %s, update skipped", directory.name, step, bad)
+                if step % stage.log_every == 0 or step == stage.steps:
+                    bar.write(logger.log(step, {k: float(v) for k, v in metrics.items()}))
+                if step % stage.save_every == 0 or step == stage.steps:
+                    manager.save(step, args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.get_state())))
+                bar.update(1)
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+        logger.close()
+    save_model(final, distiller.merge(state.params), spec, tokenizer=tokenizer,
+               source=f"stage {stage.name} of {run.out}")
+    return final
+
+
+def _restore(manager, state: TrainState, directory: Path) -> tuple[TrainState, dict]:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    step = manager.latest_step()
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax raises many types for a foreign or damaged checkpoint
+        raise CheckpointError(f"{directory}/ckpt/{step} does not match this stage's model or is "
+                              f"damaged ({type(e).__name__}: {e}); delete it to start the stage afresh") from e
+    return restored.state, restored.data
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run.
+
+def run(cfg: RunConfig) -> dict[str, float]:
+    """Stage I, assembly, Stage II, evaluation. Returns held-out perplexities."""
+    from hylo_jax.data.pipeline import heldout_tokens
+    from hylo_jax.info import report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "run.yaml")
+    mesh = make_mesh(cfg.mesh)
+    teacher, tokenizer = load_teacher(cfg.teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
+    if tokenizer is None:
+        raise ConfigError(f"teacher {cfg.teacher} has no tokenizer; training needs one")
+    student_cfg = dataclasses.replace(teacher.cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    spec = ModelSpec.create(student_cfg, cfg.hybrid)
+    every = tuple(range(student_cfg.num_layers))
+
+    def upcycled(plan_spec: ModelSpec) -> Callable[[], CausalLM]:
+        return lambda: place(upcycle(teacher, plan_spec, seed=cfg.seed), mesh)
+
+    def chain(stages, plan_spec: ModelSpec, suffix: str, init: Callable[[], CausalLM]) -> Callable[[], CausalLM]:
+        for stage in stages:
+            final = train_stage(cfg, stage, plan_spec, init, teacher, tokenizer, mesh, out / f"{stage.name}{suffix}")
+            init = lambda final=final: load_model(final, mesh)[0]  # noqa: E731
+        return init
+
+    if cfg.stage1:
+        plans = {"mla": dataclasses.replace(cfg.hybrid, mla_layers=every, attention_layers=()),
+                 "linear": dataclasses.replace(cfg.hybrid, mla_layers=(), attention_layers=())}
+        trained = {}
+        for which, plan in plans.items():
+            plan_spec = ModelSpec.create(student_cfg, plan)
+            trained[which] = chain(cfg.stage1, plan_spec, f"-{which}", upcycled(plan_spec))
+        init = lambda: place(assemble(trained["mla"](), trained["linear"](), teacher, spec), mesh)  # noqa: E731
+    else:
+        init = upcycled(spec)
+    results = {}
+    heldout = heldout_tokens(tokenizer, cfg.eval_seq_len, cfg.eval_rows)
+    results["teacher_ppl"] = perplexity(teacher, heldout)
+    results["student_ppl_before"] = perplexity(respec(upcycled(spec)(), spec), heldout)
+    if cfg.kd_teacher:
+        teacher, _ = load_teacher(cfg.kd_teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
+        if teacher.cfg.vocab_size != student_cfg.vocab_size:
+            raise ConfigError(f"kd_teacher vocabulary {teacher.cfg.vocab_size} differs from the student's "
+                              f"{student_cfg.vocab_size}")
+    final_init = chain(cfg.stage2, spec, "", init)
+    results["student_ppl_after"] = perplexity(respec(final_init(), spec), heldout)
+    print(report(spec))
+    print("held-out perplexity (Hamlet): teacher {teacher_ppl:.2f}, student before training "
+          "{student_ppl_before:.2f}, after {student_ppl_after:.2f}".format(**results))
+    save_yaml(results, out / "results.yaml")
+    return results
