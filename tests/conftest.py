@@ -31,6 +31,24 @@ TEACHERS = {
 }
 
 
+BYTE_SPECIAL = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline (one token per byte, 261 ids), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    model = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(BYTE_SPECIAL + alphabet)}, merges=[]))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    model.decoder = decoders.ByteLevel()
+    model.add_special_tokens(BYTE_SPECIAL)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<eos>", pad_token="<pad>")
+    hf.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
+                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return hf
+
+
 def rel_err(a, b) -> float:
     """max |a - b| / max |b|."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

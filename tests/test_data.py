@@ -8,8 +8,7 @@ import grain
 import jax
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from conftest import byte_tokenizer
 
 from hylo_jax.config import from_dict
 from hylo_jax.data.packing import next_token_pairs, pack
@@ -17,21 +16,10 @@ from hylo_jax.data.pipeline import DataConfig, heldout_tokens, make_dataset
 from hylo_jax.data.sources import DataError, load_documents
 from hylo_jax.errors import ConfigError
 
-SPECIAL = ["<pad>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
-
 
 @pytest.fixture(scope="module")
 def tok():
-    """A byte-level tokenizer built offline (one token per byte), with a hand-written chat template."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    model = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(SPECIAL + alphabet)}, merges=[]))
-    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    model.decoder = decoders.ByteLevel()
-    model.add_special_tokens(SPECIAL)
-    hf = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<eos>", pad_token="<pad>")
-    hf.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
-                        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    return hf
+    return byte_tokenizer()
 
 
 def texts(n: int) -> list[str]:

@@ -1,0 +1,80 @@
+"""A run killed with SIGKILL resumes from its last checkpoint with the same losses, step for step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from conftest import byte_tokenizer
+
+STEPS = 8
+
+
+def tiny_teacher(folder):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=261, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+
+
+def run_config(tmp_path, out):
+    words = np.random.default_rng(0).choice(["to", "be", "or", "not", "that", "is", "the", "question"], 3000)
+    for i in range(6):
+        (tmp_path / f"doc{i}.txt").write_text(" ".join(words[i * 500:(i + 1) * 500]))
+    cfg = {"teacher": str(tmp_path / "teacher"), "out": str(out),
+           "hybrid": {"mla_layers": [1], "linear": "gdn",
+                      "mla": {"q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 4, "qk_rope_head_dim": 4,
+                              "v_head_dim": 8},
+                      "gdn": {"num_heads": 2, "head_k_dim": 8, "chunk_size": 8}},
+           "data": {"source": "text", "paths": [str(tmp_path / "doc*.txt")]},
+           "stage2": [{"name": "kd", "loss": "kd", "steps": STEPS, "seq_len": 32, "global_batch_size": 2,
+                       "lr": 1e-3, "kl_chunk": 16, "log_every": 1, "save_every": 2}],
+           "eval_rows": 1, "eval_seq_len": 32, "tensorboard": False}
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "hylo_jax.cli", "train", "--config", str(config)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def losses(out):
+    """step -> loss, the last logged value of each step (a resumed step is logged again)."""
+    rows = [json.loads(line) for line in (out / "kd" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_sigkill_and_resume_gives_identical_losses(tmp_path):
+    tiny_teacher(tmp_path / "teacher")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = train(run_config(tmp_path, whole))
+    victim = train(run_config(tmp_path, killed))
+    kill_at = int(np.random.default_rng().integers(3, STEPS - 1))  # a random step, between saves or not
+    metrics = killed / "kd" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at):
+        assert victim.poll() is None, victim.stdout.read()
+        assert time.time() < deadline, "the run did not reach the step to kill"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "kd" / "final").exists()
+    resumed = train(run_config(tmp_path, killed))
+    outputs = {}
+    for name, proc in (("resumed", resumed), ("reference", reference)):
+        outputs[name], _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, outputs[name]
+    assert "[kd] resuming at step" in outputs["resumed"]
+    want, got = losses(whole), losses(killed)
+    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
