@@ -29,6 +29,10 @@ from hylo_jax.models.mla import MLA, MLAConfig
 from hylo_jax.models.transformer import Attention, CausalLM
 from hylo_jax.sharding import make_mesh
 
+# The jitted helpers below run tiny models once or twice: XLA's CPU backend optimisations cost
+# more compile time than they save (about 40% less compile time, same fp32 results).
+FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+
 # A tiny Llama-like teacher: d=64, 4 query heads of width 16, 2 KV heads (GQA).
 TINY = dict(arch="llama", vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
             num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
@@ -96,7 +100,7 @@ def silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _logits(graphdef, state, toks):
     return nnx.merge(graphdef, state)(toks)
 
@@ -105,7 +109,7 @@ def logits(model: CausalLM, toks) -> np.ndarray:
     return np.asarray(_logits(*nnx.split(model), toks))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _mix(graphdef, state, x, positions):
     return nnx.merge(graphdef, state)(x, positions=positions, segment_ids=None)[0]
 
@@ -471,10 +475,6 @@ def test_mla_ranks_larger_than_teacher(mla, match):
         upcycle(teacher, spec)
 
 
-@pytest.mark.xfail(strict=True, raises=(AssertionError, TypeError),
-                   reason="init_mla does not check the latent ranks against the teacher's rank: a "
-                          "q_lora_rank above min(H*dh, d) is an unclear 'shape mismatch', a "
-                          "kv_lora_rank above min(2*Hkv*dh, d) a TypeError from reshape")
 @pytest.mark.parametrize("ranks", [dict(q_lora_rank=72, kv_lora_rank=16),
                                    dict(q_lora_rank=32, kv_lora_rank=72)], ids=["q", "kv"])
 def test_latent_rank_above_teacher_rank(ranks):
@@ -483,7 +483,8 @@ def test_latent_rank_above_teacher_rank(ranks):
     cfg = MLAConfig(hidden_size=64, num_heads=4, num_kv_heads=2, qk_nope_head_dim=8,
                     qk_rope_head_dim=8, v_head_dim=16, **ranks)
     mla = zeros_module(lambda: MLA(cfg, rngs=nnx.Rngs(0)))
-    with pytest.raises(ConfigError, match=r"lora_rank"):
+    name = "q_lora_rank" if ranks["q_lora_rank"] == 72 else "kv_lora_rank"
+    with pytest.raises(ConfigError, match=rf"mla\.{name}=72 exceeds the rank of the teacher's matrix .* \(64 = "):
         init_mla(mla, w, 16)
 
 
@@ -518,7 +519,7 @@ def tiny_hybrid(plan: str) -> CausalLM:
 HYBRID_TOKENS = tokens(2, 12, seed=2)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _loss_and_grad(graphdef, state, toks):
     """Next-token cross-entropy on toks, its gradient and the logits."""
     def loss(state):
@@ -555,7 +556,7 @@ def test_hybrid_forward_and_grad(plan):
                    and ("self_attn" in name or "linear_attn" in name)), i
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _forward_cached(graphdef, state, toks, caches, positions, kv_length):
     return nnx.merge(graphdef, state).forward_cached(toks, caches, positions, kv_length)
 

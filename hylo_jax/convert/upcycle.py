@@ -82,6 +82,11 @@ def init_mla(mla: MLA, w: dict[str, jax.Array], head_dim: int) -> None:
     if nope + rope > head_dim or cfg.v_head_dim != head_dim:
         raise ConfigError(f"MLA needs qk_nope + qk_rope <= teacher head_dim ({nope}+{rope} vs "
                           f"{head_dim}) and v_head_dim == head_dim ({cfg.v_head_dim} vs {head_dim})")
+    for name, rank, matrix in (("q_lora_rank", cfg.q_lora_rank, w["q"]),
+                               ("kv_lora_rank", cfg.kv_lora_rank, jnp.concatenate([w["k"], w["v"]]))):
+        if rank > min(matrix.shape):
+            raise ConfigError(f"mla.{name}={rank} exceeds the rank of the teacher's matrix it factorises "
+                              f"({min(matrix.shape)} = min{tuple(matrix.shape)})")
     q_rows = _head_rows(cfg.num_heads, head_dim, nope, rope)
     if cfg.q_lora_rank:
         u, s, vt = jnp.linalg.svd(w["q"], full_matrices=False)

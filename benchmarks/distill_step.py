@@ -1,0 +1,108 @@
+"""Stage II distillation step: HyLo-Llama-1B-shaped student (8MLA8GDN) + Llama-3.2-1B-shaped teacher.
+
+Prints one table: seconds/step, tokens/s, MFU (student fwd+bwd + teacher fwd model FLOPs against
+the device's nominal bf16 peak) and peak device memory, with the dense KL (full [T, vocab]
+logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights.
+    python benchmarks/distill_step.py                 # on the GPU
+    python benchmarks/distill_step.py --memory-only   # compiled memory of each variant, no run (CPU ok)
+    python benchmarks/distill_step.py --tiny          # CPU smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, time_jax  # noqa: E402
+
+from hylo_jax.config import from_dict, load_yaml  # noqa: E402
+from hylo_jax.config import replace as replace_config  # noqa: E402
+from hylo_jax.models.gated_deltanet import GDNConfig  # noqa: E402
+from hylo_jax.models.hybrid import HybridConfig, ModelSpec  # noqa: E402
+from hylo_jax.models.mla import MLAConfig  # noqa: E402
+from hylo_jax.train.config import StageConfig  # noqa: E402
+from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E402
+from hylo_jax.train.step import Distiller, TrainState  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def specs(tiny: bool) -> tuple[ModelSpec, ModelSpec]:
+    """(teacher, student) specs in bf16 with full remat."""
+    if tiny:
+        from hylo_jax.config import ModelConfig
+
+        teacher = ModelConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_layers=4,
+                              num_heads=4, num_kv_heads=2, head_dim=32, tie_word_embeddings=True)
+        plan = HybridConfig(mla_layers=(0, 2), mla=MLAConfig(q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=16,
+                                                              qk_rope_head_dim=16, v_head_dim=32),
+                            gdn=GDNConfig(num_heads=2, head_k_dim=32), tie_word_embeddings=False)
+    else:
+        teacher = from_dict(type(specs(True)[0].model), load_yaml(CONFIGS / "teachers/llama-3.2-1b.yaml")["model"])
+        plan = from_dict(HybridConfig, load_yaml(CONFIGS / "hylo-llama-1b-8mla8.yaml")["hybrid"])
+    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16")
+    student = replace_config(teacher, param_dtype="float32", remat="full")
+    return ModelSpec(teacher), ModelSpec.create(student, plan)
+
+
+def make_batch(batch: int, seq: int, vocab: int) -> dict[str, jax.Array]:
+    tok = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
+    return {"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
+            "segment_ids": jnp.ones((batch, seq), jnp.int32),
+            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
+            "loss_mask": jnp.ones((batch, seq), jnp.int32)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
+    parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
+    args = parser.parse_args()
+    t_spec, s_spec = specs(args.tiny)
+    seqs = [int(s) for s in (args.seq or ("256,512" if args.tiny else "8192,32768")).split(",")]
+    build = (lambda spec: nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))) if args.memory_only else (
+        lambda spec: spec.build(nnx.Rngs(0)))
+    teacher, student = build(t_spec), build(s_spec)
+    peak = peak_flops()
+    rows = []
+    for seq in seqs:
+        batch = make_batch(1, seq, t_spec.model.vocab_size)
+        flops = seq * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
+        for name, chunk in (("dense KL", 0), ("chunked KL", 2048 if not args.tiny else 128)):
+            stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
+            distiller = Distiller(student, teacher, stage)
+            if args.memory_only:
+                params = distiller.initial_params
+                state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                                   jax.eval_shape(distiller.tx.init, params))
+            else:
+                state = distiller.init_state()
+            try:
+                compiled = distiller.step.lower(state, distiller.frozen, distiller.teacher_state, batch).compile()
+                mem = compiled.memory_analysis()
+                peak_gib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
+                            + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
+                if args.memory_only:
+                    rows.append([f"1x{seq}", name, "-", "-", "-", peak_gib])
+                    continue
+                seconds = time_jax(lambda s: distiller.run_step(s, batch)[0], state, warmup=1, iters=5)
+                mfu = flops / seconds / peak if peak else float("nan")
+                rows.append([f"1x{seq}", name, seconds, seq / seconds, mfu, peak_gib])
+            except Exception as e:  # OOM at long context is a result, not a crash
+                rows.append([f"1x{seq}", name, f"{type(e).__name__}", "-", "-", "-"])
+    print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
+          f"{s_spec.layer_kinds().count('gdn')} GDN layers; teacher {t_spec.model.num_layers} attention layers")
+    print_table(["B x T", "loss", "s/step", "tokens/s", "MFU", "compiled peak GiB"], rows)
+
+
+if __name__ == "__main__":
+    main()
