@@ -213,3 +213,25 @@ def test_bad_arguments_raise():
         call(impl="pallas")
     with pytest.raises(ValueError, match="dimension 'dv'"):
         gated_delta_step(s0, q[:, 0], k[:, 0], v[:, 0, :, :2], g[:, 0], beta[:, 0])
+
+
+def test_unit_lower_solve_matches_lapack_value_and_gradients():
+    """Our substitution solve (used instead of LAPACK trsm, which can deadlock on CPU) is exact."""
+    from jax import lax
+
+    from hylo_jax.kernels.gated_delta import unit_lower_solve
+
+    k = jax.random.split(jax.random.key(7), 3)
+    m = 0.3 * jax.random.normal(k[0], (2, 3, 16, 16))
+    b = jax.random.normal(k[1], (2, 3, 16, 5))
+    w = jax.random.normal(k[2], (2, 3, 16, 5))
+
+    def ref(m, b):
+        return lax.linalg.triangular_solve(m, b, left_side=True, lower=True, unit_diagonal=True)
+
+    assert rel_err(unit_lower_solve(m, b), ref(m, b)) <= 1e-5
+    ours = jax.grad(lambda m, b: jnp.sum(unit_lower_solve(m, b) * w), argnums=(0, 1))(m, b)
+    want = jax.grad(lambda m, b: jnp.sum(ref(m, b) * w), argnums=(0, 1))(m, b)
+    # only the strictly lower triangle of m is an input: compare that part of its gradient
+    assert rel_err(jnp.tril(ours[0], -1), jnp.tril(want[0], -1)) <= 1e-5
+    assert rel_err(ours[1], want[1]) <= 1e-5

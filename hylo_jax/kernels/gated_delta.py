@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
@@ -54,6 +55,42 @@ def _check_shapes(specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]]) -> 
                     f"dimension '{dim}' mismatch: {first_name} has {dim}={first_size} but {name} has {dim}={size}"
                     f" (shape {shape}, expected [{', '.join(dims)}])"
                 )
+
+
+def _substitute(m: Float[Array, "... c c"], b: Float[Array, "... c w"], lower: bool) -> Float[Array, "... c w"]:
+    """x with (I + m) x = b for a strictly triangular m, row by row (forward or back substitution).
+
+    Written with `lax.scan` rather than LAPACK's trsm: jaxlib's CPU trsm runs batches on a thread pool
+    that can deadlock when several solves run at once (seen with multi-layer train steps on 2 cores).
+    """
+    rows = range(m.shape[-1]) if lower else range(m.shape[-1] - 1, -1, -1)
+
+    def row(x, i):
+        xi = b[..., i, :] - jnp.einsum("...j,...jw->...w", m[..., i, :], x)
+        return x.at[..., i, :].set(xi), None
+
+    return lax.scan(row, jnp.zeros_like(b), jnp.asarray(list(rows)))[0]
+
+
+@jax.custom_vjp
+def unit_lower_solve(m: Float[Array, "... c c"], b: Float[Array, "... c w"]) -> Float[Array, "... c w"]:
+    """x = (I + tril(m, -1))^{-1} b (only m's strictly lower triangle is read)."""
+    return _substitute(jnp.tril(m, -1), b, lower=True)
+
+
+def _solve_fwd(m, b):
+    x = unit_lower_solve(m, b)
+    return x, (m, x)
+
+
+def _solve_bwd(res, x_bar):
+    """b_bar = (I + L)^{-T} x_bar, m_bar = -tril(b_bar x^T, -1)."""
+    m, x = res
+    b_bar = _substitute(jnp.swapaxes(jnp.tril(m, -1), -1, -2), x_bar, lower=False)
+    return -jnp.tril(jnp.einsum("...iw,...jw->...ij", b_bar, x), -1), b_bar
+
+
+unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
 
 
 def _delta_step(
@@ -150,7 +187,7 @@ def _chunked(
     # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
     minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
-    uw = lax.linalg.triangular_solve(minus_a, rhs, left_side=True, lower=True, unit_diagonal=True)
+    uw = unit_lower_solve(minus_a, rhs)
     u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
     attn = jnp.einsum("nbhik,nbhjk->nbhij", q, k) * masked_exp(diff, causal & same)
     q_in = decay_in[..., None] * q
