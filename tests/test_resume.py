@@ -60,9 +60,13 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
     reference = train(run_config(tmp_path, whole))
     victim = train(run_config(tmp_path, killed))
     kill_at = int(np.random.default_rng().integers(3, STEPS - 1))  # a random step, between saves or not
-    metrics = killed / "kd" / "metrics.jsonl"
+    metrics, ckpt = killed / "kd" / "metrics.jsonl", killed / "kd" / "ckpt"
+
+    def committed():  # orbax renames a checkpoint to its bare step number once it is complete
+        return ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())
+
     deadline = time.time() + 600
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at):
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at and committed()):
         assert victim.poll() is None, victim.stdout.read()
         assert time.time() < deadline, "the run did not reach the step to kill"
         time.sleep(0.05)
