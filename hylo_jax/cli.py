@@ -112,14 +112,14 @@ def _hybrid(settings: dict):
 
 def cmd_upcycle(args) -> None:
     from hylo_jax.checkpoint import save_model
-    from hylo_jax.convert.upcycle import upcycle
+    from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
     from hylo_jax.info import report
     from hylo_jax.models.hybrid import ModelSpec
 
     settings = _settings(args)
     source = _teacher_source(args, settings)
     teacher, tokenizer = _load_teacher(source, settings)
-    spec = ModelSpec.create(teacher.cfg, _hybrid(settings))
+    spec = ModelSpec.create(teacher.cfg, with_energy_ranks(teacher, _hybrid(settings)))
     t0 = time.perf_counter()
     student = upcycle(teacher, spec, seed=args.seed)
     out = save_model(args.out, student, spec, tokenizer=tokenizer, source=f"upcycled from {source}")

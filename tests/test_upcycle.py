@@ -8,6 +8,7 @@ layers (and an untied head from a tied teacher) giving the teacher's logits; the
 count of HyLo-Llama-8MLA8GDN; the errors of bad plans; whole tiny hybrids (forward, grad, decode).
 """
 
+import dataclasses
 import functools
 import math
 
@@ -577,3 +578,20 @@ def test_hybrid_prefill_then_decode_matches_full(plan):
     assert start == 12
     err = rel_err(np.concatenate(outs, 1), full)
     assert err <= 1e-5, err
+
+
+def test_energy_ratio_chooses_the_latent_ranks():
+    from hylo_jax.convert.upcycle import with_energy_ranks
+
+    teacher = teacher_model(0)
+    plan = HybridConfig(mla_layers=(0, 1), mla=MLAConfig(q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=8,
+                                                           qk_rope_head_dim=8, v_head_dim=16))
+    full = with_energy_ranks(teacher, dataclasses.replace(plan, mla_energy_ratio=1.0))
+    assert (full.mla.q_lora_rank, full.mla.kv_lora_rank) == (64, 64)  # all the energy: full rank
+    half = with_energy_ranks(teacher, dataclasses.replace(plan, mla_energy_ratio=0.5))
+    w = attention_weights(teacher.model.layers[0].self_attn)
+    assert half.mla.q_lora_rank >= energy_rank(np.linalg.svd(np.asarray(w["q"]), compute_uv=False), 0.5)
+    assert half.mla.q_lora_rank % 8 == 0 and half.mla.q_lora_rank < 64
+    assert with_energy_ranks(teacher, plan) is plan
+    with pytest.raises(ConfigError, match="mla_energy_ratio must be in"):
+        with_energy_ranks(teacher, dataclasses.replace(plan, mla_energy_ratio=1.5))

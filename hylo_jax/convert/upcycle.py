@@ -21,6 +21,7 @@ biases are dropped (MLA and the linear mixers have none). Weights are written W 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -31,7 +32,7 @@ from flax import nnx
 
 from hylo_jax.errors import ConfigError
 from hylo_jax.models.gated_deltanet import GatedDeltaNet
-from hylo_jax.models.hybrid import ModelSpec
+from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.mamba2 import Mamba2Mixer
 from hylo_jax.models.mla import MLA
 from hylo_jax.models.transformer import Attention, CausalLM
@@ -67,6 +68,26 @@ def energy_rank(singular_values: jax.Array, ratio: float, multiple: int = 8) -> 
     energy = np.cumsum(np.asarray(singular_values, np.float64) ** 2)
     rank = int(np.searchsorted(energy / energy[-1], ratio) + 1)
     return min(math.ceil(rank / multiple) * multiple, len(energy))
+
+
+def with_energy_ranks(teacher: CausalLM, plan: HybridConfig) -> HybridConfig:
+    """`plan` with MLA latent ranks chosen by `plan.mla_energy_ratio` (unchanged when it is None):
+    for every MLA layer the smallest ranks keeping that share of sigma^2 of W_Q and of [W_K; W_V]
+    (rounded up to a multiple of 8); the largest over the layers, so one MLA shape fits all."""
+    ratio = plan.mla_energy_ratio
+    if ratio is None or not plan.mla_layers:
+        return plan
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"hybrid.mla_energy_ratio must be in (0, 1], got {ratio}")
+    q_rank = kv_rank = 0
+    for i in plan.mla_layers:
+        w = attention_weights(teacher.model.layers[i].self_attn)
+        kv = jnp.concatenate([w["k"], w["v"]])
+        q_rank = max(q_rank, energy_rank(jnp.linalg.svd(w["q"], compute_uv=False), ratio))
+        kv_rank = max(kv_rank, energy_rank(jnp.linalg.svd(kv, compute_uv=False), ratio))
+    log.info("energy ratio %.3f: q_lora_rank %d, kv_lora_rank %d", ratio, q_rank, kv_rank)
+    mla = dataclasses.replace(plan.mla, q_lora_rank=q_rank if plan.mla.q_lora_rank else 0, kv_lora_rank=kv_rank)
+    return dataclasses.replace(plan, mla=mla)
 
 
 def _head_rows(heads: int, head_dim: int, first: int, last: int) -> np.ndarray:

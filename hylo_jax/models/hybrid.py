@@ -47,6 +47,10 @@ class HybridConfig:
                          factory=True)
     mla_rope: RopeConfig | None = doc(None, "RoPE of the MLA layers only (e.g. YaRN for long "
                                             "context); None = the teacher's.")
+    mla_energy_ratio: float | None = doc(None, "Upcycling: choose q/kv latent ranks as the smallest "
+                                               "keeping this share of sigma^2 in every MLA layer "
+                                               "(X-EcoMLA), rounded up to a multiple of 8; None = "
+                                               "the ranks in `mla`.")
     gdn: GDNConfig = doc(GDNConfig, "Gated DeltaNet heads and widths (width, eps from the teacher).",
                          factory=True)
     mamba2: Mamba2Config = doc(Mamba2Config, "Mamba2 chunking/init (HyLo's GQA shape is derived "

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hylo_jax.checkpoint import load_model, load_teacher, save_model
 from hylo_jax.config import MeshConfig, doc, save_yaml
-from hylo_jax.convert.upcycle import upcycle
+from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
@@ -220,6 +220,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
     if tokenizer is None:
         raise ConfigError(f"teacher {cfg.teacher} has no tokenizer; training needs one")
     student_cfg = dataclasses.replace(teacher.cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    cfg = dataclasses.replace(cfg, hybrid=with_energy_ranks(teacher, cfg.hybrid))
     spec = ModelSpec.create(student_cfg, cfg.hybrid)
     every = tuple(range(student_cfg.num_layers))
 
