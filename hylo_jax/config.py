@@ -19,6 +19,13 @@ from hylo_jax.errors import ConfigError
 T = TypeVar("T")
 
 
+def require_positive(cfg: Any, section: str, names: tuple[str, ...]) -> None:
+    """`ConfigError` naming the first of `names` whose value on `cfg` is not > 0."""
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"{section}{name} must be positive, got {getattr(cfg, name)}")
+
+
 def doc(default: Any, text: str, *, factory: bool = False) -> Any:
     """A dataclass field with a default and its documentation."""
     if factory:
@@ -70,10 +77,8 @@ class ModelConfig:
         "none", "Activation checkpointing policy per decoder layer.")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "model.", ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                          "num_heads", "num_kv_heads", "head_dim"))
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} is not a multiple of "
                               f"model.num_kv_heads={self.num_kv_heads}")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from hylo_jax.config import doc
+from hylo_jax.config import doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
@@ -58,9 +58,7 @@ class GDNConfig:
         return round(self.expand_v * self.head_k_dim)
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_heads", "head_k_dim", "conv_kernel"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"gdn.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "gdn.", ("hidden_size", "num_heads", "head_k_dim", "conv_kernel"))
         if self.expand_v <= 0 or self.expand_v * self.head_k_dim != self.head_v_dim:
             raise ConfigError(f"gdn.expand_v={self.expand_v} times gdn.head_k_dim={self.head_k_dim} must be a "
                               "positive whole number (head_v_dim)")

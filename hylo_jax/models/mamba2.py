@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Float, Int
 
-from hylo_jax.config import doc
+from hylo_jax.config import doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.ssd import ssd, ssd_step
 from hylo_jax.models.layers import Linear, dtype_of
@@ -65,10 +65,8 @@ class Mamba2Config:
     impl: Literal["chunked", "reference"] = doc("chunked", "SSD scan: chunked algorithm or sequential oracle.")
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_heads", "head_dim", "d_state", "n_groups", "conv_kernel",
-                     "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"mamba2.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "mamba2.", ("hidden_size", "num_heads", "head_dim", "d_state", "n_groups",
+                                           "conv_kernel", "chunk_size"))
         if self.chunk_size & (self.chunk_size - 1):
             raise ConfigError(f"mamba2.chunk_size={self.chunk_size} is not a power of two")
         if self.num_heads % self.n_groups:

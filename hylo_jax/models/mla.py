@@ -31,7 +31,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from hylo_jax.config import RopeConfig, doc
+from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.attention import attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
@@ -64,10 +64,8 @@ class MLAConfig:
         "auto", "Attention kernel of the training/prefill path (see kernels.attention).")
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_heads", "num_kv_heads", "kv_lora_rank", "qk_nope_head_dim",
-                     "qk_rope_head_dim", "v_head_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"mla.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "mla.", ("hidden_size", "num_heads", "num_kv_heads", "kv_lora_rank",
+                                        "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
         if self.q_lora_rank < 0:
             raise ConfigError(f"mla.q_lora_rank must be positive or 0 (plain q_proj), "
                               f"got {self.q_lora_rank}")

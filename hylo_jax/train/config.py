@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from hylo_jax.config import RopeConfig, doc
+from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
 
 
@@ -42,9 +42,8 @@ class StageConfig:
     keep_checkpoints: int = doc(2, "Checkpoints kept per stage.")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "global_batch_size", "log_every", "save_every", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"stage {self.name}: {name} must be positive, got {getattr(self, name)}")
+        require_positive(self, f"stage {self.name}: ", ("steps", "seq_len", "global_batch_size", "log_every",
+                                                        "save_every", "keep_checkpoints"))
         if not 0 <= self.warmup_ratio < 1 or self.lr <= 0:
             raise ConfigError(f"stage {self.name}: need lr > 0 and 0 <= warmup_ratio < 1")
         if self.kl_chunk < 0:
