@@ -171,7 +171,14 @@ def cmd_select_layers(args) -> None:
         raise ConfigError(f"held-out text has {len(ids)} tokens, fewer than batch*seq_len={need}")
     tokens = jnp.asarray(ids[:need]).reshape(args.batch, args.seq_len)
     plan = _hybrid(settings)
-    base, ranking = sensitivity_ranking(teacher, plan, tokens, seed=args.seed)
+    students = None
+    if bool(args.mla_student) != bool(args.linear_student):
+        raise ConfigError("give both --mla-student and --linear-student (the Stage I checkpoints) or neither")
+    if args.mla_student:
+        from hylo_jax.checkpoint import load_model
+
+        students = tuple(load_model(d, _mesh(settings))[0] for d in (args.mla_student, args.linear_student))
+    base, ranking = sensitivity_ranking(teacher, plan, tokens, seed=args.seed, students=students)
     print(f"all-linear student: KL to teacher {base:.4f}\nrank  layer  KL with this layer as MLA")
     for rank, (layer, kl) in enumerate(ranking, 1):
         print(f"{rank:>4}  {layer:>5}  {kl:.4f} ({kl - base:+.4f})")
@@ -254,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-mla", type=int, required=True, help="how many MLA layers to choose")
     p.add_argument("--out", help="write the chosen plan here (YAML)")
     p.add_argument("--text", help="held-out text file (default: Hamlet from the bundled corpus)")
+    p.add_argument("--mla-student", help="all-MLA student folder (e.g. RUN/stage1-ild-mla/final)")
+    p.add_argument("--linear-student", help="all-linear student folder (e.g. RUN/stage1-ild-linear/final)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

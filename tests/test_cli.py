@@ -73,3 +73,39 @@ def test_bad_plan_is_a_clear_error(teacher_dirs, tmp_path, capsys):
     assert main(["upcycle", "--teacher", str(folder), "--config", str(plan), "--out", str(tmp_path / "s"),
                  "hybrid.linear=rwkv"]) == 2
     assert "'rwkv' is not one of" in capsys.readouterr().err
+
+
+def test_select_layers_ranks_trained_students(tmp_path, capsys):
+    """select-layers with given all-MLA / all-linear students and a tokenizer: a ranking and a plan."""
+    import dataclasses
+
+    from conftest import byte_tokenizer
+    from flax import nnx
+
+    from hylo_jax.checkpoint import save_model
+    from hylo_jax.config import ModelConfig, from_dict
+    from hylo_jax.convert.upcycle import upcycle
+    from hylo_jax.models.hybrid import HybridConfig, ModelSpec
+    from hylo_jax.models.transformer import CausalLM
+
+    cfg = ModelConfig(vocab_size=261, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=8)
+    teacher = CausalLM(cfg, rngs=nnx.Rngs(0))
+    save_model(tmp_path / "teacher", teacher, cfg, tokenizer=byte_tokenizer())
+    plan = yaml.safe_load(tiny_plan(tmp_path).read_text())["hybrid"]
+    plan["mla"].update(q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=8)
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump({"hybrid": plan}))
+    hybrid = from_dict(HybridConfig, plan)
+    for name, layers in (("mla", (0, 1, 2)), ("linear", ())):
+        spec = ModelSpec.create(cfg, dataclasses.replace(hybrid, mla_layers=layers))
+        save_model(tmp_path / name, upcycle(teacher, spec, seed=1), spec)
+    text = tmp_path / "heldout.txt"
+    text.write_text("to be or not to be, that is the question " * 20)
+    assert main(["select-layers", "--teacher", str(tmp_path / "teacher"), "--config", str(tmp_path / "plan.yaml"),
+                 "--num-mla", "1", "--text", str(text), "--batch", "2", "--seq-len", "32",
+                 "--mla-student", str(tmp_path / "mla"), "--linear-student", str(tmp_path / "linear"),
+                 "--out", str(tmp_path / "chosen.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "all-linear student: KL to teacher" in out and "chosen mla_layers: [" in out
+    chosen = yaml.safe_load((tmp_path / "chosen.yaml").read_text())["hybrid"]["mla_layers"]
+    assert len(chosen) == 1 and 0 <= chosen[0] < 3

@@ -36,15 +36,22 @@ def _layer_of(path: tuple) -> int | None:
     return int(keys[2]) if keys[:2] == ["model", "layers"] else None
 
 
-def sensitivity_ranking(teacher: CausalLM, plan: HybridConfig, tokens: Int[Array, "b t"],
-                        *, seed: int = 0) -> tuple[float, list[tuple[int, float]]]:
-    """(KL of the all-linear student, [(layer, KL with that layer as MLA)] best first)."""
+def sensitivity_ranking(teacher: CausalLM, plan: HybridConfig, tokens: Int[Array, "b t"], *, seed: int = 0,
+                        students: tuple[CausalLM, CausalLM] | None = None
+                        ) -> tuple[float, list[tuple[int, float]]]:
+    """(KL of the all-linear student, [(layer, KL with that layer as MLA)] best first).
+
+    `students` = (all-MLA, all-linear), e.g. the Stage I (ILD) checkpoints as Zebra-Llama does;
+    by default both are freshly upcycled from the teacher.
+    """
     cfg = teacher.cfg
     everything = tuple(range(cfg.num_layers))
     linear_spec = ModelSpec.create(cfg, dataclasses.replace(plan, mla_layers=(), attention_layers=()))
     mla_spec = ModelSpec.create(cfg, dataclasses.replace(plan, mla_layers=everything, attention_layers=()))
-    linear_state = dict(nnx.to_flat_state(nnx.state(upcycle(teacher, linear_spec, seed=seed))))
-    mla_state = dict(nnx.to_flat_state(nnx.state(upcycle(teacher, mla_spec, seed=seed))))
+    mla_model, linear_model = students or (upcycle(teacher, mla_spec, seed=seed),
+                                           upcycle(teacher, linear_spec, seed=seed))
+    linear_state = dict(nnx.to_flat_state(nnx.state(linear_model)))
+    mla_state = dict(nnx.to_flat_state(nnx.state(mla_model)))
     teacher_logits = jax.jit(lambda t: teacher(t))(tokens)
 
     base = float(_kl(_graphdef(linear_spec), nnx.from_flat_state(linear_state), teacher_logits, tokens))
