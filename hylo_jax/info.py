@@ -83,7 +83,3 @@ def report(spec: ModelSpec, contexts=(8192, 65536, 1 << 20, 2 << 20), cache_byte
         theirs = teacher_per_token * ctx * cache_bytes / 2**30
         lines.append(f"  context {ctx:>9,}: {ours:8.2f} GiB vs teacher {theirs:8.2f} GiB per sequence")
     return "\n".join(lines)
-
-
-def param_count(spec: ModelSpec) -> int:
-    return sum(parameter_breakdown(spec).values())

@@ -95,16 +95,6 @@ def _mesh_axis_size(mesh: Mesh, spec_entry) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def param_logical_axes(state: nnx.State) -> nnx.State:
-    """For each parameter, its logical axes (from the `logical_axes` metadata)."""
-
-    def axes(var):
-        names = var.get_metadata().get("logical_axes")
-        return names if names is not None else (None,) * len(var.shape)
-
-    return jax.tree.map(axes, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """NamedShardings of every variable in `state` (abstract or concrete).
 
