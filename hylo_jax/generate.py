@@ -55,6 +55,12 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], cfg: SamplingC
         raise ValueError("generate needs at least one non-empty prompt")
     lengths = np.array([len(p) for p in prompts], np.int32)
     width = int(lengths.max())
+    recurrent = [type(layer.mixer).__name__ for layer in model.model.layers
+                 if layer.mixer_name == "linear_attn"]
+    if recurrent and len(set(lengths.tolist())) > 1:
+        raise ValueError(f"prompts of different lengths need per-row state masking, which the {recurrent[0]} "
+                         "layers' recurrent caches do not do here; generate them one at a time (or in "
+                         "batches of equal length)")
     tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
