@@ -11,6 +11,7 @@ from collections import Counter
 from flax import nnx
 
 from hylo_jax.models.hybrid import ModelSpec
+from hylo_jax.sharding import path_keys
 
 NAMES = {"embed_tokens": "embedding", "norm": "final norm", "input_layernorm": "layer norms",
          "post_attention_layernorm": "layer norms", "mlp": "mlp"}
@@ -22,7 +23,7 @@ def parameter_breakdown(spec: ModelSpec) -> dict[str, int]:
     kinds = spec.layer_kinds()
     counts: Counter[str] = Counter()
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        keys = [getattr(p, "key", p) for p in path]
+        keys = path_keys(path)
         if keys[0] == "lm_head":
             name = "lm_head"
         elif keys[1] == "layers":

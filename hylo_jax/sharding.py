@@ -106,24 +106,26 @@ def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
         value = var.get_value() if hasattr(var, "get_value") else var.value
         names = var.get_metadata().get("logical_axes") or (None,) * len(value.shape)
         if len(names) != len(value.shape):
-            raise ValueError(f"{_path_str(path)}: logical axes {names} for shape {value.shape}")
+            raise ValueError(f"{path_str(path)}: logical axes {names} for shape {value.shape}")
         spec = logical_to_spec(names)
         for dim, entry, name in zip(value.shape, spec, names):
             size = _mesh_axis_size(mesh, entry)
             if dim % size:
-                raise MeshError(f"parameter {_path_str(path)} has {name} dimension {dim}, which "
+                raise MeshError(f"parameter {path_str(path)} has {name} dimension {dim}, which "
                                 f"mesh axes {entry} of size {size} do not divide")
         return NamedSharding(mesh, spec)
 
     return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
-    return ".".join(parts)
+def path_keys(path) -> list:
+    """The plain keys of a pytree / nnx state path (dict keys, list indices, attribute names)."""
+    return [getattr(p, "key", getattr(p, "idx", getattr(p, "name", p))) for p in path]
+
+
+def path_str(path) -> str:
+    """A parameter path as dotted text, e.g. 'model.layers.3.self_attn.q_proj.kernel'."""
+    return ".".join(str(k) for k in path_keys(path))
 
 
 def check_divides(mesh: Mesh, what: str, dim: int, axes: Sequence[str]) -> None:

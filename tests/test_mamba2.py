@@ -14,9 +14,10 @@ from flax import nnx
 from transformers import Mamba2Config as HFMamba2Config
 from transformers.models.mamba2 import modeling_mamba2
 
-from hylo_jax.convert.hf import hf_name, path_to_str
+from hylo_jax.convert.hf import hf_name
 from hylo_jax.errors import ConfigError
 from hylo_jax.models.mamba2 import Mamba2Cache, Mamba2Config, Mamba2Mixer
+from hylo_jax.sharding import path_str
 
 TINY = dict(hidden_size=32, num_heads=4, head_dim=16, d_state=16, chunk_size=8)
 GQA = dict(hidden_size=32, num_heads=4, head_dim=8, d_state=8, n_groups=4, num_xb_heads=2,
@@ -59,7 +60,7 @@ def make_mixer(seed=0, **fields) -> Mamba2Mixer:
     graphdef, state = abstract(Mamba2Config(**fields))
 
     def fill(path, var):
-        name = path_to_str(path)
+        name = path_str(path)
         if name == "A_log":
             value = np.log(rng.uniform(1, 16, var.shape))
         elif name == "dt_bias":
@@ -104,7 +105,7 @@ def load_from_torch(split: tuple[nnx.GraphDef, nnx.State], sd: dict) -> Mamba2Mi
     flat = dict(nnx.to_flat_state(state))
     used = set()
     for path, var in flat.items():
-        name, transform = hf_name(path_to_str(path))
+        name, transform = hf_name(path_str(path))
         array = sd[name].detach().numpy()
         if name == "conv1d.weight":
             array = array[:, 0, :]
@@ -130,7 +131,7 @@ def test_matches_transformers(n_groups):
     assert rel_err(g_x, xt.grad.numpy()) <= 1e-4
     torch_grads = dict(tm.named_parameters())
     for path, g in nnx.to_flat_state(g_state):
-        name, transform = hf_name(path_to_str(path))
+        name, transform = hf_name(path_str(path))
         want = torch_grads[name].grad.numpy()
         want = transform(want[:, 0, :] if name == "conv1d.weight" else want)
         assert rel_err(g.get_value(), want) <= 1e-4, name

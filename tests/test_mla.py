@@ -16,12 +16,12 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 
 from hylo_jax.config import MeshConfig, RopeConfig
-from hylo_jax.convert.hf import hf_name, load_params, path_to_str, rope_from_hf
+from hylo_jax.convert.hf import hf_name, load_params, rope_from_hf
 from hylo_jax.convert.sources import StateDictSource
 from hylo_jax.errors import ConfigError
 from hylo_jax.models.mla import MLA, MLACache, MLAConfig, mla_cache_bytes_per_token
 from hylo_jax.models.transformer import segment_positions
-from hylo_jax.sharding import make_mesh, state_shardings
+from hylo_jax.sharding import make_mesh, path_str, state_shardings
 
 DIMS = dict(hidden_size=64, num_heads=4, kv_lora_rank=16, qk_nope_head_dim=12, qk_rope_head_dim=8,
             v_head_dim=10)
@@ -89,7 +89,7 @@ def random_mla(cfg: MLAConfig, seed=0) -> MLA:
     rng = np.random.default_rng(seed)
     params = {}
     for path, var in nnx.to_flat_state(abstract):
-        value = rng.normal(0.0, 0.15, var.shape) + path_to_str(path).endswith("scale")
+        value = rng.normal(0.0, 0.15, var.shape) + path_str(path).endswith("scale")
         params[path] = var.replace(value=jnp.asarray(value, jnp.float32))
     return nnx.merge(graphdef, nnx.from_flat_state(params))
 
@@ -125,7 +125,7 @@ def test_param_names_are_deepseek_v3_names():
         ref, _ = torch_reference(q_lora or None, dict(rope_type="default", rope_theta=10000.0))
         cfg = MLAConfig(**DIMS, num_kv_heads=4, q_lora_rank=q_lora, latent_norm=True)
         _, params = abstract_mla(cfg)
-        mapped = {hf_name(path_to_str(p))[0]: v.shape for p, v in nnx.to_flat_state(params)}
+        mapped = {hf_name(path_str(p))[0]: v.shape for p, v in nnx.to_flat_state(params)}
         assert mapped == {k: tuple(v.shape[::-1]) for k, v in ref.state_dict().items()}
 
 
@@ -149,14 +149,14 @@ def test_gradients_match_torch_autograd():
     grads = nnx.to_flat_state(jax.jit(jax.grad(loss))(params))
     assert len(grads) == len(want)
     for path, g in grads:
-        name, layout = hf_name(path_to_str(path))
+        name, layout = hf_name(path_str(path))
         assert rel_err(g.get_value(), layout(want[name])) <= 1e-4, name
 
 
 def numpy_mla(model: MLA, x: np.ndarray) -> np.ndarray:
     """Decompressed MLA in float64 NumPy: default RoPE, no latent norms, kv heads repeated."""
     cfg = model.cfg
-    p = {path_to_str(k): np.asarray(v.get_value(), np.float64)
+    p = {path_str(k): np.asarray(v.get_value(), np.float64)
          for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     b, t, _ = x.shape
     h, g, dn, dr, r = (cfg.num_heads, cfg.num_kv_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,

@@ -65,11 +65,12 @@ def test_gradients_match_torch_autograd(teacher_dirs, name):
         return jnp.sum(m(jnp.asarray(x)) * weights)
 
     grads = nnx.grad(loss)(model)
-    from hylo_jax.convert.hf import hf_name, path_to_str
+    from hylo_jax.convert.hf import hf_name
+    from hylo_jax.sharding import path_str
 
     checked = 0
     for path, g in nnx.to_flat_state(grads):
-        name_, transform = hf_name(path_to_str(path))
+        name_, transform = hf_name(path_str(path))
         assert rel_err(transform(np.asarray(g.get_value())), want[name_]) <= 1e-4, name_
         checked += 1
     assert checked == len(want)

@@ -20,7 +20,7 @@ from conftest import make_torch_teacher, rel_err
 from flax import nnx
 
 from hylo_jax.config import MeshConfig, ModelConfig, RopeConfig, from_dict
-from hylo_jax.convert.hf import load_hf_model, path_to_str
+from hylo_jax.convert.hf import load_hf_model
 from hylo_jax.convert.upcycle import attention_weights, energy_rank, init_mla, upcycle
 from hylo_jax.errors import ConfigError
 from hylo_jax.models.gated_deltanet import GatedDeltaNet, GDNConfig
@@ -28,7 +28,7 @@ from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.mamba2 import Mamba2Config, Mamba2Mixer
 from hylo_jax.models.mla import MLA, MLAConfig
 from hylo_jax.models.transformer import Attention, CausalLM
-from hylo_jax.sharding import make_mesh
+from hylo_jax.sharding import make_mesh, path_str
 
 # The jitted helpers below run tiny models once or twice: XLA's CPU backend optimisations cost
 # more compile time than they save (about 40% less compile time, same fp32 results).
@@ -51,7 +51,7 @@ def teacher_model(seed: int = 0, **fields) -> CausalLM:
     rng = np.random.default_rng(seed)
 
     def fill(path, var):
-        leaf = path_to_str(path).rpartition(".")[2]
+        leaf = path_str(path).rpartition(".")[2]
         if leaf == "scale":
             value = rng.normal(1.0, 0.2, var.shape)
         elif leaf == "kernel":
@@ -82,7 +82,7 @@ def tokens(batch=2, length=12, vocab=64, seed=0) -> jax.Array:
 
 def params(module: nnx.Module) -> dict[str, np.ndarray]:
     """'path.to.leaf' -> value of every nnx.Param of `module`."""
-    return {path_to_str(p): np.asarray(v.get_value())
+    return {path_str(p): np.asarray(v.get_value())
             for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
@@ -536,7 +536,7 @@ def hybrid_loss_logits_grads(plan: str):
     """(loss, logits of HYBRID_TOKENS, flat ('path', gradient) list) of the plan's tiny hybrid."""
     graphdef, state = nnx.split(tiny_hybrid(plan), nnx.Param)
     (loss, out), grads = _loss_and_grad(graphdef, state, HYBRID_TOKENS)
-    flat = [(path_to_str(p), np.asarray(g.get_value())) for p, g in nnx.to_flat_state(grads)]
+    flat = [(path_str(p), np.asarray(g.get_value())) for p, g in nnx.to_flat_state(grads)]
     return float(loss), np.asarray(out), flat
 
 

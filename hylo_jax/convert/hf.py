@@ -21,7 +21,7 @@ from hylo_jax.convert.sources import StateDictSource, TensorSource, find_gguf, o
 from hylo_jax.errors import CheckpointError, UnsupportedArchitectureError
 from hylo_jax.models.hybrid import ModelSpec
 from hylo_jax.models.transformer import CausalLM, check_mesh
-from hylo_jax.sharding import state_shardings
+from hylo_jax.sharding import path_str, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +84,6 @@ def config_from_hf(hf: Any) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # Parameter names and layouts.
 
-def path_to_str(path: tuple) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
-
-
 def hf_name(path: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
     """HF tensor name of our parameter path and the layout change from HF to ours."""
     stem, _, leaf = path.rpartition(".")
@@ -110,7 +106,7 @@ def load_params(abstract: nnx.State, source: TensorSource, shardings: nnx.State,
     available = source.names()
     used, missing, filled = set(), [], {}
     for path, var in flat_abs.items():
-        ours = path_to_str(path)
+        ours = path_str(path)
         name, transform = rename(ours)
         if name not in available:
             missing.append(name)

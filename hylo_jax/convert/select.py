@@ -17,6 +17,7 @@ from jaxtyping import Array, Int
 from hylo_jax.convert.upcycle import upcycle
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
+from hylo_jax.sharding import path_keys
 from hylo_jax.train.losses import forward_kl
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def _graphdef(spec: ModelSpec):
 
 
 def _layer_of(path: tuple) -> int | None:
-    keys = [getattr(p, "key", p) for p in path]
+    keys = path_keys(path)
     return int(keys[2]) if keys[:2] == ["model", "layers"] else None
 
 

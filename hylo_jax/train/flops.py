@@ -11,6 +11,7 @@ import jax
 from flax import nnx
 
 from hylo_jax.models.hybrid import ModelSpec
+from hylo_jax.sharding import path_keys
 
 # bf16 dense peak FLOP/s by device kind (substring match, first hit wins).
 PEAK_FLOPS = (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("v6", 918e12),
@@ -27,7 +28,7 @@ def _matmul_params(spec: ModelSpec) -> int:
     model = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))
     total = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        keys = [str(getattr(p, "key", p)) for p in path]
+        keys = [str(k) for k in path_keys(path)]
         if len(var.shape) == 2 and "embed_tokens" not in keys and "conv1d" not in keys[-2]:
             total += int(var.size)
     if spec.model.tie_word_embeddings:

@@ -30,8 +30,8 @@ def _token_kl(teacher_logits, student_logits, temperature: float):
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def _token_ce(student_logits, targets):
-    """-log p_s(target) per token (fp32)."""
+def token_nll(student_logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Float[Array, "b t"]:
+    """-log p(target) per token (fp32)."""
     logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -54,7 +54,7 @@ def chunked_kd(h_teacher: Float[Array, "b t dt"], head_teacher: Float[Array, "dt
     def one(ht, hs, tgt, m):
         lt = jnp.dot(ht, head_teacher.astype(ht.dtype), preferred_element_type=jnp.float32)
         ls = jnp.dot(hs, head_student.astype(hs.dtype), preferred_element_type=jnp.float32)
-        return jnp.sum(_token_kl(lt, ls, temperature) * m), jnp.sum(_token_ce(ls, tgt) * m)
+        return jnp.sum(_token_kl(lt, ls, temperature) * m), jnp.sum(token_nll(ls, tgt) * m)
 
     def body(acc, xs):
         kl, ce = one(*xs)

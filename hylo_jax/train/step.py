@@ -15,8 +15,9 @@ import optax
 from flax import nnx, struct
 
 from hylo_jax.models.transformer import CausalLM
+from hylo_jax.sharding import path_str
 from hylo_jax.train.config import StageConfig
-from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss
+from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss, token_nll
 
 Batch = dict[str, jax.Array]  # tokens, targets, segment_ids, positions, loss_mask: [b, t] int32
 
@@ -26,10 +27,6 @@ class TrainState:
     step: jax.Array
     params: nnx.State  # trainable parameters only
     opt_state: optax.OptState
-
-
-def path_str(path) -> str:
-    return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
 def trainable_filter(pattern: str):
@@ -77,9 +74,7 @@ def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: Stag
     else:
         s_logits = student.logits(h_s)
         kl = forward_kl(teacher.logits(h_t), s_logits, temperature=stage.temperature, mask=mask)
-        logp = jax.nn.log_softmax(s_logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        ce = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
+        ce = jnp.sum(token_nll(s_logits, batch["targets"]) * mask) / jnp.maximum(jnp.sum(mask), 1)
     return kl + stage.ce_weight * ce, {"kl": kl, "ce": ce}
 
 

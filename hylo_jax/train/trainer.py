@@ -30,10 +30,11 @@ from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
-from hylo_jax.sharding import check_divides, make_mesh, state_shardings
+from hylo_jax.sharding import check_divides, make_mesh, path_keys, state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
+from hylo_jax.train.losses import token_nll
 from hylo_jax.train.step import Distiller, TrainState
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spe
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))
     filled = {}
     for path, _ in nnx.to_flat_state(abstract):
-        keys = [getattr(p, "key", p) for p in path]
+        keys = path_keys(path)
         is_mixer = keys[:2] == ["model", "layers"] and keys[3] in ("self_attn", "linear_attn")
         kind = kinds[int(keys[2])] if is_mixer else "linear"
         filled[path] = sources["linear" if kind in ("gdn", "mamba2") else kind][path]
@@ -111,10 +112,8 @@ def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spe
 def _nll(graphdef, state, batch):
     model = nnx.merge(graphdef, state)
     logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
 def perplexity(model: CausalLM, batch: dict[str, np.ndarray]) -> float:
