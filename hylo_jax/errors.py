@@ -19,3 +19,7 @@ class CheckpointError(HyloError):
 
 class UnsupportedArchitectureError(CheckpointError):
     """The checkpoint's architecture is not one hylo_jax can import."""
+
+
+class RequestError(HyloError, ValueError):
+    """An inference or evaluation request that cannot be served (empty prompt, longer than the cache)."""

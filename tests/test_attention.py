@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
+from hylo_jax.kernels import attention as attention_module
 from hylo_jax.kernels.attention import attention, cached_attention
 
 
@@ -49,14 +50,23 @@ def test_splash_tpu_kernel_in_interpret_mode_matches_xla():
         assert rel_err(a, b) <= 1e-5
 
 
-def test_cached_attention_equals_causal_attention():
-    q, k, v = qkv(b=1, t=12)
+@pytest.mark.parametrize("block", [4, 1024])
+def test_cached_attention_equals_causal_attention(monkeypatch, block):
+    """Blocked online softmax over the cache (4-slot blocks, and one block) = causal attention; a row
+    with a shorter kv_length ignores the slots past it."""
+    monkeypatch.setattr(attention_module, "CACHE_BLOCK", block)
+    q, k, v = qkv(b=2, t=12)
     full = attention(q, k, v, impl="xla")
-    cache_k = jnp.zeros((1, 20, 2, 16)).at[:, :12].set(k)
-    cache_v = jnp.zeros((1, 20, 2, 16)).at[:, :12].set(v)
-    pos = jnp.arange(8, 12)[None]
-    out = cached_attention(q[:, 8:], cache_k, cache_v, q_positions=pos, kv_length=jnp.array([12]))
-    assert rel_err(out, full[:, 8:]) <= 1e-5
+    short = attention(q[1:, :7], k[1:, :7], v[1:, :7], impl="xla")
+    slots = attention_module.cache_slots(20)
+    cache_k = jnp.zeros((2, slots, 2, 16)).at[:, :12].set(k)
+    cache_v = jnp.zeros((2, slots, 2, 16)).at[:, :12].set(v)
+    pos = jnp.broadcast_to(jnp.arange(4, 12), (2, 8))
+    grouped = q[:, 4:].reshape(2, 8, 2, 2, 16)
+    out = cached_attention(grouped, cache_k, cache_v, q_positions=pos,
+                           kv_length=jnp.array([12, 7])).reshape(2, 8, 4, 16)
+    assert rel_err(out[0], full[0, 4:]) <= 1e-5
+    assert rel_err(out[1, :3], short[0, 4:7]) <= 1e-5  # queries past kv_length see only its slots
 
 
 def test_bad_shapes_and_impl():

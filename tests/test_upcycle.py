@@ -5,7 +5,7 @@ energy rank rule; an MLA layer that reproduces its teacher layer exactly when Ro
 the MambaInLlama Mamba2 layer as causal linear attention once decay, dt, D and the conv are made
 trivial; the GDN block copies; Qwen3 q/k-norm folding and Qwen2 biases; a plan without replaced
 layers (and an untied head from a tied teacher) giving the teacher's logits; the paper's parameter
-count of HyLo-Llama-8MLA8GDN; the errors of bad plans; whole tiny hybrids (forward, grad, decode).
+count of HyLo-Llama-8MLA8GDN; the errors of bad plans; whole tiny hybrids (forward, grad; decode is in test_engine.py).
 """
 
 import dataclasses
@@ -595,21 +595,3 @@ def test_energy_ratio_chooses_the_latent_ranks():
     assert with_energy_ranks(teacher, plan) is plan
     with pytest.raises(ConfigError, match="mla_energy_ratio must be in"):
         with_energy_ranks(teacher, dataclasses.replace(plan, mla_energy_ratio=1.5))
-
-
-def test_generate_on_a_hybrid_and_its_ragged_prompt_error():
-    from hylo_jax.generate import SamplingConfig, generate
-
-    teacher = teacher_model(0)
-    spec = ModelSpec.create(teacher.cfg, HybridConfig(mla_layers=(0,), mla=MLAConfig(
-        q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
-        gdn=GDNConfig(num_heads=2, head_k_dim=16, chunk_size=4)))
-    student = upcycle(teacher, spec)
-    prompt = [3, 1, 4, 1, 5]
-    (out,) = generate(student, [prompt], SamplingConfig(max_new_tokens=4))
-    seq = list(prompt)
-    for _ in range(4):  # greedy continuation from full forwards
-        seq.append(int(np.argmax(np.asarray(student(jnp.asarray([seq])))[0, -1])))
-    assert out == seq[len(prompt):]
-    with pytest.raises(ValueError, match="prompts of different lengths"):
-        generate(student, [prompt, prompt[:3]], SamplingConfig(max_new_tokens=2))

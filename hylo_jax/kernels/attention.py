@@ -75,24 +75,61 @@ def attention(
     return out[..., :dv]
 
 
+CACHE_BLOCK = 1024  # keys per step of `cached_attention`; caches longer than this hold a multiple of it
+
+
+def cache_slots(max_len: int) -> int:
+    """Slots to allocate for `max_len` tokens: a whole number of `CACHE_BLOCK`s once past one block."""
+    return max_len if max_len <= CACHE_BLOCK else -(-max_len // CACHE_BLOCK) * CACHE_BLOCK
+
+
 def cached_attention(
-    q: Float[Array, "b tq h d"],
-    k_cache: Float[Array, "b s hk d"],
-    v_cache: Float[Array, "b s hk dv"],
+    q: Float[Array, "b tq g qh d"],
+    keys: Float[Array, "b s g d"],
+    values: Float[Array, "b s g dv"],
     *,
     q_positions: Int[Array, "b tq"],
     kv_length: Int[Array, "b"],
     scale: float | None = None,
-) -> Float[Array, "b tq h dv"]:
-    """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length."""
-    d, dv = q.shape[-1], v_cache.shape[-1]
+) -> Float[Array, "b tq g qh dv"]:
+    """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length.
+
+    Query heads come grouped per key/value head (g groups of qh). Keys are visited in blocks of
+    `CACHE_BLOCK` with an online softmax (running max m, normaliser l, fp32 accumulator), and only up
+    to the longest row's `kv_length`: memory is O(tq x block), time O(tq x kv_length), whatever the
+    cache's size, so a long prompt can be prefilled chunk by chunk and decode cost follows the context.
+    """
+    b, s, g, d = keys.shape
     scale = d ** -0.5 if scale is None else scale
-    slots = jnp.arange(k_cache.shape[1])
-    mask = (slots[None, None, :] <= q_positions[:, :, None]) & (slots < kv_length[:, None])[:, None]
-    v = _pad_values(v_cache, d) if dv < d else v_cache
-    out = jax.nn.dot_product_attention(q, k_cache, v.astype(k_cache.dtype), mask=mask[:, None],
-                                       scale=scale, implementation="xla")
-    return out[..., :dv]
+    block = min(CACHE_BLOCK, s)
+    if s % block:
+        raise ValueError(f"cache of {s} slots is not a multiple of {block}; allocate it with cache_slots()")
+    tq, qh, dv = q.shape[1], q.shape[3], values.shape[-1]
+    q = q.astype(keys.dtype)
+    neg = jnp.finfo(jnp.float32).min
+
+    def step(i, carry):
+        m, l, acc = carry
+        k_blk = jax.lax.dynamic_slice_in_dim(keys, i * block, block, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=1)
+        slots = i * block + jnp.arange(block)
+        ok = (slots <= q_positions[:, :, None]) & (slots < kv_length[:, None, None])  # [b, tq, block]
+        ok = ok[:, None, None]  # [b, 1, 1, tq, block]
+        scores = jnp.einsum("btgqd,bsgd->bgqts", q, k_blk, preferred_element_type=jnp.float32) * scale
+        m_new = jnp.maximum(m, jnp.max(jnp.where(ok, scores, neg), axis=-1))
+        p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = l * correction + jnp.sum(p, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bgqts,bsgv->bgqtv", p.astype(values.dtype), v_blk,
+                                                       preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    carry = (jnp.full((b, g, qh, tq), neg, jnp.float32), jnp.zeros((b, g, qh, tq), jnp.float32),
+             jnp.zeros((b, g, qh, tq, dv), jnp.float32))
+    n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), s // block)
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, step, carry)
+    out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(values.dtype)
 
 
 def _splash(q, k, v, segment_ids, scale, interpret):

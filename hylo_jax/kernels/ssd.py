@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["ssd", "ssd_step"]
+__all__ = ["discretize_dt", "ssd", "ssd_step"]
 
 _F32 = jnp.float32
 
 
-def _discretize_dt(
+def discretize_dt(
     dt: Float[Array, "*batch h"],
     dt_bias: Float[Array, " h"] | None,
     dt_softplus: bool,
@@ -198,7 +198,7 @@ def ssd(
         f"segment_ids must have shape [b, t] = {(b, t)}, got {getattr(segment_ids, 'shape', None)}",
     )
 
-    dt32 = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
+    dt32 = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
     reset: Bool[Array, "b t"]
     if segment_ids is None:
         reset = jnp.zeros((b, t), bool)
@@ -235,7 +235,7 @@ def ssd_step(
     dt = clip(softplus(dt_t + dt_bias), *dt_limit);  h = exp(dt A) h + dt x_t ⊗ B_t;  y_t = h @ C_t + D x_t.
     """
     _validate(x_t, dt_t, A, B_t, C_t, D, dt_bias, state, time_axis=False)
-    dt32 = _discretize_dt(dt_t, dt_bias, dt_softplus, dt_limit)
+    dt32 = discretize_dt(dt_t, dt_bias, dt_softplus, dt_limit)
     x32 = x_t.astype(_F32)
     y, state = _step(
         state.astype(_F32), x32, dt32, jnp.exp(dt32 * A.astype(_F32)), B_t.astype(_F32), C_t.astype(_F32)

@@ -28,7 +28,7 @@ from hylo_jax.config import doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
-from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias
+from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
 from hylo_jax.sharding import check_divides, constrain
 
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
@@ -124,17 +124,18 @@ class GatedDeltaNet(nnx.Module):
         """Mixes x causally; with `segment_ids` nothing crosses a document boundary (convs masked, state reset).
 
         With a cache, x continues after the cached tokens and the updated cache is returned; the cached state
-        only feeds x's first document. `positions` and `kv_length` are accepted for the interface and unused.
+        only feeds x's first document. Tokens at `positions` >= `kv_length` are right padding of a chunked
+        prefill: they leave the conv and recurrent states as they were.
         """
-        del positions, kv_length
         cfg = self.cfg
         b, t, _ = x.shape
         h = cfg.num_heads
         cached = cache is not None
         cache = cache if cached else GDNCache.zeros(b, cfg)
-        q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv, segment_ids)
-        k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv, segment_ids)
-        v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv, segment_ids)
+        lengths = padded_lengths(positions, kv_length) if cached and t > 1 else None
+        q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv, segment_ids, lengths)
+        k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv, segment_ids, lengths)
+        v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv, segment_ids, lengths)
         q, k, v = (jax.nn.silu(a).astype(x.dtype) for a in (q, k, v))
         q = constrain(q.reshape(b, t, h, cfg.head_k_dim), ACT_HEADS)
         k = constrain(k.reshape(b, t, h, cfg.head_k_dim), ACT_HEADS)
@@ -142,6 +143,9 @@ class GatedDeltaNet(nnx.Module):
         beta = jax.nn.sigmoid(self.b_proj(x).astype(jnp.float32))
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
             self.a_proj(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+        if lengths is not None:  # padding tokens keep the state: decay 1 (g = 0), no write (beta = 0)
+            real = jnp.arange(t) < lengths[:, None]
+            g, beta = jnp.where(real[..., None], g, 0.0), jnp.where(real[..., None], beta, 0.0)
         if t == 1:  # decode: one recurrence step, no chunk padding
             o, state = gated_delta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
                                         use_qk_l2norm=True)

@@ -29,9 +29,9 @@ from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import doc, require_positive
 from hylo_jax.errors import ConfigError
-from hylo_jax.kernels.ssd import ssd, ssd_step
+from hylo_jax.kernels.ssd import discretize_dt, ssd, ssd_step
 from hylo_jax.models.layers import Linear, dtype_of
-from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias
+from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
 from hylo_jax.sharding import constrain
 
 _F32 = jnp.float32
@@ -175,15 +175,16 @@ class Mamba2Mixer(nnx.Module):
                  segment_ids: Int[Array, "b t"] | None = None, cache: Mamba2Cache | None = None,
                  kv_length=None) -> tuple[Float[Array, "b t d"], Mamba2Cache | None]:
         """Mixes t tokens; with a cache they continue the cached sequence (its last document) and
-        the updated cache is returned. `positions` and `kv_length` are unused (order is implicit)."""
-        del positions, kv_length
+        the updated cache is returned. Tokens at `positions` >= `kv_length` are right padding of a
+        chunked prefill: they leave the conv and SSM states as they were (dt = 0)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, p, n = cfg.num_heads, cfg.head_dim, cfg.d_state
         z, u, dt = jnp.split(self.in_proj(x), [cfg.d_inner, cfg.d_inner + cfg.conv_channels], -1)
         prefix = (cache.conv if cache is not None
                   else jnp.zeros((b, cfg.conv_kernel - 1, cfg.conv_channels), u.dtype))
-        u, conv_state = self.conv1d(u, prefix, segment_ids)
+        lengths = padded_lengths(positions, kv_length) if cache is not None and t > 1 else None
+        u, conv_state = self.conv1d(u, prefix, segment_ids, lengths)
         u = jax.nn.silu(u).astype(z.dtype)
         xw, bw = cfg.xb_heads * p, cfg.b_groups * n
         xs, B, C = jnp.split(u, [xw, xw + bw], -1)
@@ -194,6 +195,10 @@ class Mamba2Mixer(nnx.Module):
         xs = constrain(xs, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         A = -jnp.exp(self.A_log[...].astype(_F32))
         kw = dict(D=self.D[...], dt_bias=self.dt_bias[...], dt_limit=cfg.dt_limit)
+        if lengths is not None:  # discretise here so that padding gets dt = 0: decay 1, no input
+            real = (jnp.arange(t) < lengths[:, None])[..., None]
+            dt = jnp.where(real, discretize_dt(dt, kw["dt_bias"], True, cfg.dt_limit), 0.0)
+            kw = dict(D=kw["D"], dt_softplus=False)
         if cache is not None and t == 1:
             y, ssm = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **kw)
             y = y[:, None]

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
-from hylo_jax.kernels.attention import attention
+from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.sharding import constrain
@@ -103,7 +103,7 @@ class MLACache:
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, cfg: MLAConfig) -> MLACache:
-        return cls(jnp.zeros((batch, max_len, cfg.latent_dim), dtype_of(cfg.dtype)))
+        return cls(jnp.zeros((batch, cache_slots(max_len), cfg.latent_dim), dtype_of(cfg.dtype)))
 
     def write(self, latent: Float[Array, "b t l"], positions: Int[Array, "b t"]) -> MLACache:
         """Stores the new tokens' latents at their positions (one slot per position)."""
@@ -215,12 +215,8 @@ class MLA(nnx.Module):
         q_nope = q_nope.reshape(b, t, g, h // g, -1)
         q_lat = jnp.einsum("btgqn,rgn->btgqr", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1)
-        scores = jnp.einsum("btgql,bsl->bgqts", q_abs, latent.astype(q_abs.dtype),
-                            preferred_element_type=jnp.float32) * scale
-        slots = jnp.arange(latent.shape[1])
-        mask = (slots <= positions[:, :, None]) & (slots < kv_length[:, None, None])
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q_abs.dtype)
-        c = latent[..., :cfg.kv_lora_rank].astype(q_abs.dtype)
-        o_lat = jnp.einsum("bgqts,bsr->btgqr", probs, c)
+        # every head reads the same latent: one key/value group of h heads
+        o_lat = cached_attention(q_abs.reshape(b, t, 1, h, -1), latent[:, :, None, :],
+                                 latent[:, :, None, :cfg.kv_lora_rank], q_positions=positions,
+                                 kv_length=kv_length, scale=scale).reshape(b, t, g, h // g, -1)
         return jnp.einsum("btgqr,rgv->btgqv", o_lat, w_uv).reshape(b, t, h, cfg.v_head_dim)

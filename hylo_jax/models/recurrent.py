@@ -27,6 +27,14 @@ def init_a_log(key: jax.Array, heads: int, lo: float, hi: float, dtype) -> jax.A
     return jnp.log(jnp.maximum(a, jnp.finfo(_F32).tiny)).astype(dtype)
 
 
+def padded_lengths(positions: Int[Array, "b t"] | None, kv_length: Int[Array, "b"] | None
+                   ) -> Int[Array, "b"] | None:
+    """Real tokens of each right-padded row in a cached call: those at positions < kv_length."""
+    if positions is None or kv_length is None:
+        return None
+    return jnp.clip(kv_length - positions[:, 0], 0, positions.shape[1]).astype(jnp.int32)
+
+
 def _continuing_ids(segment_ids: Int[Array, "b t"], k: int) -> Int[Array, "b k+t"]:
     """Segment ids with k leading slots for cached inputs, which belong to the first document."""
     return jnp.concatenate([jnp.repeat(segment_ids[:, :1], k, axis=1), segment_ids], axis=1)
@@ -51,10 +59,14 @@ class CausalConv1d(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, u: Float[Array, "b t c"], prefix: Float[Array, "b k c"],
-                 segment_ids: Int[Array, "b t"] | None = None
+                 segment_ids: Int[Array, "b t"] | None = None, lengths: Int[Array, "b"] | None = None
                  ) -> tuple[Float[Array, "b t c"], Float[Array, "b k c"]]:
         """Returns (y in fp32, the last K-1 inputs: the next call's prefix). Prefix rows of an
-        earlier document than the last token's are zeroed, so decoding continues it exactly."""
+        earlier document than the last token's are zeroed, so decoding continues it exactly. With
+        `lengths`, only each row's first `lengths` tokens are real (the rest is right padding): the
+        prefix is the K-1 inputs before token `lengths`."""
+        if lengths is not None and segment_ids is not None:
+            raise ValueError("CausalConv1d takes segment ids (packed rows) or lengths (padded rows), not both")
         t, k = u.shape[1], prefix.shape[1]
         window = jnp.concatenate([prefix.astype(u.dtype), u], axis=1)  # [b, k + t, c]
         kernel = self.kernel[...].astype(_F32)
@@ -66,7 +78,10 @@ class CausalConv1d(nnx.Module):
             if ids is not None:
                 tap = jnp.where((ids[:, j:j + t] == segment_ids)[..., None], tap, 0.0)
             y = y + kernel[j] * tap
-        new_prefix = window[:, t:]
+        if lengths is None:
+            new_prefix = window[:, t:]
+        else:
+            new_prefix = jax.vmap(lambda w, n: jax.lax.dynamic_slice_in_dim(w, n, k, axis=0))(window, lengths)
         if ids is not None:
             new_prefix = jnp.where((ids[:, t:] == segment_ids[:, -1:])[..., None], new_prefix, 0)
         return y, new_prefix

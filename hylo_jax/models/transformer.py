@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import ModelConfig
-from hylo_jax.kernels.attention import attention, cached_attention
+from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
 from hylo_jax.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin
 from hylo_jax.sharding import check_divides, constrain
@@ -40,7 +40,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
-        shape = (batch, max_len, kv_heads, head_dim)
+        shape = (batch, cache_slots(max_len), kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, k: jax.Array, v: jax.Array, positions: Int[Array, "b t"]) -> KVCache:
@@ -99,7 +99,9 @@ class Attention(nnx.Module):
             out = attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
         else:
             cache = cache.write(k, v, positions)
-            out = cached_attention(q, cache.k, cache.v, q_positions=positions, kv_length=kv_length)
+            group = cfg.num_heads // cfg.num_kv_heads
+            out = cached_attention(q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim), cache.k, cache.v,
+                                   q_positions=positions, kv_length=kv_length).reshape(b, t, cfg.num_heads, -1)
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out.reshape(b, t, -1)), cache
 

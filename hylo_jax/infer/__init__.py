@@ -1,0 +1,1 @@
+"""Inference: batched chunked prefill and jitted decoding over compressed caches."""
