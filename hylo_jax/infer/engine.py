@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +63,10 @@ class Engine:
         shapes = jax.eval_shape(lambda s: nnx.merge(self.graphdef, s).init_cache(batch, max_len), self.state)
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
-    def prefill(self, prompts: Sequence[Sequence[int]], max_len: int) -> Prefilled:
-        """Runs the prompts through the model chunk by chunk into fresh caches of `max_len` slots."""
+    def prefill(self, prompts: Sequence[Sequence[int]], max_len: int,
+                progress: Callable[[int], None] | None = None) -> Prefilled:
+        """Runs the prompts through the model chunk by chunk into fresh caches of `max_len` slots;
+        `progress(tokens done)` is called after each chunk has finished on the device."""
         lengths = np.array([len(p) for p in prompts], np.int32)
         chunk = self.cfg.prefill_chunk
         width = -(-int(lengths.max()) // chunk) * chunk
@@ -78,6 +80,9 @@ class Engine:
         for start in range(0, int(lengths.max()), chunk):
             caches, last_hidden = _prefill_chunk(self.graphdef, self.state, caches, jnp.asarray(
                 tokens[:, start:start + chunk]), jnp.int32(start), lengths_dev, last_hidden)
+            if progress is not None:
+                jax.block_until_ready(last_hidden)
+                progress(min(start + chunk, int(lengths.max())))
         last_logits = _head(self.graphdef, self.state, last_hidden)
         jax.block_until_ready(last_logits)
         return Prefilled(caches, last_logits, lengths_dev, time.perf_counter() - t0)

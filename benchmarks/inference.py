@@ -1,0 +1,115 @@
+"""Long-context inference: Llama-3.2-1B teacher vs HyLo-Llama-1B hybrid (8 MLA + 8 GDN), bf16, random weights.
+
+Prints one table per context T: cache GiB (from the cache shapes), prefill tokens/s (chunked prefill,
+first chunk excluded: it compiles), decode tokens/s (B=1, `--decode` steps in the jitted loop, compile
+excluded), or OOM where the context does not fit the device. Writes benchmarks/inference.png (tokens/s and
+cache memory vs context) when matplotlib is importable.
+    python benchmarks/inference.py [--contexts 8192,65536,262144,1048576,2097152] [--chunk 8192]
+    python benchmarks/inference.py --tiny      # CPU smoke run of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table  # noqa: E402
+from distill_step import specs  # noqa: E402
+
+from hylo_jax.config import replace as replace_config  # noqa: E402
+from hylo_jax.infer.engine import Engine, EngineConfig, _decode  # noqa: E402
+from hylo_jax.infer.sampling import SamplingConfig  # noqa: E402
+from hylo_jax.models.hybrid import ModelSpec  # noqa: E402
+
+
+def inference_spec(spec: ModelSpec) -> ModelSpec:
+    """The same model in bf16 parameters and compute, no remat."""
+    return ModelSpec.create(replace_config(spec.model, dtype="bfloat16", param_dtype="bfloat16", remat="none"),
+                            spec.hybrid)
+
+
+def measure(engine: Engine, context: int, decode_steps: int) -> dict:
+    """Prefill one random prompt of `context` tokens, then decode `decode_steps` greedy tokens."""
+    prompt = np.random.default_rng(0).integers(0, 1000, context).tolist()
+    stamps = []
+    pre = engine.prefill([prompt], context + decode_steps, progress=lambda done: stamps.append((done, time.time())))
+    if len(stamps) > 1:
+        (t0_tokens, t0), (t1_tokens, t1) = stamps[0], stamps[-1]
+        prefill_tps = (t1_tokens - t0_tokens) / (t1 - t0)
+    else:
+        prefill_tps = float("nan")  # one chunk: its time is mostly compilation
+    sampling = SamplingConfig(max_new_tokens=decode_steps)
+    stop = jnp.asarray([-1], jnp.int32)
+    args = (pre.caches, pre.last_logits, pre.lengths, stop)
+    compiled = _decode.lower(engine.graphdef, engine.state, *args, sampling).compile()
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(engine.state, *args))
+    decode_tps = decode_steps / (time.perf_counter() - t0)
+    return {"prefill": prefill_tps, "decode": decode_tps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--contexts", default=None, help="comma-separated prompt lengths")
+    parser.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 8192; 64 with --tiny)")
+    parser.add_argument("--decode", type=int, default=64, help="decode steps timed per context")
+    args = parser.parse_args()
+    contexts = [int(c) for c in (args.contexts or ("256,1024" if args.tiny else
+                                                   "8192,65536,262144,1048576,2097152")).split(",")]
+    chunk = args.chunk or (64 if args.tiny else 8192)
+    teacher_spec, student_spec = (inference_spec(s) for s in specs(args.tiny))
+    rows, curves = [], {}
+    for name, spec in (("Llama teacher", teacher_spec), ("HyLo hybrid", student_spec)):
+        engine = Engine(spec.build(nnx.Rngs(0)), EngineConfig(prefill_chunk=chunk))
+        for context in contexts:
+            cache_gib = engine.cache_bytes(1, context + args.decode) / 2**30
+            try:
+                m = measure(engine, context, args.decode)
+                rows.append([name, context, cache_gib, m["prefill"], m["decode"]])
+                curves.setdefault(name, []).append((context, cache_gib, m["prefill"], m["decode"]))
+            except Exception as e:  # noqa: BLE001  (an OOM at long context is a result)
+                status = "OOM" if "memory" in str(e).lower() else f"{type(e).__name__}"
+                print(f"{name} T={context}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+                rows.append([name, context, cache_gib, status, status])
+        del engine
+    print(f"device: {jax.devices()[0].device_kind}; prefill chunk {chunk}; decode B=1, {args.decode} steps")
+    print_table(["model", "context", "cache GiB", "prefill tok/s", "decode tok/s"], rows)
+    plot(curves, Path(__file__).with_name("inference.png") if not args.tiny else Path("/tmp/inference_tiny.png"))
+
+
+def plot(curves: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, points in curves.items():
+        ctx, gib, pre, dec = (np.array(v, float) for v in zip(*points))
+        for ax, y in zip(axes, (gib, pre, dec)):
+            ax.plot(ctx, y, "o-", label=name)
+    for ax, title in zip(axes, ("cache GiB", "prefill tokens/s", "decode tokens/s")):
+        ax.set(xscale="log", xlabel="context (tokens)", title=title)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
