@@ -123,11 +123,12 @@ MIXER_CONFIGS = {"mla": MLAConfig, "gdn": GDNConfig, "mamba2": Mamba2Config}
 
 
 def spec_to_hf(spec: ModelSpec) -> dict[str, Any]:
-    """The config.json fields of a teacher (its native model_type) or of a hybrid (hylo_hybrid)."""
+    """The config.json fields of a teacher or a plan without replaced layers (the native model_type),
+    or of a hybrid (hylo_hybrid)."""
     fields = config_to_hf(spec.model)
-    if spec.hybrid is None:
-        return fields
     kinds = spec.layer_kinds()
+    if set(kinds) == {"attention"}:  # no replaced layer: the teacher's own architecture
+        return fields
     fields.update(model_type=HYLO_MODEL_TYPE, base_model_type=spec.model.arch, mixer_types=kinds,
                   attention_bias=spec.model.attention_bias, qk_norm=spec.model.qk_norm)
     for kind in sorted(set(kinds) & set(MIXER_CONFIGS)):
@@ -322,7 +323,9 @@ def hf_tokenizer(path: Path):
         if gguf is not None:
             return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                               local_files_only=True)
-        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # An exported hybrid's folder names remote code for the model, never for the tokenizer.
+        return transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True,
+                                                          trust_remote_code=False)
     except (OSError, ValueError) as e:
         log.warning("no tokenizer found beside %s (%s)", path, e)
         return None

@@ -136,7 +136,7 @@ def save_hf(model: CausalLM, spec: ModelSpec, out: str | Path, *, tokenizer=None
         config = hf_config(spec, dtype, tokenizer)
         config.save_pretrained(str(tmp))
         transformers.GenerationConfig.from_model_config(config).save_pretrained(str(tmp))
-        if spec.hybrid is not None:
+        if config.model_type == HYLO_MODEL_TYPE:
             for name in MODELING_FILES:
                 shutil.copyfile(Path(__file__).with_name(name), tmp / name)
         if tokenizer is not None:
