@@ -236,4 +236,17 @@ def test_cli_export_bf16_with_tokenizer_and_import(tmp_path, capsys):
     for name in want:
         rounded = want[name].astype(jnp.bfloat16).astype(np.float32)
         np.testing.assert_array_equal(got[name], rounded, err_msg=name)
+
+    # In PyTorch: the bf16 weights are exact (run in fp32), and bf16 activations err no more than
+    # hylo_jax's own bf16 compute does (on this tiny random model both are far from fp32).
+    x = tokens(length=9, seed=2)
+    want = jax_logits(back, x)
+    tm32 = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32)
+    err32 = rel_err(torch_logits(tm32, x), want)
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert tm.dtype == torch.bfloat16
+    err16 = rel_err(torch_logits(tm, x), want)
+    jax16 = rel_err(jax_logits(load_model(tmp_path / "back", MESH, dtype="bfloat16")[0], x), want)
+    print(f"bf16 export: logits rel. err run in fp32 {err32:.2e}; in bf16 {err16:.2e} (hylo_jax bf16: {jax16:.2e})")
+    assert err32 <= 1e-5 and err16 <= jax16, (err32, err16, jax16)
     assert main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"]) == 2
