@@ -1,4 +1,4 @@
-"""The `hylo` command: import, generate, demo, describe.
+"""The `hylo` command: import, export, generate, upcycle, train, demo, info, describe.
 
 Every command takes `key=value` overrides after its flags (sections: model, mesh, sampling),
 applied on top of `--config FILE.yaml` when given. Unknown keys are errors.
@@ -48,18 +48,46 @@ def cmd_import(args) -> None:
     from flax import nnx
 
     from hylo_jax.checkpoint import save_model
-    from hylo_jax.convert.hf import hf_tokenizer, load_hf_model
+    from hylo_jax.convert.hf import hf_tokenizer, load_hf
     from hylo_jax.presets import resolve
 
     settings = _settings(args)
     path = resolve(args.hf)
     t0 = time.perf_counter()
-    model, cfg = load_hf_model(path, _mesh(settings), **settings.get("model", {}))
+    model, spec = load_hf(path, _mesh(settings), **settings.get("model", {}))
     tokenizer = hf_tokenizer(path)
-    out = save_model(args.out, model, cfg, tokenizer=tokenizer, source=str(args.hf))
+    out = save_model(args.out, model, spec, tokenizer=tokenizer, source=str(args.hf))
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"imported {cfg.arch} ({n / 1e6:.1f}M parameters) from {args.hf} to {out} "
+    kind = spec.model.arch if spec.hybrid is None else f"{spec.model.arch} hybrid"
+    print(f"imported {kind} ({n / 1e6:.1f}M parameters) from {args.hf} to {out} "
           f"in {time.perf_counter() - t0:.1f}s")
+
+
+EXPORT_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as 5GB, 500MB, 2GiB or 1000000."""
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].upper()
+    try:
+        size = int(float(number) * SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"--max-shard-size {text!r}: give bytes or a size like 5GB, 500MB, 2GiB") from None
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size {text!r} must be positive")
+    return size
+
+
+def cmd_export(args) -> None:
+    from hylo_jax.export.writer import export_checkpoint
+
+    settings = _settings(args)
+    t0 = time.perf_counter()
+    out = export_checkpoint(args.ckpt, args.out, _mesh(settings), dtype=EXPORT_DTYPES[args.dtype],
+                            max_shard_size=parse_size(args.max_shard_size))
+    print(f"exported {args.ckpt} to {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s")
 
 
 def run_generate(ckpt: str | Path, prompt: str, settings: dict, *, chat: bool = True) -> str:
@@ -239,9 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
         return p
 
-    p = add("import", cmd_import, "import a Hugging Face / GGUF teacher into a hylo_jax model folder")
+    p = add("import", cmd_import, "import a Hugging Face / GGUF teacher (or an exported hybrid) into a "
+                                  "hylo_jax model folder")
     p.add_argument("--hf", required=True, help="HF model folder, .gguf file, or preset (smollm2)")
     p.add_argument("--out", required=True, help="output folder")
+    p = add("export", cmd_export, "write a model folder as a Hugging Face folder (PyTorch, safetensors)")
+    p.add_argument("--ckpt", required=True, help="model folder (teacher or hybrid)")
+    p.add_argument("--out", required=True, help="new Hugging Face folder")
+    p.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32", help="tensor dtype on disk")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
     p = add("generate", cmd_generate, "continue a prompt with a model folder")
     p.add_argument("--ckpt", required=True, help="model folder written by `hylo import`")
     p.add_argument("--prompt", required=True)

@@ -100,16 +100,13 @@ def torch_mixer(n_groups, seed=0):
 
 
 def load_from_torch(split: tuple[nnx.GraphDef, nnx.State], sd: dict) -> Mamba2Mixer:
-    """Fills our mixer by the generic HF rename; conv1d.weight [C, 1, K] needs [:, 0, :] first."""
+    """Fills our mixer by the generic HF rename (conv1d.weight [C, 1, K] included)."""
     graphdef, state = split
     flat = dict(nnx.to_flat_state(state))
     used = set()
     for path, var in flat.items():
         name, transform = hf_name(path_str(path))
-        array = sd[name].detach().numpy()
-        if name == "conv1d.weight":
-            array = array[:, 0, :]
-        flat[path] = var.replace(value=jnp.asarray(transform(array)))
+        flat[path] = var.replace(value=jnp.asarray(transform(sd[name].detach().numpy())))
         used.add(name)
     assert used == set(sd), f"unmapped transformers tensors: {set(sd) - used}"
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -132,8 +129,7 @@ def test_matches_transformers(n_groups):
     torch_grads = dict(tm.named_parameters())
     for path, g in nnx.to_flat_state(g_state):
         name, transform = hf_name(path_str(path))
-        want = torch_grads[name].grad.numpy()
-        want = transform(want[:, 0, :] if name == "conv1d.weight" else want)
+        want = transform(torch_grads[name].grad.numpy())
         assert rel_err(g.get_value(), want) <= 1e-4, name
 
 
