@@ -23,6 +23,7 @@ Outputs marked ``partial`` get a leading [nvb] axis: each value block writes its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -69,8 +70,8 @@ def last_row(col):
 
 
 def col_of_rowsum(z):
-    """Column sums of z as a (C, 1) column: z^T @ 1 (a transposed matmul instead of a vector transpose)."""
-    return mm(z, jnp.ones((z.shape[0], 1), F32), ta=True)
+    """Column sums of z as a (C, 1) column (row sums of z^T: a 2-D transpose, no vector relayout)."""
+    return jnp.sum(z.T, axis=1, keepdims=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,27 +339,51 @@ def gpu_capability_ok() -> tuple[bool, str]:
     return ok, f"GPU compute capability {cap} < 8.0 (Triton Pallas needs sm80+)"
 
 
-def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tuple[str, str | None]:
-    """(impl to run, pallas backend or None). ``unsupported(backend)`` returns a reason or None."""
+_OVERRIDE: list = []  # tests: [(backend, interpret)] forces the Pallas backend and interpret mode
+
+
+@contextlib.contextmanager
+def force_backend(backend: str, interpret):
+    """Run impl="pallas" with this driver ("gpu" | "tpu") and interpret setting (tests on CPU)."""
+    _OVERRIDE.append((backend, interpret))
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+IMPLS = ("auto", "pallas", "chunked", "reference")
+
+
+def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tuple[str, str | None, object]:
+    """(impl to run, Pallas driver or None, interpret). ``unsupported(driver)`` gives a reason or None.
+
+    "auto": Pallas on GPU (sm80+) / TPU when the shape is supported, else "chunked" with a warning logged
+    once per reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in interpret mode.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
     if impl in ("chunked", "reference"):
-        return impl, None
+        return impl, None, None
     plat = platform()
-    backend = "tpu" if plat == "tpu" else "gpu"
     if impl == "pallas":
-        return "pallas", backend
-    # auto
+        if _OVERRIDE:
+            return "pallas", *_OVERRIDE[-1]
+        if plat in ("gpu", "tpu"):
+            return "pallas", plat, None
+        return "pallas", "gpu", True
     if plat not in ("gpu", "tpu"):
-        return "chunked", None
+        return "chunked", None, None
     if plat == "gpu":
         ok, why = gpu_capability_ok()
         if not ok:
             _log_once(op, why)
-            return "chunked", None
-    reason = unsupported(backend)
+            return "chunked", None, None
+    reason = unsupported(plat)
     if reason is not None:
         _log_once(op, reason)
-        return "chunked", None
-    return "pallas", backend
+        return "chunked", None, None
+    return "pallas", plat, None
 
 
 def is_pow2(x: int) -> bool:
