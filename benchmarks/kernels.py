@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import mixers  # noqa: E402  (sets the allocator environment before JAX starts)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import mixers  # noqa: E402  (sets the allocator environment before a JAX backend starts)
 import numpy as np  # noqa: E402
 from common import matmul_ceiling_tflops, print_table  # noqa: E402
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 import warnings
 from collections.abc import Callable
@@ -290,7 +291,24 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
     return dict(zip([a.name for a in plan.outs], outs))
 
 
+def _with_vma(out_shapes: dict, args: dict) -> dict:
+    """Output shapes that vary over the same shard_map axes as the inputs (needed under check_vma=True).
+
+    The keyword is `manual_axis_type` on jax 0.10 and `vma` on other versions; outside shard_map it is empty."""
+    avals = [jax.typeof(a) for a in args.values()]
+    params = inspect.signature(jax.ShapeDtypeStruct).parameters
+    if "manual_axis_type" in params and all(getattr(a, "mat", None) is not None for a in avals):
+        widest = max(avals, key=lambda a: len(a.mat.varying)).mat
+        kw = {"manual_axis_type": widest}
+    elif "vma" in params and all(getattr(a, "vma", None) is not None for a in avals):
+        kw = {"vma": frozenset().union(*(a.vma for a in avals))}
+    else:
+        return out_shapes
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, **kw) for k, v in out_shapes.items()}
+
+
 def run(plan: Plan, args: dict, out_shapes: dict, backend: str, interpret, **gpu_kw):
+    out_shapes = _with_vma(out_shapes, args)
     if backend == "tpu":
         return run_tpu(plan, args, out_shapes, interpret=interpret)
     return run_gpu(plan, args, out_shapes, interpret=bool(interpret), **gpu_kw)
