@@ -55,15 +55,25 @@ def _segments(rng, b, t):
     return jnp.asarray(np.cumsum(rng.random((b, t)) < 3.0 / t, axis=1), jnp.int32)
 
 
-def check(dims, b, t) -> None:
+def check(dims, b, t, ops) -> None:
     rng = np.random.default_rng(2)
+    rows = []
+    if "gdn" in ops:
+        rows += _check_gdn(dims, b, t, rng)
+    if "ssd" in ops:
+        rows += _check_ssd(dims, b, t, rng)
+    print_table(["op", "inputs", "output", "final state", *[f"d{n}" for n in
+                 ("q/x", "k/dt", "v/A", "g/B", "beta/C", "s0/dt_bias", "D", "s0")]], rows)
+
+
+def _check_gdn(dims, b, t, rng):
     rows = []
     d = dims["gdn"]
     data, _, _, _ = mixers.gdn_case(rng, b, t, **d)
     s0 = rng.standard_normal((b, d["h"], d["dk"], d["dv"]), dtype=np.float32)
     seg = _segments(rng, b, t)
     names = ["q", "k", "v", "g", "beta", "initial_state"]
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("bfloat16", "float32"):
         args = [jnp.asarray(data[k], dtype if k in ("q", "k", "v") else "float32") for k in names[:5]]
         args.append(jnp.asarray(s0))
 
@@ -71,12 +81,18 @@ def check(dims, b, t) -> None:
             return gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=seg, use_qk_l2norm=True,
                                     chunk_size=mixers.CHUNK, impl=impl)
         rows += _compare("gdn", dtype, f, args, names, rng)
+    return rows
+
+
+def _check_ssd(dims, b, t, rng):
+    rows = []
+    seg = _segments(rng, b, t)
     for variant, d in dims["ssd"].items():
         data, _, _, _ = mixers.ssd_case(rng, b, t, **d)
         data["D"] = rng.standard_normal(d["h"], dtype=np.float32)
         s0 = rng.standard_normal((b, d["h"], d["p"], d["n"]), dtype=np.float32)
         names = ["x", "dt", "A", "B", "C", "dt_bias", "D", "initial_state"]
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("bfloat16", "float32"):
             args = [jnp.asarray(data[k], dtype if k in ("x", "B", "C") else "float32") for k in names[:7]]
             args.append(jnp.asarray(s0))
 
@@ -84,8 +100,7 @@ def check(dims, b, t) -> None:
                 return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
                            chunk_size=mixers.CHUNK, impl=impl)
             rows += _compare(f"ssd {variant}", dtype, f, args, names, rng)
-    print_table(["op", "inputs", "output", "final state", *[f"d{n}" for n in
-                 ("q/x", "k/dt", "v/A", "g/B", "beta/C", "s0/dt_bias", "D", "s0")]], rows)
+    return rows
 
 
 def _compare(op, dtype, f, args, names, rng):
@@ -116,14 +131,14 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma list of substrings of impl names to leave out")
     parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 20; 2 tiny)")
     parser.add_argument("--check", action="store_true", help="compare pallas vs chunked and exit")
-    parser.add_argument("--check-shape", default="2x1000", help="B x T of --check")
+    parser.add_argument("--check-shape", default="1x500", help="B x T of --check")
     args = parser.parse_args()
     dims = mixers.TINY if args.tiny else mixers.FULL
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}")
     if args.check:
         b, t = (int(v) for v in args.check_shape.split("x"))
-        check(dims, *((1, 40) if args.tiny else (b, t)))
+        check(dims, *((1, 40) if args.tiny else (b, t)), set(args.only.split(",")))
         return
     ops = set(args.only.split(","))
     skip = [s for s in args.skip.split(",") if s]

@@ -15,6 +15,7 @@ Array kinds (X = rows, batch*heads, or groups for SSD's B/C; n chunks of C; V th
   seq   [X, n*C, D]      one (C, D) block per chunk (value-blocked: (C, vb))
   col   [X, n, C, 1]     per-position scalars as a column (gates, beta, segment index)
   row   [X, n, 1, C]     the same as a row (for the [C, C] decay matrices)
+  cmat  [X, n, C, C]     one (C, C) matrix per chunk
   state [X, D, V]        read at the first step (carry init) or written after the last (final carry)
   cstate [X, n, D, V]    one state per chunk (residual: the state entering each chunk)
 Outputs marked ``partial`` get a leading [nvb] axis: each value block writes its own partial sum
@@ -131,7 +132,7 @@ def unit_lower_inverse(n_mat):
 @dataclasses.dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # seq | col | row | state | cstate
+    kind: str  # seq | col | row | cmat | state | cstate
     vblocked: bool = False  # blocked along the last (value) axis
     grouped: bool = False  # rows are groups: row index = group_of(program row)
     partial: bool = False  # output with a leading [nvb] axis of partial sums
@@ -180,7 +181,7 @@ def run_gpu(plan: Plan, args: dict, out_shapes: dict, *, interpret: bool, num_wa
             head = (j,) if arg.partial else ()
             if arg.kind == "seq":
                 return (*head, r, pl.ds(ck * c, c), v)
-            if arg.kind in ("col", "row"):
+            if arg.kind in ("col", "row", "cmat"):
                 return (*head, r, ck, slice(None), slice(None))
             if arg.kind == "cstate":
                 return (*head, r, ck, slice(None), v)
@@ -229,10 +230,8 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
         head = (None,) if arg.partial else ()
         if arg.kind == "seq":
             block = (*head, None, c, d_last)
-        elif arg.kind == "col":
-            block = (*head, None, None, c, 1)
-        elif arg.kind == "row":
-            block = (*head, None, None, 1, c)
+        elif arg.kind in ("col", "row", "cmat"):
+            block = (*head, None, None, *shape[-2:])  # full (C, 1), (1, C) or (C, C)
         elif arg.kind == "cstate":
             block = (*head, None, None, shape[-2], d_last)
         else:
@@ -244,7 +243,7 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
             h = (j,) if arg.partial else ()
             if arg.kind == "seq":
                 return (*h, r, ck_of(k), jv)
-            if arg.kind in ("col", "row"):
+            if arg.kind in ("col", "row", "cmat"):
                 return (*h, r, ck_of(k), 0, 0)
             if arg.kind == "cstate":
                 return (*h, r, ck_of(k), 0, jv)
@@ -289,6 +288,56 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
         **kw,
     )(*[args[a.name] for a in plan.ins])
     return dict(zip([a.name for a in plan.outs], outs))
+
+
+def run_parallel(fn: Callable, ins: tuple[Arg, ...], outs: tuple[Arg, ...], args: dict, out_shapes: dict,
+                 n: int, chunk: int, backend: str, interpret, num_warps: int = 4) -> dict:
+    """A kernel with no carry: grid (rows, chunks), ``fn(ins: dict) -> outs: dict`` on one chunk each
+    (kinds seq, col, row, cmat; no value blocks)."""
+    out_shapes = _with_vma(out_shapes, args)
+    in_names, out_names = [a.name for a in ins], [a.name for a in outs]
+    rows_n = args[in_names[0]].shape[0]
+    c = chunk
+
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        def spec(arg: Arg, shape):
+            if arg.kind == "seq":
+                return pl.BlockSpec((None, c, shape[-1]), lambda i, k: (i, k, 0))
+            return pl.BlockSpec((None, None, *shape[-2:]), lambda i, k: (i, k, 0, 0))
+
+        def kernel(*refs):
+            res = fn({nm: r[...] for nm, r in zip(in_names, refs)})
+            for nm, r in zip(out_names, refs[len(in_names):]):
+                r[...] = res[nm].astype(r.dtype)
+
+        kw = {} if interpret is None else {"interpret": interpret}
+        res = pl.pallas_call(
+            kernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
+            in_specs=[spec(a, args[a.name].shape) for a in ins],
+            out_specs=[spec(a, out_shapes[a.name].shape) for a in outs],
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")), **kw,
+        )(*[args[nm] for nm in in_names])
+        return dict(zip(out_names, res))
+
+    from jax.experimental.pallas import triton as pltriton
+
+    def index(arg: Arg, i, k):
+        if arg.kind == "seq":
+            return (i, pl.ds(k * c, c), slice(None))
+        return (i, k, slice(None), slice(None))
+
+    def gkernel(*refs):
+        i, k = pl.program_id(0), pl.program_id(1)
+        res = fn({a.name: r[index(a, i, k)] for a, r in zip(ins, refs)})
+        for a, r in zip(outs, refs[len(ins):]):
+            r[index(a, i, k)] = res[a.name].astype(r.dtype)
+
+    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    res = pl.pallas_call(gkernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
+                         interpret=bool(interpret), compiler_params=params)(*[args[nm] for nm in in_names])
+    return dict(zip(out_names, res))
 
 
 def _with_vma(out_shapes: dict, args: dict) -> dict:

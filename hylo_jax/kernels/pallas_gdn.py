@@ -5,11 +5,15 @@ the masks and decay factors of `pallas_common.decays` zero every factor that cro
 
     N     = beta_i (k_i . k_j) e^{G_i - G_j}  (i > j)       T = (I + N)^{-1}  (in-kernel forward substitution)
     u     = T (beta v)        w = T (beta e^{G} k)          delta = u - w S
+
+T and w need no state: a first kernel computes them for all chunks in parallel (grid rows x chunks), so the
+64-step substitution is off the sequential path; the scan kernels read them (stored in k's dtype).
     o     = (e^{G} q) S + ((q k^T) o E) delta               S' = e^{G_C} S + (e^{G_C - G} k)^T delta
 
 The forward saves the state entering every chunk (fp32, the only thing that costs a sequential pass);
-the backward walks the chunks in reverse carrying dS and recomputes T, u, w, delta per chunk. Value blocks
-are independent in the forward; in the backward each writes partial dq, dk, dbeta, dG that the wrapper sums.
+the backward walks the chunks in reverse carrying dS, reads T and w, and recomputes u, delta, k k^T per
+chunk. Value blocks are independent in the forward; in the backward each writes partial dq, dk, dbeta, dG
+that the wrapper sums.
 Matmul operands are in the inputs' dtype (bf16 in training), accumulation and state in fp32.
 """
 
@@ -25,8 +29,9 @@ import jax.numpy as jnp
 from . import pallas_common as pc
 from .pallas_common import F32, Arg, Plan, mm
 
-_SEQ = (Arg("q", "seq"), Arg("k", "seq"), Arg("v", "seq", vblocked=True), Arg("gc", "col"),
-        Arg("gr", "row"), Arg("bc", "col"), Arg("sc", "col"), Arg("sr", "row"))
+_GATES = (Arg("gc", "col"), Arg("gr", "row"), Arg("bc", "col"), Arg("sc", "col"), Arg("sr", "row"))
+_SEQ = (Arg("q", "seq"), Arg("k", "seq"), Arg("v", "seq", vblocked=True), *_GATES, Arg("t", "cmat"),
+        Arg("w", "seq"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,23 +43,31 @@ class Config:
     num_warps: int = 4
 
 
+def _ut_transform(ins):
+    """Per chunk, no state: T = (I + N)^{-1} and w = T (beta e^{G} k) (a parallel kernel over all chunks,
+    off the sequential path). Both are stored in k's dtype, the dtype they enter the matmuls in."""
+    k, bc = ins["k"], ins["bc"]
+    dec = pc.decays(ins["gc"], ins["gr"], ins["sc"], ins["sr"])
+    t = pc.unit_lower_inverse(bc * mm(k, k, tb=True) * dec.strict).astype(k.dtype)
+    w = mm(t, (bc * dec.d_in * k.astype(F32)).astype(k.dtype))
+    return {"t": t, "w": w}
+
+
 def _prepare(ins, cdt):
-    """Recomputed per chunk in forward and backward: decays, N, T, u, w."""
+    """Recomputed per chunk in forward and backward: decays, u = T (beta v), q k^T."""
     q, k, v, bc = ins["q"], ins["k"], ins["v"], ins["bc"]
     dec = pc.decays(ins["gc"], ins["gr"], ins["sc"], ins["sr"])
-    kk = mm(k, k, tb=True)
-    t = pc.unit_lower_inverse(bc * kk * dec.strict)
-    u = mm(t.astype(cdt), (bc * v.astype(F32)).astype(cdt))
-    w = mm(t.astype(cdt), (bc * dec.d_in * k.astype(F32)).astype(cdt))
+    t, w = ins["t"], ins["w"]
+    u = mm(t, (bc * v.astype(F32)).astype(cdt))
     qk = mm(q, k, tb=True)
-    return dec, kk, t, u, w, qk
+    return dec, t, u, w, qk
 
 
 def _fwd_step(save_states: bool):
     def step(ins, s):
         q, k = ins["q"], ins["k"]
         cdt = k.dtype
-        dec, _, _, u, w, qk = _prepare(ins, cdt)
+        dec, _, u, w, qk = _prepare(ins, cdt)
         lo = lambda x: x.astype(cdt)  # noqa: E731
         delta = u - mm(lo(w), lo(s))
         o = mm(lo(dec.d_in * q.astype(F32)), lo(s)) + mm(lo(qk * dec.causal), lo(delta))
@@ -72,7 +85,8 @@ def _bwd_step(ins, ds):
     cdt = k.dtype
     lo = lambda x: x.astype(cdt)  # noqa: E731
     q32, k32 = q.astype(F32), k.astype(F32)
-    dec, kk, t, u, w, qk = _prepare(ins, cdt)
+    dec, t, u, w, qk = _prepare(ins, cdt)
+    kk = mm(k, k, tb=True)
     delta = u - mm(lo(w), lo(s0))
     p = qk * dec.causal
     ko = dec.d_out * k32
@@ -101,21 +115,36 @@ def _bwd_step(ins, ds):
     return {"dq": dq, "dk": dk, "dv": bc * dbv, "dbeta": dbeta, "dg": dg}, ds0
 
 
+def _gate_args(gcum, beta, seg):
+    return dict(gc=pc.as_col(gcum), gr=pc.as_row(gcum), bc=pc.as_col(beta), sc=pc.as_col(seg),
+                sr=pc.as_row(seg))
+
+
+def _ut(cfg: Config, k, gcum, beta, seg):
+    x, tp, dk = k.shape
+    n, c = tp // cfg.chunk, cfg.chunk
+    shapes = dict(t=jax.ShapeDtypeStruct((x, n, c, c), k.dtype), w=jax.ShapeDtypeStruct((x, tp, dk), k.dtype))
+    r = pc.run_parallel(_ut_transform, (Arg("k", "seq"), *_GATES), (Arg("t", "cmat"), Arg("w", "seq")),
+                        dict(k=k, **_gate_args(gcum, beta, seg)), shapes, n, c, cfg.backend, cfg.interpret,
+                        num_warps=cfg.num_warps)
+    return r["t"], r["w"]
+
+
 def _forward(cfg: Config, q, k, v, gcum, beta, seg, h0, save_states: bool):
     x, tp, dk = q.shape
     dv = v.shape[-1]
     n, c = tp // cfg.chunk, cfg.chunk
+    t, w = _ut(cfg, k, gcum, beta, seg)
     outs = (Arg("o", "seq", vblocked=True), Arg("hT", "state", vblocked=True))
     if save_states:
         outs += (Arg("s0", "cstate", vblocked=True),)
     plan = Plan(_fwd_step(save_states), _SEQ + (Arg("h0", "state", vblocked=True),), outs, "h0", "hT",
                 n, c, cfg.vb, dv // cfg.vb)
-    args = dict(q=q, k=k, v=v, gc=pc.as_col(gcum), gr=pc.as_row(gcum), bc=pc.as_col(beta),
-                sc=pc.as_col(seg), sr=pc.as_row(seg), h0=h0)
+    args = dict(q=q, k=k, v=v, **_gate_args(gcum, beta, seg), t=t, w=w, h0=h0)
     shapes = dict(o=jax.ShapeDtypeStruct((x, tp, dv), v.dtype), hT=jax.ShapeDtypeStruct((x, dk, dv), F32),
                   s0=jax.ShapeDtypeStruct((x, n, dk, dv), F32))
     r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, num_warps=cfg.num_warps)
-    return r["o"], r["hT"], r.get("s0")
+    return r["o"], r["hT"], (r["s0"], t, w) if save_states else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -125,12 +154,12 @@ def _core(cfg: Config, q, k, v, gcum, beta, seg, h0):
 
 
 def _core_fwd(cfg, q, k, v, gcum, beta, seg, h0):
-    o, ht, states = _forward(cfg, q, k, v, gcum, beta, seg, h0, save_states=True)
-    return (o, ht), (q, k, v, gcum, beta, seg, states)
+    o, ht, (states, t, w) = _forward(cfg, q, k, v, gcum, beta, seg, h0, save_states=True)
+    return (o, ht), (q, k, v, gcum, beta, seg, states, t, w)
 
 
 def _core_bwd(cfg, res, cts):
-    q, k, v, gcum, beta, seg, states = res
+    q, k, v, gcum, beta, seg, states, t, w = res
     do, dht = cts
     x, tp, dk = q.shape
     dv = v.shape[-1]
@@ -141,8 +170,7 @@ def _core_bwd(cfg, res, cts):
             Arg("dbeta", "col", partial=True), Arg("dg", "col", partial=True),
             Arg("dh0", "state", vblocked=True))
     plan = Plan(_bwd_step, ins, outs, "dhT", "dh0", n, c, cfg.vb, nvb, reverse=True)
-    args = dict(q=q, k=k, v=v, gc=pc.as_col(gcum), gr=pc.as_row(gcum), bc=pc.as_col(beta),
-                sc=pc.as_col(seg), sr=pc.as_row(seg), s0=states, do=do.astype(v.dtype),
+    args = dict(q=q, k=k, v=v, **_gate_args(gcum, beta, seg), t=t, w=w, s0=states, do=do.astype(v.dtype),
                 dhT=dht.astype(F32))
     sds = jax.ShapeDtypeStruct
     shapes = dict(dq=sds((nvb, x, tp, dk), F32), dk=sds((nvb, x, tp, dk), F32), dv=sds((x, tp, dv), F32),
