@@ -222,7 +222,7 @@ def gated_delta_rule(
     segment_ids: Int[Array, "b t"] | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
-    impl: str = "chunked",
+    impl: str = "auto",
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Gated delta rule over a sequence: S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = S_t^T q_t * scale.

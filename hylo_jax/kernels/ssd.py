@@ -179,7 +179,7 @@ def ssd(
     initial_state: Float[Array, "b h p n"] | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     chunk_size: int = 64,
-    impl: str = "chunked",
+    impl: str = "auto",
 ) -> tuple[Float[Array, "b t h p"], Float[Array, "b h p n"]]:
     """Mamba2 SSD scan over a sequence; returns (y [x.dtype], final state [fp32]).
 
