@@ -209,8 +209,8 @@ def test_bad_arguments_raise():
     for bad in (48, 0, -16):
         with pytest.raises(ValueError, match="chunk_size must be a positive power of two"):
             call(chunk_size=bad)
-    with pytest.raises(ValueError, match="unknown impl 'pallas'"):
-        call(impl="pallas")
+    with pytest.raises(ValueError, match="unknown impl 'triton'"):
+        call(impl="triton")
     with pytest.raises(ValueError, match="dimension 'dv'"):
         gated_delta_step(s0, q[:, 0], k[:, 0], v[:, 0, :, :2], g[:, 0], beta[:, 0])
 

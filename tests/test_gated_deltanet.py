@@ -212,7 +212,7 @@ def test_param_layout_and_sharding():
     (dict(norm_eps=0.0), "gdn.norm_eps must be positive"),
     (dict(A_init_range=[16, 1]), "gdn.A_init_range"),
     (dict(dt_min=0.2), "dt_min <= dt_max"),
-    (dict(impl="pallas"), "impl"),
+    (dict(impl="triton"), "impl"),
     (dict(heads=4), "unknown key"),
 ])
 def test_bad_configs(overrides, message):

@@ -234,7 +234,7 @@ def test_bad_arguments_raise():
         with pytest.raises(ValueError, match="chunk_size"):
             ssd(*args, chunk_size=bad)
     with pytest.raises(ValueError, match="impl"):
-        ssd(*args, impl="pallas")
+        ssd(*args, impl="triton")
     B3 = jnp.zeros((1, 10, 3, 16))
     with pytest.raises(ValueError, match=r"heads \(4\).*n_groups \(3\)"):
         ssd(x, dt, A, B3, B3)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from . import pallas_common, pallas_gdn
+
 _L2NORM_EPS = 1e-6
 
 
@@ -220,18 +222,20 @@ def gated_delta_rule(
     segment_ids: Int[Array, "b t"] | None = None,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
-    impl: str = "chunked",
+    impl: str = "auto",
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Gated delta rule over a sequence: S_t = e^{g_t} (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
     o_t = S_t^T q_t * scale.
 
     g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
-    `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two) or "reference" (token-by-token scan).
+    `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
+    "pallas" (the Pallas kernels of `pallas_gdn`, matmul operands in q/k/v's dtype) or "auto" (Pallas on
+    GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {sorted(_IMPLS)}")
+    if impl not in pallas_common.IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(pallas_common.IMPLS)}")
     if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
     specs = {
@@ -248,6 +252,9 @@ def gated_delta_rule(
     _check_shapes(specs)
 
     b, t, h, dk = q.shape
+    impl, backend, interpret = pallas_common.choose(
+        "gated_delta_rule", impl, lambda be: pallas_gdn.unsupported(be, dk, v.shape[-1], chunk_size))
+    in_dtype = q.dtype
     q, k = _prepare_qk(q, k, scale, use_qk_l2norm)
     if initial_state is None:
         state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
@@ -257,6 +264,11 @@ def gated_delta_rule(
         reset = jnp.zeros((b, t), dtype=bool)
     else:
         reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+    if impl == "pallas":
+        o, state = pallas_gdn.gated_delta_pallas(
+            q.astype(in_dtype), k.astype(in_dtype), v, g.astype(jnp.float32), beta.astype(jnp.float32), state,
+            reset, chunk_size, backend=backend, interpret=interpret)
+        return o.astype(v.dtype), state
     v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state

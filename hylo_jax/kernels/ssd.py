@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from . import pallas_common, pallas_ssd
+
 __all__ = ["discretize_dt", "ssd", "ssd_step"]
 
 _F32 = jnp.float32
@@ -177,17 +179,19 @@ def ssd(
     initial_state: Float[Array, "b h p n"] | None = None,
     segment_ids: Int[Array, "b t"] | None = None,
     chunk_size: int = 64,
-    impl: str = "chunked",
+    impl: str = "auto",
 ) -> tuple[Float[Array, "b t h p"], Float[Array, "b h p n"]]:
     """Mamba2 SSD scan over a sequence; returns (y [x.dtype], final state [fp32]).
 
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,  y_t = h_t @ C_t + D x_t, with dt as in ``ssd_step``.
     ``segment_ids`` reset the state to zero at every change of id; ``initial_state`` feeds the first
-    segment only. ``impl``: "chunked" (SSD algorithm, chunks of ``chunk_size``) or "reference"
-    (sequential scan). The final state is the state after the last token.
+    segment only. ``impl``: "chunked" (SSD algorithm, chunks of ``chunk_size``), "reference"
+    (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, matmul operands in x/B/C's dtype) or
+    "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
+    on CPU). The final state is the state after the last token.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {sorted(_IMPLS)}")
+    if impl not in pallas_common.IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(pallas_common.IMPLS)}")
     is_int = isinstance(chunk_size, int) and not isinstance(chunk_size, bool)
     if not is_int or chunk_size <= 0 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a positive power of two, got {chunk_size!r}")
@@ -208,7 +212,15 @@ def ssd(
         h0 = jnp.zeros((b, h, p, B.shape[-1]), _F32)
     else:
         h0 = initial_state.astype(_F32)
+    impl, backend, interpret = pallas_common.choose(
+        "ssd", impl, lambda be: pallas_ssd.unsupported(be, p, B.shape[-1], chunk_size))
     x32 = x.astype(_F32)
+    if impl == "pallas":
+        y, final = pallas_ssd.ssd_pallas(x, dt32, A.astype(_F32), B, C, reset, h0, chunk_size,
+                                         backend=backend, interpret=interpret)
+        if D is not None:
+            y = y.astype(_F32) + D.astype(_F32)[:, None] * x32
+        return y.astype(x.dtype), final
     y, final = _IMPLS[impl](
         x32, dt32, A.astype(_F32), B.astype(_F32), C.astype(_F32), reset, h0, chunk_size
     )

@@ -51,7 +51,9 @@ class GDNConfig:
     dt_init_floor: float = doc(1e-4, "Initial time steps are clamped to at least this.")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Compute dtype of activations.")
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
-    impl: Literal["chunked", "reference"] = doc("chunked", "Delta rule kernel: chunkwise UT transform or scan.")
+    impl: Literal["auto", "pallas", "chunked", "reference"] = doc(
+        "auto", "Delta rule kernel: auto (Pallas on GPU/TPU when supported, else chunked), pallas, chunkwise UT "
+        "transform, or scan.")
 
     @property
     def head_v_dim(self) -> int:
@@ -72,8 +74,8 @@ class GDNConfig:
         if not 0 < self.dt_min <= self.dt_max or self.dt_init_floor <= 0:
             raise ConfigError(f"gdn.dt_min={self.dt_min}, gdn.dt_max={self.dt_max} and gdn.dt_init_floor="
                               f"{self.dt_init_floor} must satisfy 0 < dt_min <= dt_max and dt_init_floor > 0")
-        if self.impl not in ("chunked", "reference"):
-            raise ConfigError(f"gdn.impl must be 'chunked' or 'reference', got {self.impl!r}")
+        if self.impl not in ("auto", "pallas", "chunked", "reference"):
+            raise ConfigError(f"gdn.impl must be 'auto', 'pallas', 'chunked' or 'reference', got {self.impl!r}")
 
 
 @struct.dataclass

@@ -62,7 +62,9 @@ class Mamba2Config:
     use_bias: bool = doc(False, "Biases of in_proj and out_proj.")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "Compute dtype of activations.")
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
-    impl: Literal["chunked", "reference"] = doc("chunked", "SSD scan: chunked algorithm or sequential oracle.")
+    impl: Literal["auto", "pallas", "chunked", "reference"] = doc(
+        "auto", "SSD scan: auto (Pallas on GPU/TPU when supported, else chunked), pallas, chunked, or the "
+        "sequential oracle.")
 
     def __post_init__(self) -> None:
         require_positive(self, "mamba2.", ("hidden_size", "num_heads", "head_dim", "d_state", "n_groups",

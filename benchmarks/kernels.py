@@ -1,0 +1,168 @@
+"""Pallas kernels vs our chunked path vs peers: GDN and Mamba2 SSD at HyLo-Llama-1B shapes, bf16 inputs.
+
+One table like `mixers.py` (whose peer loading, inputs, timing and FLOP formulas it imports): forward and
+forward+backward ms, tokens/s, TFLOP/s and its fraction of the bf16 matmul ceiling measured in the same run,
+for ours `impl="pallas"`, ours `impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
+
+    python benchmarks/kernels.py [--only gdn,ssd] [--shapes 4x4096,1x16384,1x65536] [--skip "jla chunked"]
+    python benchmarks/kernels.py --check [--check-shape 2x1000]   # pallas vs chunked, outputs and grads
+    python benchmarks/kernels.py --tiny                            # CPU smoke run (interpret mode)
+
+`--check` runs both paths on the same random inputs (odd length, packed segments, initial state) in fp32
+(both exact: the kernels use IEEE fp32 products for fp32 operands) and in bf16 (the kernels multiply bf16
+operands, accumulating in fp32; the chunked path computes in fp32), and prints the max relative error
+(max |a - b| / max |b|) of the output, the final state and every input cotangent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import mixers  # noqa: E402  (sets the allocator environment before a JAX backend starts)
+import numpy as np  # noqa: E402
+from common import matmul_ceiling_tflops, print_table  # noqa: E402
+
+from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
+from hylo_jax.kernels.ssd import ssd  # noqa: E402
+
+
+def gdn_impls(peers, dk, skip):
+    ours = [(f"ours {impl}", "jax", lambda q, k, v, g, beta, impl=impl: gated_delta_rule(
+        q, k, v, g, beta, chunk_size=mixers.CHUNK, impl=impl)[0]) for impl in ("pallas",)]
+    return [i for i in ours + mixers.gdn_impls(peers, dk) if not any(s and s in i[0] for s in skip)]
+
+
+def ssd_impls(peers, skip):
+    def pallas(x, dt, A, B, C, dt_bias):
+        return ssd(x, dt, A, B, C, dt_bias=dt_bias, chunk_size=mixers.CHUNK, impl="pallas")[0]
+
+    ours = [("ours pallas", "jax", pallas)]
+    return [i for i in ours + mixers.ssd_impls(peers) if not any(s and s in i[0] for s in skip)]
+
+
+# ---------------------------------------------------------------- --check
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _segments(rng, b, t):
+    return jnp.asarray(np.cumsum(rng.random((b, t)) < 3.0 / t, axis=1), jnp.int32)
+
+
+def check(dims, b, t, ops) -> None:
+    rng = np.random.default_rng(2)
+    rows = []
+    if "gdn" in ops:
+        rows += _check_gdn(dims, b, t, rng)
+    if "ssd" in ops:
+        rows += _check_ssd(dims, b, t, rng)
+    print_table(["op", "inputs", "output", "final state", *[f"d{n}" for n in
+                 ("q/x", "k/dt", "v/A", "g/B", "beta/C", "s0/dt_bias", "D", "s0")]], rows)
+
+
+def _check_gdn(dims, b, t, rng):
+    rows = []
+    d = dims["gdn"]
+    data, _, _, _ = mixers.gdn_case(rng, b, t, **d)
+    s0 = rng.standard_normal((b, d["h"], d["dk"], d["dv"]), dtype=np.float32)
+    seg = _segments(rng, b, t)
+    names = ["q", "k", "v", "g", "beta", "initial_state"]
+    for dtype in ("bfloat16", "float32"):
+        args = [jnp.asarray(data[k], dtype if k in ("q", "k", "v") else "float32") for k in names[:5]]
+        args.append(jnp.asarray(s0))
+
+        def f(*a, impl):
+            return gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=seg, use_qk_l2norm=True,
+                                    chunk_size=mixers.CHUNK, impl=impl)
+        rows += _compare("gdn", dtype, f, args, names, rng)
+    return rows
+
+
+def _check_ssd(dims, b, t, rng):
+    rows = []
+    seg = _segments(rng, b, t)
+    for variant, d in dims["ssd"].items():
+        data, _, _, _ = mixers.ssd_case(rng, b, t, **d)
+        data["D"] = rng.standard_normal(d["h"], dtype=np.float32)
+        s0 = rng.standard_normal((b, d["h"], d["p"], d["n"]), dtype=np.float32)
+        names = ["x", "dt", "A", "B", "C", "dt_bias", "D", "initial_state"]
+        for dtype in ("bfloat16", "float32"):
+            args = [jnp.asarray(data[k], dtype if k in ("x", "B", "C") else "float32") for k in names[:7]]
+            args.append(jnp.asarray(s0))
+
+            def f(*a, impl):
+                return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
+                           chunk_size=mixers.CHUNK, impl=impl)
+            rows += _compare(f"ssd {variant}", dtype, f, args, names, rng)
+    return rows
+
+
+def _compare(op, dtype, f, args, names, rng):
+    with jax.default_matmul_precision("highest"):
+        outs, grads = {}, {}
+        for impl in ("chunked", "pallas"):
+            fn = jax.jit(lambda *a, impl=impl: f(*a, impl=impl))
+            (o, s), vjp = jax.vjp(fn, *args)
+            if impl == "chunked":
+                do = jnp.asarray(rng.standard_normal(o.shape, dtype=np.float32), o.dtype)
+                ds = jnp.asarray(rng.standard_normal(s.shape, dtype=np.float32))
+            outs[impl] = (o, s)
+            grads[impl] = vjp((do, ds))
+    errs = [_rel(outs["pallas"][0], outs["chunked"][0]), _rel(outs["pallas"][1], outs["chunked"][1])]
+    errs += [_rel(a, b) for a, b in zip(grads["pallas"], grads["chunked"])]
+    errs += [""] * (10 - len(errs))
+    print(f"  check {op} {dtype}: " + " ".join(f"{n}={e:.2e}" for n, e in zip(["out", "state", *names], errs)
+                                             if e != ""), file=sys.stderr, flush=True)
+    return [[op, dtype, *[f"{e:.1e}" if e != "" else "" for e in errs]]]
+
+
+# ---------------------------------------------------------------- driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--only", default="gdn,ssd", help="comma list of gdn, ssd")
+    parser.add_argument("--shapes", default="", help="only these B x T, e.g. 4x4096,1x65536")
+    parser.add_argument("--skip", default="", help="comma list of substrings of impl names to leave out")
+    parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 20; 2 tiny)")
+    parser.add_argument("--check", action="store_true", help="compare pallas vs chunked and exit")
+    parser.add_argument("--check-shape", default="1x500", help="B x T of --check")
+    args = parser.parse_args()
+    dims = mixers.TINY if args.tiny else mixers.FULL
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind}; jax {jax.__version__}")
+    if args.check:
+        b, t = (int(v) for v in args.check_shape.split("x"))
+        check(dims, *((1, 40) if args.tiny else (b, t)), set(args.only.split(",")))
+        return
+    ops = set(args.only.split(","))
+    skip = [s for s in args.skip.split(",") if s]
+    iters = args.iters or (2 if args.tiny else 20)
+    shapes = [(1, 64)] if args.tiny else mixers.SHAPES
+    if args.shapes:
+        keep = {tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")}
+        shapes = [s for s in shapes if s in keep]
+    track_memory = device.memory_stats() is not None
+    ceiling = matmul_ceiling_tflops(512 if args.tiny else 8192)
+    print(f"measured bf16 matmul ceiling {ceiling:.3g} TFLOP/s")
+    peers = mixers.load_peers()
+    rng = np.random.default_rng(0)
+    rows: list[list] = []
+    for b, t in shapes if "gdn" in ops else []:
+        d = dims["gdn"]
+        mixers.run_case("gdn", mixers.gdn_case(rng, b, t, **d), gdn_impls(peers, d["dk"], skip), ceiling, iters,
+                        track_memory, rows)
+    for variant, d in dims["ssd"].items() if "ssd" in ops else []:
+        for b, t in shapes:
+            mixers.run_case(f"ssd {variant}", mixers.ssd_case(rng, b, t, **d), ssd_impls(peers, skip), ceiling,
+                            iters, track_memory, rows)
+    print_table(["op", "B x T", "impl", "pass", "ms", "tokens/s", "TFLOP/s", "of ceiling", "peak GiB"], rows)
+
+
+if __name__ == "__main__":
+    main()

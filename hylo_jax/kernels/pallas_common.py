@@ -1,0 +1,457 @@
+"""Shared machinery of the Pallas chunk-scan kernels (GDN and SSD): one program per (row, value block)
+carries an fp32 state over the chunks of a sequence; the per-chunk maths is a plain function of arrays
+(`step`) shared by two drivers:
+
+* ``"gpu"``: the Pallas Triton backend. Grid (rows, value blocks); each program runs a `fori_loop` over
+  the chunks with the state in registers and reads/writes chunk slices of whole-array refs. On CPU it runs
+  with ``interpret=True``.
+* ``"tpu"``: Mosaic TPU. Grid (rows, value blocks, chunks) with the chunk axis "arbitrary" and the state in
+  a VMEM scratch; BlockSpecs move one chunk per step. Every block's last two dims are full dims or
+  (chunk, full) with chunk a multiple of 8, so the blocks follow the TPU tiling rules. On CPU it runs in TPU
+  interpret mode (`pltpu.InterpretParams`, race detection and raising out-of-bounds reads in tests).
+
+Array kinds (X = rows, batch*heads, or groups for SSD's B/C; n chunks of C; V the value width split in
+``nvb`` blocks of ``vb``):
+  seq   [X, n*C, D]      one (C, D) block per chunk (value-blocked: (C, vb))
+  col   [X, n, C, 1]     per-position scalars as a column (gates, beta, segment index)
+  row   [X, n, 1, C]     the same as a row (for the [C, C] decay matrices)
+  cmat  [X, n, C, C]     one (C, C) matrix per chunk
+  state [X, D, V]        read at the first step (carry init) or written after the last (final carry)
+  cstate [X, n, D, V]    one state per chunk (residual: the state entering each chunk)
+Outputs marked ``partial`` get a leading [nvb] axis: each value block writes its own partial sum
+(the wrapper adds them up).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import logging
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+logger = logging.getLogger("hylo_jax.kernels")
+
+# jax 0.11 warns at every lowering that the Pallas Triton backend is deprecated (Mosaic GPU replaces it).
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+
+# ----------------------------------------------------------------------------- maths helpers (in-kernel)
+def mm(a, b, ta: bool = False, tb: bool = False):
+    """a @ b (with a or b transposed) in fp32 accumulation; fp32 operands get the exact (IEEE) product."""
+    if a.dtype != b.dtype:  # operands share one dtype (Triton's dot needs it): the narrower one
+        low = b.dtype if a.dtype == F32 else a.dtype
+        a, b = a.astype(low), b.astype(low)
+    dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
+    prec = lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def masked_exp(x, mask):
+    """exp(x) where mask else exactly 0 (masked before the exp: no inf from the other side)."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def iotas(c: int):
+    return lax.broadcasted_iota(jnp.int32, (c, c), 0), lax.broadcasted_iota(jnp.int32, (c, c), 1)
+
+
+def last_row(col):
+    """The last entry of a (C, 1) column as a (1, 1) array (no scalar extraction: portable)."""
+    c = col.shape[0]
+    idx = lax.broadcasted_iota(jnp.int32, col.shape, 0)
+    return jnp.sum(jnp.where(idx == c - 1, col, 0.0), axis=0, keepdims=True)
+
+
+def col_of_rowsum(z):
+    """Column sums of z as a (C, 1) column (row sums of z^T: a 2-D transpose, no vector relayout)."""
+    return jnp.sum(z.T, axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decays:
+    """Masks and decay factors of one chunk from the chunk-local cumulative log-decay G and segment index."""
+
+    causal: jax.Array  # (C, C) i >= j, same segment: exp(G_i - G_j) else 0
+    strict: jax.Array  # (C, C) i > j, same segment
+    strict_mask: jax.Array  # bool (C, C)
+    d_in: jax.Array  # (C, 1) exp(G_i) for positions still in the carried-in segment, else 0
+    d_out: jax.Array  # (C, 1) exp(G_last - G_j) for positions in the last segment, else 0
+    d_chunk: jax.Array  # (1, 1) exp(G_last) if the chunk has no reset, else 0
+
+
+def decays(gcol, grow, scol, srow) -> Decays:
+    c = gcol.shape[0]
+    rows, cols = iotas(c)
+    same = scol == srow
+    cmask = (rows >= cols) & same
+    smask = (rows > cols) & same
+    diff = gcol - grow
+    causal = masked_exp(diff, cmask)
+    strict = jnp.where(smask, causal, 0.0)
+    g_last, s_last = last_row(gcol), last_row(scol)
+    d_in = masked_exp(gcol, scol == 0)
+    d_out = masked_exp(g_last - gcol, scol == s_last)
+    d_chunk = masked_exp(g_last, s_last == 0)
+    return Decays(causal, strict, smask, d_in, d_out, d_chunk)
+
+
+def decay_grads(dec: Decays, z, dd_in, dd_out, dd_chunk):
+    """dL/dG (C, 1) given z = dL/dE * E summed over E's uses, dL/dd_in, dL/dd_out (C, 1), dL/dd_chunk (1, 1)."""
+    c = z.shape[0]
+    idx = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+    t_out = dd_out * dec.d_out
+    to_last = jnp.sum(t_out, axis=0, keepdims=True) + dd_chunk * dec.d_chunk
+    return (jnp.sum(z, axis=1, keepdims=True) - col_of_rowsum(z) + dd_in * dec.d_in - t_out
+            + jnp.where(idx == c - 1, to_last, 0.0))
+
+
+def unit_lower_inverse(n_mat):
+    """(I + N)^{-1} for a strictly lower-triangular N (C, C), by exact forward substitution row by row."""
+    c = n_mat.shape[0]
+    rows, cols = iotas(c)
+    nt = n_mat.T
+
+    def body(i, t):
+        n_col = jnp.sum(jnp.where(cols == i, nt, 0.0), axis=1, keepdims=True)  # row i of N, as a column
+        r = jnp.sum(n_col * t, axis=0, keepdims=True)  # N[i, :] @ T
+        return t - jnp.where(rows == i, r, 0.0)
+
+    return lax.fori_loop(1, c, body, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
+
+
+# ----------------------------------------------------------------------------- drivers
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    name: str
+    kind: str  # seq | col | row | cmat | state | cstate
+    vblocked: bool = False  # blocked along the last (value) axis
+    grouped: bool = False  # rows are groups: row index = group_of(program row)
+    partial: bool = False  # output with a leading [nvb] axis of partial sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static description of one scan kernel."""
+
+    step: Callable  # step(ins: dict, carry) -> (outs: dict, carry)
+    ins: tuple[Arg, ...]
+    outs: tuple[Arg, ...]
+    carry_in: str  # name of the state input that initialises the carry
+    carry_out: str  # name of the state output that receives the final carry
+    n: int  # chunks
+    chunk: int
+    vb: int  # value block
+    nvb: int
+    reverse: bool = False
+    group_of: Callable | None = None  # program row -> group row (for grouped inputs)
+
+
+def _row(plan: Plan, arg: Arg, i):
+    return plan.group_of(i) if arg.grouped else i
+
+
+def run_gpu(plan: Plan, args: dict, out_shapes: dict, *, interpret: bool, num_warps: int = 4,
+            num_stages: int = 1):
+    """Triton-backend driver: grid (rows, value blocks), a sequential loop over chunks per program."""
+    from jax.experimental.pallas import triton as pltriton
+
+    in_names = [a.name for a in plan.ins]
+    out_names = [a.name for a in plan.outs]
+    rows_n = args[plan.carry_in].shape[0]
+    c, vb, n = plan.chunk, plan.vb, plan.n
+
+    def kernel(*refs):
+        in_refs = dict(zip(in_names, refs[: len(in_names)]))
+        out_refs = dict(zip(out_names, refs[len(in_names):]))
+        i, j = pl.program_id(0), pl.program_id(1)
+        vsl = pl.ds(j * vb, vb)
+
+        def index(arg: Arg, ck):
+            r = _row(plan, arg, i)
+            v = vsl if arg.vblocked else slice(None)
+            head = (j,) if arg.partial else ()
+            if arg.kind == "seq":
+                return (*head, r, pl.ds(ck * c, c), v)
+            if arg.kind in ("col", "row", "cmat"):
+                return (*head, r, ck, slice(None), slice(None))
+            if arg.kind == "cstate":
+                return (*head, r, ck, slice(None), v)
+            return (*head, r, slice(None), v)
+
+        def body(t, carry):
+            ck = n - 1 - t if plan.reverse else t
+            ins = {a.name: in_refs[a.name][index(a, ck)] for a in plan.ins if a.kind != "state"}
+            outs, carry = plan.step(ins, carry)
+            for a in plan.outs:
+                if a.kind != "state":
+                    out_refs[a.name][index(a, ck)] = outs[a.name].astype(out_refs[a.name].dtype)
+            return carry
+
+        carry0 = in_refs[plan.carry_in][index(_arg(plan.ins, plan.carry_in), 0)].astype(F32)
+        carry = lax.fori_loop(0, n, body, carry0)
+        out_refs[plan.carry_out][index(_arg(plan.outs, plan.carry_out), 0)] = carry
+
+    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[out_shapes[nm] for nm in out_names],
+        grid=(rows_n, plan.nvb),
+        interpret=interpret,
+        compiler_params=params,
+    )(*[args[nm] for nm in in_names])
+    return dict(zip(out_names, outs))
+
+
+def _arg(specs, name):
+    return next(a for a in specs if a.name == name)
+
+
+def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
+    """Mosaic TPU driver: grid (rows, value blocks, chunks), chunk axis sequential, state in VMEM scratch."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    c, vb, n = plan.chunk, plan.vb, plan.n
+    rows_n = args[plan.carry_in].shape[0]
+
+    def ck_of(k):
+        return n - 1 - k if plan.reverse else k
+
+    def spec(arg: Arg, shape):
+        d_last = vb if arg.vblocked else shape[-1]
+        head = (None,) if arg.partial else ()
+        if arg.kind == "seq":
+            block = (*head, None, c, d_last)
+        elif arg.kind in ("col", "row", "cmat"):
+            block = (*head, None, None, *shape[-2:])  # full (C, 1), (1, C) or (C, C)
+        elif arg.kind == "cstate":
+            block = (*head, None, None, shape[-2], d_last)
+        else:
+            block = (*head, None, shape[-2], d_last)
+
+        def index_map(i, j, k):
+            r = _row(plan, arg, i)
+            jv = j if arg.vblocked else 0
+            h = (j,) if arg.partial else ()
+            if arg.kind == "seq":
+                return (*h, r, ck_of(k), jv)
+            if arg.kind in ("col", "row", "cmat"):
+                return (*h, r, ck_of(k), 0, 0)
+            if arg.kind == "cstate":
+                return (*h, r, ck_of(k), 0, jv)
+            return (*h, r, 0, jv)
+
+        return pl.BlockSpec(block, index_map)
+
+    def kernel(*refs):
+        ni = len(plan.ins)
+        in_refs = dict(zip([a.name for a in plan.ins], refs[:ni]))
+        out_refs = dict(zip([a.name for a in plan.outs], refs[ni: ni + len(plan.outs)]))
+        scratch = refs[-1]
+        k = pl.program_id(2)
+
+        @pl.when(k == 0)
+        def _():
+            scratch[...] = in_refs[plan.carry_in][...].astype(F32)
+
+        ins = {a.name: in_refs[a.name][...] for a in plan.ins if a.kind != "state"}
+        outs, carry = plan.step(ins, scratch[...])
+        for a in plan.outs:
+            if a.kind != "state":
+                out_refs[a.name][...] = outs[a.name].astype(out_refs[a.name].dtype)
+        scratch[...] = carry
+
+        @pl.when(k == n - 1)
+        def _():
+            out_refs[plan.carry_out][...] = carry
+
+    state_shape = args[plan.carry_in].shape
+    kw = {}
+    if interpret is not None:
+        kw["interpret"] = interpret
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=[out_shapes[a.name] for a in plan.outs],
+        grid=(rows_n, plan.nvb, n),
+        in_specs=[spec(a, args[a.name].shape) for a in plan.ins],
+        out_specs=[spec(a, out_shapes[a.name].shape) for a in plan.outs],
+        scratch_shapes=[pltpu.VMEM((state_shape[-2], vb), F32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        **kw,
+    )(*[args[a.name] for a in plan.ins])
+    return dict(zip([a.name for a in plan.outs], outs))
+
+
+def run_parallel(fn: Callable, ins: tuple[Arg, ...], outs: tuple[Arg, ...], args: dict, out_shapes: dict,
+                 n: int, chunk: int, backend: str, interpret, num_warps: int = 4) -> dict:
+    """A kernel with no carry: grid (rows, chunks), ``fn(ins: dict) -> outs: dict`` on one chunk each
+    (kinds seq, col, row, cmat; no value blocks)."""
+    out_shapes = _with_vma(out_shapes, args)
+    in_names, out_names = [a.name for a in ins], [a.name for a in outs]
+    rows_n = args[in_names[0]].shape[0]
+    c = chunk
+
+    if backend == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        def spec(arg: Arg, shape):
+            if arg.kind == "seq":
+                return pl.BlockSpec((None, c, shape[-1]), lambda i, k: (i, k, 0))
+            return pl.BlockSpec((None, None, *shape[-2:]), lambda i, k: (i, k, 0, 0))
+
+        def kernel(*refs):
+            res = fn({nm: r[...] for nm, r in zip(in_names, refs)})
+            for nm, r in zip(out_names, refs[len(in_names):]):
+                r[...] = res[nm].astype(r.dtype)
+
+        kw = {} if interpret is None else {"interpret": interpret}
+        res = pl.pallas_call(
+            kernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
+            in_specs=[spec(a, args[a.name].shape) for a in ins],
+            out_specs=[spec(a, out_shapes[a.name].shape) for a in outs],
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")), **kw,
+        )(*[args[nm] for nm in in_names])
+        return dict(zip(out_names, res))
+
+    from jax.experimental.pallas import triton as pltriton
+
+    def index(arg: Arg, i, k):
+        if arg.kind == "seq":
+            return (i, pl.ds(k * c, c), slice(None))
+        return (i, k, slice(None), slice(None))
+
+    def gkernel(*refs):
+        i, k = pl.program_id(0), pl.program_id(1)
+        res = fn({a.name: r[index(a, i, k)] for a, r in zip(ins, refs)})
+        for a, r in zip(outs, refs[len(ins):]):
+            r[index(a, i, k)] = res[a.name].astype(r.dtype)
+
+    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    res = pl.pallas_call(gkernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
+                         interpret=bool(interpret), compiler_params=params)(*[args[nm] for nm in in_names])
+    return dict(zip(out_names, res))
+
+
+def _with_vma(out_shapes: dict, args: dict) -> dict:
+    """Output shapes that vary over the same shard_map axes as the inputs (needed under check_vma=True).
+
+    The keyword is `manual_axis_type` on jax 0.10 and `vma` on other versions; outside shard_map it is empty."""
+    avals = [jax.typeof(a) for a in args.values()]
+    params = inspect.signature(jax.ShapeDtypeStruct).parameters
+    if "manual_axis_type" in params and all(getattr(a, "mat", None) is not None for a in avals):
+        widest = max(avals, key=lambda a: len(a.mat.varying)).mat
+        kw = {"manual_axis_type": widest}
+    elif "vma" in params and all(getattr(a, "vma", None) is not None for a in avals):
+        kw = {"vma": frozenset().union(*(a.vma for a in avals))}
+    else:
+        return out_shapes
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, **kw) for k, v in out_shapes.items()}
+
+
+def run(plan: Plan, args: dict, out_shapes: dict, backend: str, interpret, **gpu_kw):
+    out_shapes = _with_vma(out_shapes, args)
+    if backend == "tpu":
+        return run_tpu(plan, args, out_shapes, interpret=interpret)
+    return run_gpu(plan, args, out_shapes, interpret=bool(interpret), **gpu_kw)
+
+
+# ----------------------------------------------------------------------------- layout helpers (wrapper side)
+def pad_time(x, pad: int, axis: int = 1):
+    if not pad:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def chunk_segments(reset, c: int):
+    """Chunk-local segment index (resets seen so far in the chunk) as fp32 [b, n, C]; reset [b, n*C]."""
+    b, tp = reset.shape
+    return jnp.cumsum(reset.reshape(b, tp // c, c).astype(jnp.int32), axis=-1).astype(F32)
+
+
+def as_col(x):  # [X, n, C] -> [X, n, C, 1]
+    return x[..., None]
+
+
+def as_row(x):  # [X, n, C] -> [X, n, 1, C]
+    return x[..., None, :]
+
+
+# ----------------------------------------------------------------------------- dispatch
+def platform() -> str:
+    return jax.default_backend()
+
+
+@functools.cache
+def _log_once(op: str, reason: str) -> None:
+    logger.warning("%s: impl='auto' falls back to 'chunked': %s", op, reason)
+
+
+def gpu_capability_ok() -> tuple[bool, str]:
+    dev = jax.devices()[0]
+    cap = getattr(dev, "compute_capability", None)
+    try:
+        ok = cap is not None and float(cap) >= 8.0
+    except (TypeError, ValueError):
+        ok = False
+    return ok, f"GPU compute capability {cap} < 8.0 (Triton Pallas needs sm80+)"
+
+
+_OVERRIDE: list = []  # tests: [(backend, interpret)] forces the Pallas backend and interpret mode
+
+
+@contextlib.contextmanager
+def force_backend(backend: str, interpret):
+    """Run impl="pallas" with this driver ("gpu" | "tpu") and interpret setting (tests on CPU)."""
+    _OVERRIDE.append((backend, interpret))
+    try:
+        yield
+    finally:
+        _OVERRIDE.pop()
+
+
+IMPLS = ("auto", "pallas", "chunked", "reference")
+
+
+def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tuple[str, str | None, object]:
+    """(impl to run, Pallas driver or None, interpret). ``unsupported(driver)`` gives a reason or None.
+
+    "auto": Pallas on GPU (sm80+) / TPU when the shape is supported, else "chunked" with a warning logged
+    once per reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in interpret mode.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
+    if impl in ("chunked", "reference"):
+        return impl, None, None
+    plat = platform()
+    if impl == "pallas":
+        if _OVERRIDE:
+            return "pallas", *_OVERRIDE[-1]
+        if plat in ("gpu", "tpu"):
+            return "pallas", plat, None
+        return "pallas", "gpu", True
+    if plat not in ("gpu", "tpu"):
+        return "chunked", None, None
+    if plat == "gpu":
+        ok, why = gpu_capability_ok()
+        if not ok:
+            _log_once(op, why)
+            return "chunked", None, None
+    reason = unsupported(plat)
+    if reason is not None:
+        _log_once(op, reason)
+        return "chunked", None, None
+    return "pallas", plat, None
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and not x & (x - 1)
