@@ -15,7 +15,7 @@ from hylo_jax.eval.harness import evaluate_mc
 from hylo_jax.eval.metrics import METRICS
 from hylo_jax.eval.perplexity import sliding_perplexity
 from hylo_jax.eval.report import plot_ruler, table, write_json
-from hylo_jax.eval.ruler import check_tasks, ruler_samples
+from hylo_jax.eval.ruler import TASKS, check_tasks, ruler_samples
 from hylo_jax.eval.tokens import check_length, encode
 from hylo_jax.generate import SamplingConfig
 
@@ -51,7 +51,7 @@ def _text(path: str | None, split: str) -> str:
 def run_ruler(model, tokenizer, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """({task: {length: score}, "average": {length: mean}}, per-sample records)."""
     stop = [t for t in [tokenizer.eos_token_id] if t is not None]
-    text = _text(cfg.haystack, "train")
+    text = _text(cfg.haystack, "train") if any(TASKS[t].haystack == "text" for t in cfg.ruler_tasks) else ""
     scores: dict[str, dict[int, float]] = {}
     records = []
     for length in sorted(cfg.lengths):
