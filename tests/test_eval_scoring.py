@@ -197,3 +197,25 @@ def test_complete_batches_equal_lengths(monkeypatch):
     calls.clear()
     assert generation.complete(None, prompts, None, batch_size=5, ragged=True) == [[3], [5], [3], [3], [5]]
     assert calls == [[3, 5, 3, 3, 5]]
+
+
+def test_ruler_run_scores_right_answers_100(monkeypatch):
+    """The RULER pipeline (samples -> completions -> decode -> metric) with a reader that copies the
+    needles' values and the chain's variables out of each prompt."""
+    import re
+    import types
+
+    from hylo_jax.eval import runner
+    from hylo_jax.eval.config import EvalConfig
+
+    def reader(model, prompts, cfg, stop, batch_size):
+        texts = [TOK.decode(p) for p in prompts]
+        return [TOK(" ".join(re.findall(r"is: (\d+)\.", t) + re.findall(r"VAR (\w+) =", t)))["input_ids"]
+                for t in texts]
+
+    monkeypatch.setattr(runner, "complete", reader)
+    stub = types.SimpleNamespace(cfg=types.SimpleNamespace(max_position_embeddings=1024))
+    cfg = EvalConfig(lengths=(500, 600), samples=3, ruler_tasks=("niah_single_1", "vt"), max_new_tokens=8)
+    scores, records = runner.run_ruler(stub, TOK, cfg)
+    assert scores == {task: {500: 100.0, 600: 100.0} for task in ("niah_single_1", "vt", "average")}
+    assert len(records) == 12 and records[0]["prediction"]

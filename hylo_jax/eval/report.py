@@ -53,7 +53,10 @@ def plot_ruler(results: dict[str, dict], path: Path) -> bool:
                 ax.plot(xs, list(scores.values()), "o-", color=color, lw=2.5, label=f"{name} (average)")
             else:
                 ax.plot(xs, list(scores.values()), "-", color=color, lw=0.8, alpha=0.35)
+    lengths = sorted({int(n) for ruler in models.values() for n in ruler["average"]})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("RULER accuracy (%)")
     ax.set_ylim(-2, 102)

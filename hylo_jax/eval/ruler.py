@@ -41,7 +41,6 @@ class RulerSample:
     input_ids: list[int]
     prompt: str  # the text of the pieces (BOS excluded)
     answers: tuple[str, ...]
-    max_new_tokens: int
     metric: str = "string_match_all"
 
 
@@ -295,5 +294,5 @@ def ruler_samples(task: str, tokenizer, length: int, num_samples: int, *, seed: 
         vocab = Vocabulary(rng, avoid=TEMPLATES + (text if spec.haystack == "text" else ""))
         prefix, context, suffix, answers, depth = spec.make(p, rng, vocab, hay)
         ids, prompt = p.assemble(prefix, context, suffix)
-        out.append(RulerSample(task, length, depth, ids, prompt, tuple(answers), spec.max_new_tokens))
+        out.append(RulerSample(task, length, depth, ids, prompt, tuple(answers)))
     return out

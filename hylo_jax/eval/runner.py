@@ -52,15 +52,17 @@ def run_ruler(model, tokenizer, cfg: EvalConfig) -> tuple[dict, list[dict]]:
     """({task: {length: score}, "average": {length: mean}}, per-sample records)."""
     stop = [t for t in [tokenizer.eos_token_id] if t is not None]
     text = _text(cfg.haystack, "train") if any(TASKS[t].haystack == "text" for t in cfg.ruler_tasks) else ""
+    new = {task: cfg.max_new_tokens or TASKS[task].max_new_tokens for task in cfg.ruler_tasks}
+    for task in cfg.ruler_tasks:
+        longest = max(cfg.lengths)
+        check_length(model, longest + new[task], f"RULER {task} at length {longest} (+{new[task]} generated tokens)")
     scores: dict[str, dict[int, float]] = {}
     records = []
     for length in sorted(cfg.lengths):
         for task in cfg.ruler_tasks:
             samples = ruler_samples(task, tokenizer, length, cfg.samples, seed=cfg.seed, text=text)
-            new = cfg.max_new_tokens or samples[0].max_new_tokens
-            check_length(model, length + new, f"RULER {task} at length {length} (+{new} generated tokens)")
             t0 = time.perf_counter()
-            outs = complete(model, [s.input_ids for s in samples], SamplingConfig(max_new_tokens=new), stop,
+            outs = complete(model, [s.input_ids for s in samples], SamplingConfig(max_new_tokens=new[task]), stop,
                             cfg.batch_size)
             predictions = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
             score = METRICS[samples[0].metric](predictions, [s.answers for s in samples])
