@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from hylo_jax.config import ConfigError, MeshConfig, ModelConfig, apply_overrides, describe, from_dict, load_yaml
-from hylo_jax.errors import HyloError
+from hylo_jax.errors import EvalError, HyloError
 from hylo_jax.generate import SamplingConfig
 
 log = logging.getLogger("hylo")
@@ -233,7 +233,7 @@ def cmd_eval(args) -> None:
         models["teacher"] = _load_teacher(args.teacher, settings)
     fallback = next((tok for _, tok in models.values() if tok is not None), None)
     if fallback is None:
-        raise ConfigError(f"{args.ckpt} has no tokenizer/ folder{' and neither has the teacher' * bool(args.teacher)}")
+        raise EvalError(f"{args.ckpt} has no tokenizer/ folder{' and neither has the teacher' * bool(args.teacher)}")
     run(cfg, {name: (m, tok or fallback) for name, (m, tok) in models.items()})
 
 

@@ -125,6 +125,8 @@ def test_multiple_choice_is_argmax_of_loglikelihoods(model, tmp_path):
         np.testing.assert_allclose(ll, independent, rtol=1e-5, atol=1e-5)
     result = evaluate_mc(model, TOK, path, batch_size=4)
     assert result["chosen"] == [int(np.argmax(ll)) for ll in lls]
+    chars = [[len(x) - 1 for x in doc.continuations] for _, doc in docs]  # without the " " delimiter
+    assert result["chosen_norm"] == [int(np.argmax(ll / np.array(n))) for ll, n in zip(lls, chars)]
     # labels set to the model's own choices: accuracy 1
     relabelled = [dict(r) for r in DOCS]
     for r, c in zip(relabelled, result["chosen"]):

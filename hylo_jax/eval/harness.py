@@ -3,8 +3,9 @@
 A document gives a context c_i and a continuation x_i per choice i (WinoGrande varies the context,
 the others the continuation). With ll_i = log p(x_i | c_i) = sum over x_i's tokens of log p(token |
 everything before it): acc = [argmax_i ll_i = gold], acc_norm = [argmax_i ll_i / chars(x_i) = gold]
-(lm-eval's length normalisation), both averaged over documents. Contexts and continuations are
-tokenised separately (BOS + context ids, continuation ids).
+(lm-eval's length normalisation; chars(x_i) counts the choice without its " " delimiter), both
+averaged over documents. Contexts and continuations are tokenised separately (BOS + context ids,
+continuation ids).
 
 Formats, recognised by their keys: ARC {question, choices{text,label}, answerKey}, HellaSwag {ctx,
 endings, label}, PIQA {goal, sol1, sol2, label}, WinoGrande {sentence with "_", option1, option2,
@@ -19,6 +20,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Float
 
 from hylo_jax.errors import EvalError
 from hylo_jax.eval.scoring import pack_rows, row_nll
@@ -109,13 +111,14 @@ def parse_doc(where: str, row: dict) -> MCDoc:
     return MCDoc(contexts, tuple(continuations), label)
 
 
-def choice_loglikelihoods(model, tokenizer, docs: list[tuple[str, MCDoc]], batch_size: int = 8) -> list[np.ndarray]:
+def choice_loglikelihoods(model, tokenizer, docs: list[tuple[str, MCDoc]],
+                          batch_size: int = 8) -> list[Float[np.ndarray, "choices"]]:
     """ll_i of every choice of every document, `batch_size` (context, choice) rows per forward."""
-    rows, starts = [], []
+    rows, starts, first = [], [], bos(tokenizer)
     for where, doc in docs:
         ctx, cont = (encode_many(tokenizer, list(texts)) for texts in (doc.contexts, doc.continuations))
         for i, (c, x) in enumerate(zip(ctx, cont)):
-            c = bos(tokenizer) + c
+            c = first + c
             if not c or not x:
                 raise EvalError(f"{where}: choice {i} has an empty {'context' if not c else 'continuation'}")
             check_length(model, len(c) + len(x) - 1, f"{where} choice {i}")
@@ -133,12 +136,13 @@ def choice_loglikelihoods(model, tokenizer, docs: list[tuple[str, MCDoc]], batch
 
 
 def evaluate_mc(model, tokenizer, path: str | Path, batch_size: int = 8, limit: int = 0) -> dict:
-    """{"acc", "acc_norm", "docs", "chosen"} of a jsonl file (its first `limit` documents, 0 = all)."""
+    """{"acc", "acc_norm", "docs", "chosen", "chosen_norm"} of a jsonl file (its first `limit` documents, 0 = all)."""
     rows = read_jsonl(path)[: limit or None]
     docs = [(where, parse_doc(where, row)) for where, row in rows]
     lls = choice_loglikelihoods(model, tokenizer, docs, batch_size)
     chosen = [int(np.argmax(ll)) for ll in lls]
-    normed = [int(np.argmax(ll / np.array([len(x) for x in doc.continuations]))) for ll, (_, doc) in zip(lls, docs)]
+    chars = [np.array([max(len(x) - 1, 1) for x in doc.continuations]) for _, doc in docs]
+    normed = [int(np.argmax(ll / n)) for ll, n in zip(lls, chars)]
     gold = np.array([doc.label for _, doc in docs])
     return {"acc": float(np.mean(np.array(chosen) == gold)), "acc_norm": float(np.mean(np.array(normed) == gold)),
-            "docs": len(docs), "chosen": chosen}
+            "docs": len(docs), "chosen": chosen, "chosen_norm": normed}

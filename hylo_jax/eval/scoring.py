@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Float
 
 from hylo_jax.train.losses import token_nll
 
@@ -42,7 +43,7 @@ def pack_rows(rows: Sequence[Sequence[int]], scored_from: Sequence[int], width: 
                 loss_mask=mask)
 
 
-def row_nll(model, batch: Batch, batch_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def row_nll(model, batch: Batch, batch_size: int = 1) -> tuple[Float[np.ndarray, "r"], Float[np.ndarray, "r"]]:
     """(sum of masked NLL, number of scored tokens) per row, `batch_size` rows per forward (the last
     group is padded with unscored rows so that every forward has the same shape)."""
     graphdef, state = nnx.split(model)
