@@ -1,4 +1,4 @@
-"""The `hylo` command: import, export, generate, upcycle, train, demo, info, describe.
+"""The `hylo` command: import, export, generate, upcycle, info, select-layers, train, demo, eval, describe.
 
 Every command takes `key=value` overrides after its flags (sections: model, mesh, sampling),
 applied on top of `--config FILE.yaml` when given. Unknown keys are errors.
@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 from hylo_jax.config import ConfigError, MeshConfig, ModelConfig, apply_overrides, describe, from_dict, load_yaml
-from hylo_jax.errors import HyloError
+from hylo_jax.errors import EvalError, HyloError
 from hylo_jax.generate import SamplingConfig
 
 log = logging.getLogger("hylo")
 
 # Every config file has the shape of a RunConfig (teacher, hybrid, data, mesh, stages, ...);
-# `model` (ModelConfig overrides) and `sampling` are accepted beside it.
+# `model` (ModelConfig overrides), `sampling` and `eval` (EvalConfig) are accepted beside it.
 RUN_KEYS = ("teacher", "kd_teacher", "out", "hybrid", "data", "mesh", "stage1", "stage2", "dtype", "param_dtype",
             "teacher_dtype", "remat", "seed", "eval_rows", "eval_seq_len", "tensorboard")
-SECTIONS = (*RUN_KEYS, "model", "sampling")
+SECTIONS = (*RUN_KEYS, "model", "sampling", "eval")
 DEFAULT_RUN = Path(__file__).resolve().parent.parent / "configs" / "smollm2-demo.yaml"
 
 
@@ -244,13 +244,35 @@ def cmd_demo(args) -> None:
     run(_run_config(args))
 
 
+def cmd_eval(args) -> None:
+    """RULER / perplexity / multiple choice / GSM8K of a model folder (and optionally a teacher)."""
+    from hylo_jax.checkpoint import load_model, load_tokenizer
+    from hylo_jax.eval.config import EvalConfig
+    from hylo_jax.eval.runner import check_config, run
+
+    settings = _settings(args)
+    flags = {"tasks": args.tasks and args.tasks.split(","), "out": args.out, "samples": args.samples,
+             "lengths": args.lengths and [int(n) for n in args.lengths.split(",")]}
+    cfg = from_dict(EvalConfig, {**settings.get("eval", {}), **{k: v for k, v in flags.items() if v}}, "eval")
+    check_config(cfg)
+    model, _ = load_model(args.ckpt, _mesh(settings), **settings.get("model", {}))
+    models = {"model": (model, load_tokenizer(args.ckpt))}
+    if args.teacher:
+        models["teacher"] = _load_teacher(args.teacher, settings)
+    fallback = next((tok for _, tok in models.values() if tok is not None), None)
+    if fallback is None:
+        raise EvalError(f"{args.ckpt} has no tokenizer/ folder{' and neither has the teacher' * bool(args.teacher)}")
+    run(cfg, {name: (m, tok or fallback) for name, (m, tok) in models.items()})
+
+
 def cmd_describe(args) -> None:
     del args
+    from hylo_jax.eval.config import EvalConfig
     from hylo_jax.train.config import StageConfig
     from hylo_jax.train.trainer import RunConfig
 
     for name, cls in (("", RunConfig), ("stage1[i] / stage2[i]", StageConfig), ("model", ModelConfig),
-                      ("sampling", SamplingConfig)):
+                      ("sampling", SamplingConfig), ("eval", EvalConfig)):
         print(f"# {name or 'run'}: {cls.__doc__.splitlines()[0]}")
         print(describe(cls, f"{name}." if name else ""))
 
@@ -300,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p = add("eval", cmd_eval, "RULER, perplexity, multiple-choice and GSM8K evaluation of a model folder")
+    p.add_argument("--ckpt", required=True, help="model folder")
+    p.add_argument("--teacher", help="also evaluate this teacher (hylo or HF folder, .gguf, preset)")
+    p.add_argument("--tasks", help="comma-separated: ruler,ppl,mc:FILE.jsonl,gsm8k:FILE.jsonl (eval.tasks)")
+    p.add_argument("--lengths", help="comma-separated RULER lengths in tokens (eval.lengths)")
+    p.add_argument("--samples", type=int, help="RULER samples per task and length (eval.samples)")
+    p.add_argument("--out", help="output folder for results.json and ruler.png (eval.out)")
     add("describe", cmd_describe, "list every config key with its default and meaning")
     return parser
 

@@ -13,6 +13,10 @@ class MeshError(ConfigError):
     """The device mesh does not fit the devices, or does not divide a dimension it shards."""
 
 
+class EvalError(HyloError, ValueError):
+    """An evaluation request is invalid: unknown task, empty or over-long prompt, malformed data file."""
+
+
 class CheckpointError(HyloError):
     """A checkpoint or model folder is missing, truncated, or does not match the model."""
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -28,13 +27,13 @@ from hylo_jax.config import MeshConfig, doc, save_yaml
 from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
+from hylo_jax.eval.perplexity import perplexity
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.sharding import check_divides, make_mesh, path_keys, state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
-from hylo_jax.train.losses import token_nll
 from hylo_jax.train.step import Distiller, TrainState
 
 log = logging.getLogger(__name__)
@@ -103,27 +102,6 @@ def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spe
         kind = kinds[int(keys[2])] if is_mixer else "linear"
         filled[path] = sources["linear" if kind in ("gdn", "mamba2") else kind][path]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation.
-
-@jax.jit
-def _nll(graphdef, state, batch):
-    model = nnx.merge(graphdef, state)
-    logits = model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
-
-
-def perplexity(model: CausalLM, batch: dict[str, np.ndarray]) -> float:
-    """exp(mean next-token NLL over the batch's loss-masked tokens), one row at a time."""
-    graphdef, state = nnx.split(model)
-    total = count = 0.0
-    for i in range(len(batch["tokens"])):
-        nll, n = _nll(graphdef, state, {k: jnp.asarray(v[i:i + 1]) for k, v in batch.items()})
-        total, count = total + float(nll), count + float(n)
-    return float(np.exp(total / max(count, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
