@@ -143,6 +143,8 @@ def unsupported(backend: str, p: int, n: int, chunk: int) -> str | None:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if p * n > 128 * 128:
             return f"state {n} x {p} too large for registers"
+        return ("its fwd+bwd is slower than 'chunked' on the H100 at B=1 (1x16K: 7.8 vs 4.8 ms; 1x64K: 30.1 vs "
+                "21.1 ms), see benchmarks/RESULTS.md; pass impl='pallas' to use it")
     elif chunk % 8:
         return f"chunk_size={chunk} is not a multiple of 8 (TPU sublane tiling)"
     return None
