@@ -29,6 +29,7 @@ from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias
+from hylo_jax.parallel import context
 from hylo_jax.sharding import check_divides, constrain
 
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
@@ -146,6 +147,9 @@ class GatedDeltaNet(nnx.Module):
             o, state = gated_delta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
                                         use_qk_l2norm=True)
             o = o[:, None]
+        elif not cached and context.active_mesh() is not None:  # context parallel
+            o, state = context.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, use_qk_l2norm=True,
+                                                chunk_size=cfg.chunk_size, impl=cfg.impl)
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, initial_state=cache.state, segment_ids=segment_ids,
                                         use_qk_l2norm=True, chunk_size=cfg.chunk_size, impl=cfg.impl)

@@ -32,6 +32,7 @@ from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.ssd import ssd, ssd_step
 from hylo_jax.models.layers import Linear, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias
+from hylo_jax.parallel import context
 from hylo_jax.sharding import constrain
 
 _F32 = jnp.float32
@@ -197,6 +198,9 @@ class Mamba2Mixer(nnx.Module):
         if cache is not None and t == 1:
             y, ssm = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **kw)
             y = y[:, None]
+        elif cache is None and context.active_mesh() is not None:  # context parallel
+            y, ssm = context.ssd(xs, dt, A, B, C, segment_ids=segment_ids, chunk_size=cfg.chunk_size,
+                                 impl=cfg.impl, **kw)
         else:
             y, ssm = ssd(xs, dt, A, B, C, initial_state=None if cache is None else cache.ssm,
                          segment_ids=segment_ids, chunk_size=cfg.chunk_size, impl=cfg.impl, **kw)
