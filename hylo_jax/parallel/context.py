@@ -109,6 +109,28 @@ def zigzag_inverse(length: int, shards: int) -> np.ndarray:
     return np.argsort(zigzag_order(length, shards))
 
 
+def check_sequence(mesh, seq_len: int, *, load_balance: bool, conv_kernel: int = 1) -> None:
+    """`MeshError` (before compiling) unless `seq_len` splits into whole shards (and zig-zag chunks)
+    each at least as long as the widest conv's history."""
+    shards = dict(mesh.shape).get(SEQ, 1)
+    if shards == 1:
+        return
+    _check_length(mesh, seq_len, load_balance)
+    chunk = seq_len // (shards * _halves(load_balance))
+    if chunk < conv_kernel - 1:
+        raise MeshError(f"sequence shards of {chunk} tokens are shorter than the conv history "
+                        f"({conv_kernel - 1} tokens): use fewer sequence shards or longer sequences")
+
+
+def relayout(batch: dict) -> dict:
+    """The zig-zag layout of a [b, t] batch when load balancing on a sequence mesh (else the batch):
+    every key is permuted the same way along time, which losses summed over tokens do not see."""
+    mesh = active_mesh()
+    if mesh is None or not current().load_balance:
+        return batch
+    return {k: v[:, zigzag_order(v.shape[1], mesh.shape[SEQ])] for k, v in batch.items()}
+
+
 def _halves(zigzag: bool) -> int:
     return 2 if zigzag else 1
 
@@ -462,10 +484,3 @@ def causal_conv1d(conv: Callable, u, prefix, kernel, bias, segment_ids=None):
     return _shard_map(local, mesh, (P(bs, SEQ, ts), P(bs, None, ts), P(None, ts), P(ts), P(bs, SEQ)),
                       P(bs, SEQ, ts))(u, prefix, kernel, bias, _segments(segment_ids, b, t))
 
-
-def permute_batch(batch: dict, shards: int) -> dict:
-    """The zig-zag layout of a [b, t] batch (every key permuted the same way along time)."""
-    out = {}
-    for key, x in batch.items():
-        out[key] = x[:, zigzag_order(x.shape[1], shards)]
-    return out

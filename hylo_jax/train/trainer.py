@@ -30,6 +30,7 @@ from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
+from hylo_jax.parallel import context
 from hylo_jax.sharding import check_divides, make_mesh, path_keys, state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
@@ -142,6 +143,10 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         return final
     check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
     check_divides(mesh, f"stage {stage.name}: seq_len", stage.seq_len, ("sequence",))
+    context.check_sequence(mesh, stage.seq_len, load_balance=run.mesh.load_balance,
+                           conv_kernel=max(spec.hybrid.gdn.conv_kernel, spec.hybrid.mamba2.conv_kernel)
+                           if spec.hybrid else 1)
+    spec.check_mesh(mesh)
     hybrid = spec.hybrid if stage.mla_rope is None or spec.hybrid is None else dataclasses.replace(
         spec.hybrid, mla_rope=stage.mla_rope)
     spec = ModelSpec.create(dataclasses.replace(spec.model, remat=stage.remat or run.remat), hybrid)
@@ -165,8 +170,9 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
     start = int(state.step)
     try:
-        with jax.set_mesh(mesh), tqdm(total=stage.steps, initial=start, desc=directory.name,
-                                       disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+        cp = context.settings(run.mesh.context_parallel, run.mesh.load_balance)
+        with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
+                                           disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
                 batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in next(batches).items()}
                 state, metrics = distiller.run_step(state, batch)
