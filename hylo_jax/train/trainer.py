@@ -31,7 +31,7 @@ from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
-from hylo_jax.sharding import check_divides, make_mesh, path_keys, state_shardings
+from hylo_jax.sharding import check_divides, make_mesh, path_keys, reshard_state
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
@@ -79,7 +79,7 @@ class RunConfig:
 def place(model: CausalLM, mesh) -> CausalLM:
     """Moves every parameter of `model` onto its sharding on `mesh`."""
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    nnx.update(model, reshard_state(state, mesh))
     return model
 
 
@@ -219,7 +219,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "run.yaml")
+    if jax.process_index() == 0:
+        save_yaml(cfg, out / "run.yaml")
     mesh = make_mesh(cfg.mesh)
     teacher, tokenizer = load_teacher(cfg.teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
     if tokenizer is None:
@@ -259,6 +260,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
                               f"{student_cfg.vocab_size}")
     final_init = chain(cfg.stage2, spec, "", init)
     results["student_ppl_after"] = perplexity(respec(final_init(), spec), heldout)
+    if jax.process_index() != 0:
+        return results
     print(report(spec))
     print("held-out perplexity (Hamlet): teacher {teacher_ppl:.2f}, student before training "
           "{student_ppl_before:.2f}, after {student_ppl_after:.2f}".format(**results))
