@@ -198,7 +198,12 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
 
 
 def _restore(manager, state: TrainState, directory: Path) -> tuple[TrainState, dict]:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, NamedSharding))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # counters created by jnp.zeros live on one device: restore them replicated on the mesh (a single-device
+    # array next to mesh arrays is refused by jit when the mesh spans several processes)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding if isinstance(x.sharding, NamedSharding) else replicated), state)
     step = manager.latest_step()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
