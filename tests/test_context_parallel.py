@@ -92,14 +92,14 @@ MIXERS = {
 }
 
 CASES = [  # (mixer, shards, mode, packed segments, zig-zag)
-    ("mla", 2, "allgather", True, False),
+    pytest.param("mla", 2, "allgather", True, False, marks=pytest.mark.slow),
     ("mla", 4, "ring", True, False),
     pytest.param("mla", 8, "ring", False, False, marks=pytest.mark.slow),
     ("mla", 4, "allgather", True, True),
-    ("attention", 4, "ring", True, False),
+    pytest.param("attention", 4, "ring", True, False, marks=pytest.mark.slow),
     ("mamba2", 2, "allgather", True, False),
     pytest.param("mamba2", 4, "allgather", False, False, marks=pytest.mark.slow),
-    ("mamba2", 8, "allgather", True, False),
+    pytest.param("mamba2", 8, "allgather", True, False, marks=pytest.mark.slow),
     ("mamba2", 4, "allgather", True, True),
     ("gdn", 2, "allgather", True, False),
     pytest.param("gdn", 4, "allgather", True, False, marks=pytest.mark.slow),

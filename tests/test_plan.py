@@ -26,11 +26,10 @@ def config(tmp_path):
 
 
 def test_plan_reports_memory_flops_and_what_fits(config, capsys):
-    assert main(["plan", "--config", str(config), "--remat", "none", "--remat", "full",
-                 "--device-memory", "16"]) == 0
+    assert main(["plan", "--config", str(config), "--remat", "full", "--device-memory", "16"]) == 0
     out = capsys.readouterr().out
-    assert "| kd | hybrid | 64 | none |" in out and "| kd | hybrid | 64 | full |" in out
-    assert "kd: fits at seq_len 64 with remat=none" in out
+    assert "| kd | hybrid | 64 | full |" in out
+    assert "kd: fits at seq_len 64 with remat=full" in out
     assert "MLA (latent gather / ring)" in out  # the sequence axis is 2: communication volume follows
 
 
