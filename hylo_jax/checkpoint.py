@@ -35,11 +35,13 @@ def save_model(directory: str | Path, model: nnx.Module, spec: ModelSpec | Model
     config = {"model": to_dict(spec.model), "source": source}
     if spec.hybrid is not None:
         config["hybrid"] = to_dict(spec.hybrid)
-    save_yaml(config, directory / "config.yaml")
+    primary = jax.process_index() == 0  # small files from process 0; orbax saves collectively
+    if primary:
+        save_yaml(config, directory / "config.yaml")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / "params", params)
-    if tokenizer is not None:
+    if tokenizer is not None and primary:
         tokenizer.save_pretrained(str(directory / "tokenizer"))
     return directory
 

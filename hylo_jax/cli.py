@@ -1,4 +1,4 @@
-"""The `hylo` command: import, export, generate, upcycle, info, select-layers, train, demo, eval, describe.
+"""The `hylo` command: import, export, generate, upcycle, info, select-layers, train, plan, demo, eval, describe.
 
 Every command takes `key=value` overrides after its flags (sections: model, mesh, sampling),
 applied on top of `--config FILE.yaml` when given. Unknown keys are errors.
@@ -265,6 +265,59 @@ def cmd_eval(args) -> None:
     run(cfg, {name: (m, tok or fallback) for name, (m, tok) in models.items()})
 
 
+def cmd_plan(args) -> None:
+    """Compiled memory per device and analytic FLOPs of every stage, from abstract parameters."""
+    import dataclasses
+
+    import jax
+
+    from hylo_jax.models.hybrid import ModelSpec
+    from hylo_jax.plan import plan_stage, report
+    from hylo_jax.sharding import make_mesh
+
+    run_cfg = _run_config(args)
+    settings = _settings(args)
+    shape = _shape_spec(settings, args.config)
+    teacher_model = dataclasses.replace(shape.model, dtype=run_cfg.teacher_dtype, param_dtype=run_cfg.teacher_dtype)
+    student_model = dataclasses.replace(shape.model, dtype=run_cfg.dtype, param_dtype=run_cfg.param_dtype,
+                                        remat=run_cfg.remat)
+    teacher = ModelSpec(teacher_model)
+    mesh = make_mesh(run_cfg.mesh)
+    every = tuple(range(student_model.num_layers))
+    students = {"hybrid": run_cfg.hybrid}
+    if run_cfg.stage1:
+        students = {"all-mla": dataclasses.replace(run_cfg.hybrid, mla_layers=every, attention_layers=()),
+                    "all-linear": dataclasses.replace(run_cfg.hybrid, mla_layers=(), attention_layers=()),
+                    **students}
+    rows = []
+    wanted = set(args.stage or [])
+    for stage in (*run_cfg.stage1, *run_cfg.stage2):
+        if wanted and stage.name not in wanted:
+            continue
+        names = [n for n in students if (n != "hybrid") == (stage in run_cfg.stage1)]
+        for name in names:
+            hybrid = students[name]
+            if stage.mla_rope is not None:
+                hybrid = dataclasses.replace(hybrid, mla_rope=stage.mla_rope)
+            spec = ModelSpec.create(student_model, hybrid)
+            rows += plan_stage(spec, teacher, stage, mesh, student=name, seq_lens=args.seq_len or (),
+                               remats=args.remat or (), cp_mode=run_cfg.mesh.context_parallel,
+                               load_balance=run_cfg.mesh.load_balance)
+            print(report(rows[-1:], mesh_sizes=dict(mesh.shape), device_memory=None).splitlines()[-1],
+                  flush=True)
+    memory = args.device_memory * 2**30 if args.device_memory else None
+    print()
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+    print(report(rows, mesh_sizes=dict(mesh.shape), device_memory=memory))
+    if mesh.shape["sequence"] > 1:
+        from hylo_jax.parallel.volume import table
+
+        seq = max((*(args.seq_len or ()), *(s.seq_len for s in (*run_cfg.stage1, *run_cfg.stage2))))
+        print()
+        print(table(ModelSpec.create(student_model, run_cfg.hybrid), teacher, tokens=seq,
+                    shards=mesh.shape["sequence"], dtype_bytes=2 if run_cfg.dtype != "float32" else 4))
+
+
 def cmd_describe(args) -> None:
     del args
     from hylo_jax.eval.config import EvalConfig
@@ -286,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML file with model/mesh/sampling sections")
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mesh.tensor=2")
+        g = p.add_argument_group("multi-host (see hylo_jax/parallel/distributed.py and launch/)")
+        g.add_argument("--coordinator", help="HOST:PORT of process 0 (env HYLO_COORDINATOR)")
+        g.add_argument("--num-processes", type=int, help="processes in the job (env HYLO_NUM_PROCESSES)")
+        g.add_argument("--process-id", type=int, help="this process's rank (env HYLO_PROCESS_ID)")
+        g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
+                       help="auto: explicit flags/env, SLURM with several tasks or a multi-host TPU VM; "
+                            "on: jax's own cluster detection; off: one process")
         p.set_defaults(fn=fn)
         return p
 
@@ -329,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", help="comma-separated RULER lengths in tokens (eval.lengths)")
     p.add_argument("--samples", type=int, help="RULER samples per task and length (eval.samples)")
     p.add_argument("--out", help="output folder for results.json and ruler.png (eval.out)")
+    p = add("plan", cmd_plan, "per-device memory (AOT compile from abstract parameters) and FLOPs of each "
+                              "stage, and which context length / remat fits a device")
+    p.add_argument("--stage", action="append", help="only this stage (repeatable; default: all)")
+    p.add_argument("--seq-len", type=int, action="append", help="candidate context length (repeatable; "
+                                                                 "default: the stage's)")
+    p.add_argument("--remat", action="append", choices=("none", "save_attention_out", "dots_no_batch", "dots",
+                                                        "full"),
+                   help="candidate remat policy (repeatable; default: the stage's)")
+    p.add_argument("--device-memory", type=float, help="GiB per device to fit in")
     add("describe", cmd_describe, "list every config key with its default and meaning")
     return parser
 
@@ -340,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax is chatty at INFO
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.command != "describe":
+            from hylo_jax.parallel.distributed import initialize
+
+            initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                       process_id=args.process_id, mode=args.distributed)
         args.fn(args)
     except HyloError as e:
         print(f"hylo {args.command}: error: {e}", file=sys.stderr)

@@ -94,6 +94,11 @@ class MeshConfig:
     fsdp: int = doc(-1, "Data parallelism with parameters, gradients and optimiser state sharded.")
     tensor: int = doc(1, "Tensor parallelism over heads and MLP width.")
     sequence: int = doc(1, "Context parallelism over the sequence axis.")
+    context_parallel: Literal["allgather", "ring"] = doc(
+        "allgather", "Attention with sequence > 1: all-gather the MLA latents / K-V once, or pass them "
+                     "around a ring (ppermute overlapped with the block compute).")
+    load_balance: bool = doc(False, "Zig-zag token layout for sequence > 1 (shard s holds chunks s and "
+                                    "2S-1-s), so causal attention work is equal on every shard.")
 
 
 # --------------------------------------------------------------------------------------------

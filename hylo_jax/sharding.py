@@ -135,6 +135,23 @@ def check_divides(mesh: Mesh, what: str, dim: int, axes: Sequence[str]) -> None:
         raise MeshError(f"{what}={dim} is not divisible by mesh axes {tuple(axes)} of size {size}")
 
 
+def reshard(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """x on `sharding`. `jax.device_put` cannot move an array that spans other processes (multi-host),
+    so such arrays go through a jitted identity with `out_shardings` (every process runs it)."""
+    if getattr(x, "sharding", None) == sharding:
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    return jax.device_put(x, sharding)
+
+
+def reshard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """`state` (in place) with every variable on its `state_shardings` sharding (multi-host safe)."""
+    pure = jax.tree.map(reshard, nnx.to_pure_dict(state), nnx.to_pure_dict(state_shardings(state, mesh)))
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes, when a mesh is set (`jax.set_mesh`); else x."""
     mesh = jax.sharding.get_abstract_mesh()

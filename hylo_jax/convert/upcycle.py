@@ -36,6 +36,7 @@ from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.mamba2 import Mamba2Mixer
 from hylo_jax.models.mla import MLA
 from hylo_jax.models.transformer import Attention, CausalLM
+from hylo_jax.sharding import reshard, reshard_state
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _set(linear, weight: jax.Array) -> None:
     old = linear.kernel[...]
     if weight.T.shape != old.shape:
         raise ConfigError(f"upcycling shape mismatch: {weight.T.shape} into kernel {old.shape}")
-    linear.kernel[...] = jax.device_put(weight.T.astype(old.dtype), old.sharding)
+    linear.kernel[...] = reshard(weight.T.astype(old.dtype), old.sharding)
 
 
 def attention_weights(attn: Attention) -> dict[str, jax.Array]:
@@ -160,7 +161,7 @@ def init_gdn(mixer: GatedDeltaNet, w: dict[str, jax.Array], heads: int, kv_heads
 
 def _copy_module(dst: nnx.Module, src: nnx.Module) -> None:
     """Copies every parameter of `src` into the same path of `dst` (same shapes)."""
-    nnx.update(dst, jax.tree.map(lambda a, b: jax.device_put(a.astype(b.dtype), b.sharding),
+    nnx.update(dst, jax.tree.map(lambda a, b: reshard(a.astype(b.dtype), b.sharding),
                                  nnx.state(src, nnx.Param), nnx.state(dst, nnx.Param)))
 
 
@@ -172,12 +173,16 @@ def upcycle(teacher: CausalLM, spec: ModelSpec, *, seed: int = 0) -> CausalLM:
             raise ConfigError(f"student {field}={getattr(s_cfg, field)} differs from the teacher's "
                               f"{getattr(t_cfg, field)}")
     student = spec.build(nnx.Rngs(seed))
+    t_leaf = teacher.model.embed_tokens.embedding[...]
+    if not t_leaf.is_fully_addressable:  # multi-host: the student joins the teacher's mesh first
+        nnx.update(student, reshard_state(nnx.state(student), t_leaf.sharding.mesh))
     _copy_module(student.model.embed_tokens, teacher.model.embed_tokens)
     _copy_module(student.model.norm, teacher.model.norm)
     if student.lm_head is not None:
         head = (teacher.lm_head.kernel[...] if teacher.lm_head is not None
                 else teacher.model.embed_tokens.embedding[...].T)
-        student.lm_head.kernel[...] = head.astype(student.lm_head.kernel[...].dtype)
+        old = student.lm_head.kernel[...]
+        student.lm_head.kernel[...] = reshard(head.astype(old.dtype), old.sharding)
     for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, teacher.model.layers, strict=True)):
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
             _copy_module(getattr(s_layer, name), getattr(t_layer, name))

@@ -29,6 +29,7 @@ from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
+from hylo_jax.parallel import context
 from hylo_jax.sharding import check_divides, constrain
 
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
@@ -134,7 +135,7 @@ class GatedDeltaNet(nnx.Module):
         h = cfg.num_heads
         cached = cache is not None
         cache = cache if cached else GDNCache.zeros(b, cfg)
-        lengths = padded_lengths(positions, kv_length) if cached and t > 1 else None
+        lengths = padded_lengths(positions, kv_length) if cached else None
         q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv, segment_ids, lengths)
         k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv, segment_ids, lengths)
         v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv, segment_ids, lengths)
@@ -152,6 +153,9 @@ class GatedDeltaNet(nnx.Module):
             o, state = gated_delta_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0],
                                         use_qk_l2norm=True)
             o = o[:, None]
+        elif not cached and context.active_mesh() is not None:  # context parallel
+            o, state = context.gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, use_qk_l2norm=True,
+                                                chunk_size=cfg.chunk_size, impl=cfg.impl)
         else:
             o, state = gated_delta_rule(q, k, v, g, beta, initial_state=cache.state, segment_ids=segment_ids,
                                         use_qk_l2norm=True, chunk_size=cfg.chunk_size, impl=cfg.impl)

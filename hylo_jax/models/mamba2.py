@@ -32,6 +32,7 @@ from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.ssd import discretize_dt, ssd, ssd_step
 from hylo_jax.models.layers import Linear, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
+from hylo_jax.parallel import context
 from hylo_jax.sharding import constrain
 
 _F32 = jnp.float32
@@ -185,7 +186,7 @@ class Mamba2Mixer(nnx.Module):
         z, u, dt = jnp.split(self.in_proj(x), [cfg.d_inner, cfg.d_inner + cfg.conv_channels], -1)
         prefix = (cache.conv if cache is not None
                   else jnp.zeros((b, cfg.conv_kernel - 1, cfg.conv_channels), u.dtype))
-        lengths = padded_lengths(positions, kv_length) if cache is not None and t > 1 else None
+        lengths = padded_lengths(positions, kv_length) if cache is not None else None
         u, conv_state = self.conv1d(u, prefix, segment_ids, lengths)
         u = jax.nn.silu(u).astype(z.dtype)
         xw, bw = cfg.xb_heads * p, cfg.b_groups * n
@@ -204,6 +205,9 @@ class Mamba2Mixer(nnx.Module):
         if cache is not None and t == 1:
             y, ssm = ssd_step(cache.ssm, xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], **kw)
             y = y[:, None]
+        elif cache is None and context.active_mesh() is not None:  # context parallel
+            y, ssm = context.ssd(xs, dt, A, B, C, segment_ids=segment_ids, chunk_size=cfg.chunk_size,
+                                 impl=cfg.impl, **kw)
         else:
             y, ssm = ssd(xs, dt, A, B, C, initial_state=None if cache is None else cache.ssm,
                          segment_ids=segment_ids, chunk_size=cfg.chunk_size, impl=cfg.impl, **kw)

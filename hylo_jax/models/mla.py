@@ -36,6 +36,7 @@ from hylo_jax.errors import ConfigError
 from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
+from hylo_jax.parallel import context
 from hylo_jax.sharding import constrain
 
 # Logical axis of the low-rank latent dimensions (see sharding.LOGICAL_RULES).
@@ -176,7 +177,12 @@ class MLA(nnx.Module):
         q = self._queries(x)
         q_nope, q_rope = q[..., :dn], apply_rope(q[..., dn:], cos, sin)
         latent = self._latents(x, cos, sin)
-        if cache is None:
+        if cache is None and context.active_mesh() is not None:  # context parallel: latents travel
+            w_uk, w_uv = self._up_kernels()
+            q = jnp.concatenate([q_nope, q_rope], -1)
+            out = context.mla_attention(q, latent, w_uk, w_uv, kv_lora_rank=cfg.kv_lora_rank,
+                                        segment_ids=segment_ids, scale=scale)
+        elif cache is None:
             out = self._decompressed(q_nope, q_rope, latent, segment_ids, scale)
         else:
             cache = cache.write(latent, positions)

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
+from hylo_jax.parallel import context
+
 _F32 = jnp.float32
 
 
@@ -63,25 +65,47 @@ class CausalConv1d(nnx.Module):
                  ) -> tuple[Float[Array, "b t c"], Float[Array, "b k c"]]:
         """Returns (y in fp32, the last K-1 inputs: the next call's prefix). Prefix rows of an
         earlier document than the last token's are zeroed, so decoding continues it exactly. With
-        `lengths`, only each row's first `lengths` tokens are real (the rest is right padding): the
-        prefix is the K-1 inputs before token `lengths`."""
-        if lengths is not None and segment_ids is not None:
-            raise ValueError("CausalConv1d takes segment ids (packed rows) or lengths (padded rows), not both")
-        t, k = u.shape[1], prefix.shape[1]
-        window = jnp.concatenate([prefix.astype(u.dtype), u], axis=1)  # [b, k + t, c]
-        kernel = self.kernel[...].astype(_F32)
-        y = jnp.zeros(u.shape, _F32) if self.bias is None else jnp.broadcast_to(
-            self.bias[...].astype(_F32), u.shape)
-        ids = None if segment_ids is None else _continuing_ids(segment_ids, k)
-        for j in range(k + 1):
-            tap = window[:, j:j + t].astype(_F32)
-            if ids is not None:
-                tap = jnp.where((ids[:, j:j + t] == segment_ids)[..., None], tap, 0.0)
-            y = y + kernel[j] * tap
-        if lengths is None:
-            new_prefix = window[:, t:]
-        else:
-            new_prefix = jax.vmap(lambda w, n: jax.lax.dynamic_slice_in_dim(w, n, k, axis=0))(window, lengths)
+        `lengths` (a cached call on right-padded rows) only each row's first `lengths` tokens are real:
+        the prefix is the K-1 inputs before token `lengths`. On a mesh with a `sequence` axis > 1 the
+        shards exchange their last K-1 inputs (`parallel.context.causal_conv1d`)."""
+        kernel = self.kernel[...]
+        bias = None if self.bias is None else self.bias[...]
+        if context.active_mesh() is None or lengths is not None:
+            return causal_conv1d(u, prefix, kernel, bias, segment_ids, lengths)
+        y = context.causal_conv1d(causal_conv1d, u, prefix, kernel, bias, segment_ids)
+        return y, _last_inputs(u, prefix, segment_ids)
+
+
+def _last_inputs(u, prefix, segment_ids):
+    """The last K-1 inputs (the prefix of the next call), rows of an earlier document zeroed."""
+    k = prefix.shape[1]
+    window = jnp.concatenate([prefix.astype(u.dtype), u], axis=1)[:, -k:] if k else prefix
+    if segment_ids is None or not k:
+        return window
+    ids = _continuing_ids(segment_ids, k)[:, -k:]
+    return jnp.where((ids == segment_ids[:, -1:])[..., None], window, 0)
+
+
+def causal_conv1d(u: Float[Array, "b t c"], prefix: Float[Array, "b k c"], kernel: Float[Array, "K c"],
+                  bias: Float[Array, " c"] | None, segment_ids: Int[Array, "b t"] | None = None,
+                  lengths: Int[Array, "b"] | None = None) -> tuple[Float[Array, "b t c"], Float[Array, "b k c"]]:
+    """`CausalConv1d` as a function of its parameters: (y in fp32, the next prefix)."""
+    if lengths is not None and segment_ids is not None:
+        raise ValueError("causal_conv1d takes segment ids (packed rows) or lengths (padded rows), not both")
+    t, k = u.shape[1], prefix.shape[1]
+    window = jnp.concatenate([prefix.astype(u.dtype), u], axis=1)  # [b, k + t, c]
+    kernel = kernel.astype(_F32)
+    y = jnp.zeros(u.shape, _F32) if bias is None else jnp.broadcast_to(bias.astype(_F32), u.shape)
+    ids = None if segment_ids is None else _continuing_ids(segment_ids, k)
+    for j in range(k + 1):
+        tap = window[:, j:j + t].astype(_F32)
         if ids is not None:
-            new_prefix = jnp.where((ids[:, t:] == segment_ids[:, -1:])[..., None], new_prefix, 0)
-        return y, new_prefix
+            tap = jnp.where((ids[:, j:j + t] == segment_ids)[..., None], tap, 0.0)
+        y = y + kernel[j] * tap
+    if lengths is None:
+        new_prefix = window[:, t:]
+    else:
+        new_prefix = jax.vmap(lambda w, n: jax.lax.dynamic_slice_in_dim(w, n, k, axis=0))(window, lengths)
+    if ids is not None:
+        new_prefix = jnp.where((ids[:, t:] == segment_ids[:, -1:])[..., None], new_prefix, 0)
+    return y, new_prefix

@@ -19,6 +19,7 @@ from hylo_jax.config import ModelConfig
 from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
 from hylo_jax.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin
+from hylo_jax.parallel import context
 from hylo_jax.sharding import check_divides, constrain
 
 REMAT_POLICIES = {
@@ -95,7 +96,9 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
-        if cache is None:
+        if cache is None and context.active_mesh() is not None:  # context parallel: K/V travel
+            out = context.attention(q, k, v, segment_ids=segment_ids)
+        elif cache is None:
             out = attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
         else:
             cache = cache.write(k, v, positions)

@@ -15,6 +15,7 @@ import optax
 from flax import nnx, struct
 
 from hylo_jax.models.transformer import CausalLM
+from hylo_jax.parallel import context
 from hylo_jax.sharding import path_str
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss, token_nll
@@ -100,6 +101,7 @@ class Distiller:
 
     def _step(self, state: TrainState, frozen, teacher_state, batch: Batch) -> tuple[TrainState, dict]:
         teacher = nnx.merge(self.teacher_graphdef, teacher_state)
+        batch = context.relayout(batch)  # zig-zag tokens when load balancing context parallelism
 
         def loss_fn(params):
             return distill_loss(nnx.merge(self.graphdef, params, frozen), teacher, batch, self.stage)

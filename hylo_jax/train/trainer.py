@@ -30,7 +30,8 @@ from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.eval.perplexity import perplexity
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
-from hylo_jax.sharding import check_divides, make_mesh, path_keys, state_shardings
+from hylo_jax.parallel import context
+from hylo_jax.sharding import check_divides, make_mesh, path_keys, reshard_state
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
@@ -77,7 +78,7 @@ class RunConfig:
 def place(model: CausalLM, mesh) -> CausalLM:
     """Moves every parameter of `model` onto its sharding on `mesh`."""
     state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
+    nnx.update(model, reshard_state(state, mesh))
     return model
 
 
@@ -120,6 +121,10 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         return final
     check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
     check_divides(mesh, f"stage {stage.name}: seq_len", stage.seq_len, ("sequence",))
+    context.check_sequence(mesh, stage.seq_len, load_balance=run.mesh.load_balance,
+                           conv_kernel=max(spec.hybrid.gdn.conv_kernel, spec.hybrid.mamba2.conv_kernel)
+                           if spec.hybrid else 1)
+    spec.check_mesh(mesh)
     hybrid = spec.hybrid if stage.mla_rope is None or spec.hybrid is None else dataclasses.replace(
         spec.hybrid, mla_rope=stage.mla_rope)
     spec = ModelSpec.create(dataclasses.replace(spec.model, remat=stage.remat or run.remat), hybrid)
@@ -143,8 +148,9 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
     start = int(state.step)
     try:
-        with jax.set_mesh(mesh), tqdm(total=stage.steps, initial=start, desc=directory.name,
-                                       disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+        cp = context.settings(run.mesh.context_parallel, run.mesh.load_balance)
+        with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
+                                           disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
                 batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in next(batches).items()}
                 state, metrics = distiller.run_step(state, batch)
@@ -170,7 +176,12 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
 
 
 def _restore(manager, state: TrainState, directory: Path) -> tuple[TrainState, dict]:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    mesh = next(x.sharding.mesh for x in jax.tree.leaves(state) if isinstance(x.sharding, NamedSharding))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # counters created by jnp.zeros live on one device: restore them replicated on the mesh (a single-device
+    # array next to mesh arrays is refused by jit when the mesh spans several processes)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding if isinstance(x.sharding, NamedSharding) else replicated), state)
     step = manager.latest_step()
     try:
         restored = manager.restore(step, args=ocp.args.Composite(
@@ -191,7 +202,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "run.yaml")
+    if jax.process_index() == 0:
+        save_yaml(cfg, out / "run.yaml")
     mesh = make_mesh(cfg.mesh)
     teacher, tokenizer = load_teacher(cfg.teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
     if tokenizer is None:
@@ -231,6 +243,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
                               f"{student_cfg.vocab_size}")
     final_init = chain(cfg.stage2, spec, "", init)
     results["student_ppl_after"] = perplexity(respec(final_init(), spec), heldout)
+    if jax.process_index() != 0:
+        return results
     print(report(spec))
     print("held-out perplexity (Hamlet): teacher {teacher_ppl:.2f}, student before training "
           "{student_ppl_before:.2f}, after {student_ppl_after:.2f}".format(**results))

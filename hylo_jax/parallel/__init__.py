@@ -1,0 +1,1 @@
+"""Parallelism beyond GSPMD: context parallelism, multi-host start-up, communication volume."""
