@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """How prompts are prefilled and how large the caches are."""
 
-    prefill_chunk: int = doc(2048, "Prompt tokens per prefill step; peak activation memory scales with it.")
+    prefill_chunk: int = doc(2048, "Prompt tokens per prefill step (at most; shorter prompts take one step of the "
+                                   "next power of two); peak activation memory scales with it.")
     max_len: int = doc(0, "Cache slots per row (prompt + new tokens); 0 = the longest prompt + max_new_tokens.")
 
     def __post_init__(self):
@@ -68,8 +69,10 @@ class Engine:
         """Runs the prompts through the model chunk by chunk into fresh caches of `max_len` slots;
         `progress(tokens done)` is called after each chunk has finished on the device."""
         lengths = np.array([len(p) for p in prompts], np.int32)
-        chunk = self.cfg.prefill_chunk
-        width = -(-int(lengths.max()) // chunk) * chunk
+        longest = int(lengths.max())
+        # short prompts: one chunk of the next power of two (few distinct shapes to compile)
+        chunk = min(self.cfg.prefill_chunk, 1 << max(4, (longest - 1).bit_length()))
+        width = -(-longest // chunk) * chunk
         tokens = np.zeros((len(prompts), width), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
@@ -77,12 +80,12 @@ class Engine:
         caches = _init_caches(self.graphdef, self.state, len(prompts), max_len)
         last_hidden = jnp.zeros((len(prompts), self.hidden_size), jnp.float32)
         lengths_dev = jnp.asarray(lengths)
-        for start in range(0, int(lengths.max()), chunk):
+        for start in range(0, longest, chunk):
             caches, last_hidden = _prefill_chunk(self.graphdef, self.state, caches, jnp.asarray(
                 tokens[:, start:start + chunk]), jnp.int32(start), lengths_dev, last_hidden)
             if progress is not None:
                 jax.block_until_ready(last_hidden)
-                progress(min(start + chunk, int(lengths.max())))
+                progress(min(start + chunk, longest))
         last_logits = _head(self.graphdef, self.state, last_hidden)
         jax.block_until_ready(last_logits)
         return Prefilled(caches, last_logits, lengths_dev, time.perf_counter() - t0)
