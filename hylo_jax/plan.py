@@ -22,12 +22,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hylo_jax.config import MeshConfig
 from hylo_jax.errors import HyloError
 from hylo_jax.models.hybrid import ModelSpec
 from hylo_jax.parallel import context
 from hylo_jax.parallel.volume import fmt_bytes as _fmt
-from hylo_jax.sharding import check_divides, make_mesh, state_shardings
+from hylo_jax.sharding import check_divides, state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token
 from hylo_jax.train.step import Distiller, TrainState
@@ -143,8 +142,3 @@ def report(rows: Sequence[PlanRow], *, mesh_sizes: dict, device_memory: float | 
             lines.append(f"{stage}: fits at seq_len {best.seq_len} with remat={best.remat} "
                          f"({fmt(best.peak_bytes)} of {fmt(device_memory)} per device)")
     return "\n".join(lines)
-
-
-def mesh_for(cfg: MeshConfig):
-    """The run's mesh over this machine's devices (MeshError if the sizes do not match)."""
-    return make_mesh(cfg)

@@ -87,8 +87,3 @@ def initialize(**kwargs) -> bool:
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
-
-
-def is_primary() -> bool:
-    """Process 0: the one that writes logs and small files."""
-    return jax.process_index() == 0
