@@ -215,16 +215,21 @@ def test_bad_arguments_raise():
         gated_delta_step(s0, q[:, 0], k[:, 0], v[:, 0, :, :2], g[:, 0], beta[:, 0])
 
 
-def test_unit_lower_solve_matches_lapack_value_and_gradients():
-    """Our substitution solve (used instead of LAPACK trsm, which can deadlock on CPU) is exact."""
+@pytest.mark.parametrize("c", [16, 64])
+def test_unit_lower_solve_matches_lapack_value_and_gradients(c):
+    """Our block-recursive solve (used instead of LAPACK trsm, which can deadlock on CPU) is exact, also for
+    chunk-sized systems shaped like the delta rule's (entries beta k_i.k_j e^{G_i-G_j}, |entries| <= 1)."""
     from jax import lax
 
     from hylo_jax.kernels.gated_delta import unit_lower_solve
 
-    k = jax.random.split(jax.random.key(7), 3)
-    m = 0.3 * jax.random.normal(k[0], (2, 3, 16, 16))
-    b = jax.random.normal(k[1], (2, 3, 16, 5))
-    w = jax.random.normal(k[2], (2, 3, 16, 5))
+    k = jax.random.split(jax.random.key(7), 4)
+    keys = jax.random.normal(k[0], (2, 3, c, 8))
+    keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
+    beta = jax.random.uniform(k[3], (2, 3, c, 1))
+    m = beta * jnp.einsum("...ik,...jk->...ij", keys, keys) * 0.98 ** jnp.abs(jnp.arange(c)[:, None] - jnp.arange(c))
+    b = jax.random.normal(k[1], (2, 3, c, 5))
+    w = jax.random.normal(k[2], (2, 3, c, 5))
 
     def ref(m, b):
         return lax.linalg.triangular_solve(m, b, left_side=True, lower=True, unit_diagonal=True)
