@@ -24,7 +24,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     # parameters
     "vocab": ("tensor",),
-    "embed": ("fsdp",),
+    "embed": ("fsdp", "sequence"),  # ZeRO-3 over the sequence axis too (MaxText's rule)
     "mlp": ("tensor",),
     "q_heads": ("tensor",),  # flattened heads * head_dim of a projection
     "kv_heads": ("tensor",),

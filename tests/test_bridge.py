@@ -65,7 +65,7 @@ def test_orbax_round_trip_onto_another_mesh(tmp_path, mesh):
     restored, spec = load_model(tmp_path / "ckpt", other)
     assert spec.model == cfg and spec.hybrid is None
     emb = restored.model.embed_tokens.embedding.get_value()
-    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor", ("fsdp", "sequence"))
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(model.model.embed_tokens.embedding.get_value()))
 
 
@@ -133,5 +133,5 @@ def test_mesh_that_does_not_divide_a_parameter():
     from hylo_jax.sharding import state_shardings
 
     _, abstract = abstract_model(ModelConfig(hidden_size=36, num_heads=4, num_kv_heads=4, head_dim=8))
-    with pytest.raises(MeshError, match=r"parameter \S+ has embed dimension 36, which mesh axes fsdp of size 8"):
+    with pytest.raises(MeshError, match=r"parameter \S+ has embed dimension 36, which mesh axes \('fsdp', 'sequence'\) of size 8"):
         state_shardings(abstract, make_mesh(MeshConfig(fsdp=8)))

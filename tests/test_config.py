@@ -49,7 +49,7 @@ def test_mesh_resolution():
 
 
 def test_logical_rules_and_describe():
-    assert tuple(logical_to_spec(("embed", "mlp"))) == ("fsdp", "tensor")
+    assert tuple(logical_to_spec(("embed", "mlp"))) == (("fsdp", "sequence"), "tensor")
     assert tuple(logical_to_spec(("act_batch", "act_length", None))) == (("data", "fsdp"), "sequence", None)
     text = describe(ModelConfig, "model.")
     assert "model.rope.theta = 10000.0  # Base of the rotary frequencies." in text

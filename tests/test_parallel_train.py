@@ -84,8 +84,8 @@ def test_fsdp_tensor_sequence_training_matches_one_device(mode, load_balance, lo
     kernel = state.params["model"]["layers"][0]["self_attn"]["q_b_proj"]["kernel"]
     assert kernel.get_value().sharding.spec == jax.P(None, "tensor")
     embed = state.params["model"]["layers"][1]["linear_attn"]["q_proj"]["kernel"].get_value()
-    assert embed.sharding.spec == jax.P("fsdp", "tensor")
-    assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape == (16, 8)
+    assert embed.sharding.spec == jax.P(("fsdp", "sequence"), "tensor")
+    assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape == (8, 8)
 
 
 def test_teacher_and_student_share_the_rules():

@@ -85,7 +85,7 @@ def test_sharded_forward_equals_single_device(teacher_dirs):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model, _ = load_hf_model(folder, mesh)
     q = model.model.layers[0].self_attn.q_proj.kernel.get_value()
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert q.sharding.spec == jax.sharding.PartitionSpec(("fsdp", "sequence"), "tensor")
     graphdef, state = nnx.split(model)
 
     @jax.jit
