@@ -66,6 +66,38 @@ def make_batch(batch: int, seq: int, vocab: int, segments: bool) -> dict[str, ja
             "loss_mask": jnp.ones((batch, seq), jnp.int32)}
 
 
+def compiled_peak_gib(compiled) -> float:
+    """Peak device memory of a compiled step: temporaries + arguments + outputs - donated aliases."""
+    mem = compiled.memory_analysis()
+    gib = 2**30
+    print(f"  memory GiB: temp {mem.temp_size_in_bytes / gib:.2f}, arguments {mem.argument_size_in_bytes / gib:.2f},"
+          f" outputs {mem.output_size_in_bytes / gib:.2f}, aliased {mem.alias_size_in_bytes / gib:.2f}",
+          file=sys.stderr)
+    return (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes) / 2**30
+
+
+def measure_step(distiller: Distiller, batch: dict, *, memory_only: bool, iters: int = 5
+                 ) -> tuple[float | None, float]:
+    """(median seconds per step or None with `memory_only`, compiled peak GiB) of `distiller`'s step."""
+    if memory_only:
+        params = distiller.initial_params
+        state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(distiller.tx.init, params))
+    else:
+        state = distiller.init_state()
+    peak_gib = compiled_peak_gib(distiller.step.lower(state, distiller.frozen, distiller.teacher_state,
+                                                      batch).compile())
+    if memory_only:
+        return None, peak_gib
+    held = [state]  # run_step donates its state: thread it through the timed calls
+
+    def step():
+        held[0], metrics = distiller.run_step(held[0], batch)
+        return metrics
+
+    return time_jax(step, warmup=1, iters=iters), peak_gib
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true")
@@ -86,27 +118,11 @@ def main() -> None:
         for name, chunk in (("dense KL", 0), ("chunked KL", 2048 if not args.tiny else 128)):
             stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
             distiller = Distiller(student, teacher, stage)
-            if args.memory_only:
-                params = distiller.initial_params
-                state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                                   jax.eval_shape(distiller.tx.init, params))
-            else:
-                state = distiller.init_state()
             try:
-                compiled = distiller.step.lower(state, distiller.frozen, distiller.teacher_state, batch).compile()
-                mem = compiled.memory_analysis()
-                peak_gib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes
-                            + mem.output_size_in_bytes - mem.alias_size_in_bytes) / 2**30
-                if args.memory_only:
+                seconds, peak_gib = measure_step(distiller, batch, memory_only=args.memory_only)
+                if seconds is None:
                     rows.append([f"1x{seq}", name, "-", "-", "-", peak_gib])
                     continue
-                held = [state]  # run_step donates its state: thread it through the timed calls
-
-                def step():
-                    held[0], metrics = distiller.run_step(held[0], batch)
-                    return metrics
-
-                seconds = time_jax(step, warmup=1, iters=5)
                 mfu = flops / seconds / peak if peak else float("nan")
                 rows.append([f"1x{seq}", name, seconds, seq / seconds, mfu, peak_gib])
             except Exception as e:  # OOM at long context is a result, not a crash

@@ -133,5 +133,6 @@ def test_mesh_that_does_not_divide_a_parameter():
     from hylo_jax.sharding import state_shardings
 
     _, abstract = abstract_model(ModelConfig(hidden_size=36, num_heads=4, num_kv_heads=4, head_dim=8))
-    with pytest.raises(MeshError, match=r"parameter \S+ has embed dimension 36, which mesh axes \('fsdp', 'sequence'\) of size 8"):
+    with pytest.raises(MeshError, match=r"parameter \S+ has embed dimension 36, which mesh axes "
+                                        r"\('fsdp', 'sequence'\) of size 8"):
         state_shardings(abstract, make_mesh(MeshConfig(fsdp=8)))

@@ -280,13 +280,14 @@ def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool):
         k, v = decompress(kv)
         g = k.shape[2]
         k_idx = _token_index(j, tl, shards, zigzag)
+        rows = _query_tile(tl, b * h * tl * 4)  # one query row's fp32 scores against the block: b h tl 4 bytes
 
-        def compute(acc):
-            m, denom, o = acc
-            qg = q.reshape(b, tl, g, h // g, d)
+        def tile(args):
+            (m, denom, o), q_t, q_idx_t, seg_t = args
+            qg = q_t.reshape(b, rows, g, h // g, d)
             scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(q.dtype),
                                 preferred_element_type=_F32) * scale
-            mask = (k_idx[None, :] <= q_idx[:, None])[None] & (seg[:, :, None] == kseg[:, None, :])
+            mask = (k_idx[None, :] <= q_idx_t[:, None])[None] & (seg_t[:, :, None] == kseg[:, None, :])
             mask = mask[:, None, None]
             scores = jnp.where(mask, scores, _NEG)  # finite, so exp never overflows (nor its gradient)
             m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
@@ -296,8 +297,23 @@ def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool):
                                                  preferred_element_type=_F32)
             return m_new, denom * corr + p.sum(-1), o
 
+        def compute(acc):
+            """Online-softmax update of every local query by this key block, one query tile at a time
+            (each tile rematerialised in the backward pass, so no [tl, tl] scores ever exist whole)."""
+            n = tl // rows
+
+            def to_tiles(x, axis):  # [..., tl, ...] -> [n, ..., rows, ...]
+                return jnp.moveaxis(x.reshape(*x.shape[:axis], n, rows, *x.shape[axis + 1:]), axis, 0)
+
+            def from_tiles(x, axis):
+                x = jnp.moveaxis(x, 0, axis)
+                return x.reshape(*x.shape[:axis], tl, *x.shape[axis + 2:])
+
+            tiles = (tuple(to_tiles(a, 3) for a in acc), to_tiles(q, 1), q_idx.reshape(n, rows), to_tiles(seg, 1))
+            return tuple(from_tiles(a, 3) for a in jax.lax.map(jax.checkpoint(tile), tiles))
+
         visible = jnp.min(k_idx) <= jnp.max(q_idx)
-        return jax.lax.cond(visible, jax.checkpoint(compute), lambda a: a, acc)
+        return jax.lax.cond(visible, compute, lambda a: a, acc)
 
     k0, v0 = decompress(payload)  # shapes only (dead code after tracing)
     g, dv = k0.shape[2], v0.shape[-1]
@@ -326,6 +342,17 @@ def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool):
     _, denom, o = acc
     o = o / denom[..., None]
     return o.transpose(0, 3, 1, 2, 4).reshape(b, tl, h, dv).astype(q.dtype)
+
+
+SCORE_TILE_BYTES = 1 << 30  # fp32 scores of one (query tile x key block) step of context-parallel attention
+
+
+def _query_tile(t_local: int, score_bytes_per_row: int) -> int:
+    """Rows per query tile: t_local halved (while even) until a tile's scores fit SCORE_TILE_BYTES."""
+    rows = t_local
+    while rows % 2 == 0 and rows * score_bytes_per_row > SCORE_TILE_BYTES:
+        rows //= 2
+    return rows
 
 
 def attention(q, k, v, *, segment_ids=None, scale: float | None = None):
