@@ -50,11 +50,13 @@ def test_splash_tpu_kernel_in_interpret_mode_matches_xla():
         assert rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("block", [4, 1024])
-def test_cached_attention_equals_causal_attention(monkeypatch, block):
-    """Blocked online softmax over the cache (4-slot blocks, and one block) = causal attention; a row
-    with a shorter kv_length ignores the slots past it."""
+@pytest.mark.parametrize("block, scores_bytes", [(4, 1), (4, 3072), (1024, 1 << 28)])
+def test_cached_attention_equals_causal_attention(monkeypatch, block, scores_bytes):
+    """Blocked online softmax over the cache = causal attention: 4-slot steps; 12-slot steps (3072 bytes
+    of scores) whose last step overlaps the one before; one step. A row with a shorter kv_length
+    ignores the slots past it."""
     monkeypatch.setattr(attention_module, "CACHE_BLOCK", block)
+    monkeypatch.setattr(attention_module, "SCORES_BYTES", scores_bytes)
     q, k, v = qkv(b=2, t=12)
     full = attention(q, k, v, impl="xla")
     short = attention(q[1:, :7], k[1:, :7], v[1:, :7], impl="xla")

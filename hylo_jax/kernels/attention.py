@@ -75,7 +75,8 @@ def attention(
     return out[..., :dv]
 
 
-CACHE_BLOCK = 1024  # keys per step of `cached_attention`; caches longer than this hold a multiple of it
+CACHE_BLOCK = 1024  # granularity of cache slots: caches longer than this hold a multiple of it
+SCORES_BYTES = 1 << 28  # fp32 scores of one `cached_attention` step (sets its keys per step)
 
 
 def cache_slots(max_len: int) -> int:
@@ -94,27 +95,33 @@ def cached_attention(
 ) -> Float[Array, "b tq g qh dv"]:
     """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length.
 
-    Query heads come grouped per key/value head (g groups of qh). Keys are visited in blocks of
-    `CACHE_BLOCK` with an online softmax (running max m, normaliser l, fp32 accumulator), and only up
-    to the longest row's `kv_length`: memory is O(tq x block), time O(tq x kv_length), whatever the
-    cache's size, so a long prompt can be prefilled chunk by chunk and decode cost follows the context.
+    Query heads come grouped per key/value head (g groups of qh). Keys are visited in steps of whole
+    `CACHE_BLOCK`s, as many as keep a step's scores within `SCORES_BYTES` (one decode token takes a
+    2M-slot cache in a few steps; a prefill chunk of 8K queries one block at a time), with an online
+    softmax (running max m, normaliser l, fp32 accumulator), and only up to the longest row's
+    `kv_length`: memory is O(SCORES_BYTES), time O(tq x kv_length), whatever the cache's size, so a long
+    prompt can be prefilled chunk by chunk and decode cost follows the context.
     """
     b, s, g, d = keys.shape
     scale = d ** -0.5 if scale is None else scale
-    block = min(CACHE_BLOCK, s)
-    if s % block:
-        raise ValueError(f"cache of {s} slots is not a multiple of {block}; allocate it with cache_slots()")
+    if s > CACHE_BLOCK and s % CACHE_BLOCK:
+        raise ValueError(f"cache of {s} slots is not a multiple of {CACHE_BLOCK}; allocate it with cache_slots()")
     tq, qh, dv = q.shape[1], q.shape[3], values.shape[-1]
+    # Keys per loop step: whole CACHE_BLOCKs, as many as keep one step's fp32 scores within SCORES_BYTES
+    # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK).
+    per_key = b * g * qh * tq * 4
+    block = min(s, max(CACHE_BLOCK, SCORES_BYTES // per_key // CACHE_BLOCK * CACHE_BLOCK))
     q = q.astype(keys.dtype)
     neg = jnp.finfo(jnp.float32).min
 
     def step(i, carry):
         m, l, acc = carry
-        k_blk = jax.lax.dynamic_slice_in_dim(keys, i * block, block, axis=1)
-        v_blk = jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=1)
-        slots = i * block + jnp.arange(block)
-        ok = (slots <= q_positions[:, :, None]) & (slots < kv_length[:, None, None])  # [b, tq, block]
-        ok = ok[:, None, None]  # [b, 1, 1, tq, block]
+        start = jnp.minimum(i * block, s - block)  # the last step may overlap the one before it:
+        k_blk = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1)
+        v_blk = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1)
+        slots = start + jnp.arange(block)
+        ok = (slots >= i * block) & (slots <= q_positions[:, :, None]) & (slots < kv_length[:, None, None])
+        ok = ok[:, None, None]  # [b, 1, 1, tq, block]; slots seen in an earlier step are masked out above
         scores = jnp.einsum("btgqd,bsgd->bgqts", q, k_blk, preferred_element_type=jnp.float32) * scale
         m_new = jnp.maximum(m, jnp.max(jnp.where(ok, scores, neg), axis=-1))
         p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
@@ -126,7 +133,7 @@ def cached_attention(
 
     carry = (jnp.full((b, g, qh, tq), neg, jnp.float32), jnp.zeros((b, g, qh, tq), jnp.float32),
              jnp.zeros((b, g, qh, tq, dv), jnp.float32))
-    n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), s // block)
+    n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), -(-s // block))
     _, l, acc = jax.lax.fori_loop(0, n_blocks, step, carry)
     out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
     return out.transpose(0, 3, 1, 2, 4).astype(values.dtype)
