@@ -200,8 +200,8 @@ def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if dk > 256:
             return f"d_k={dk} > 256 (the fp32 state block would not fit in registers)"
-        return ("its backward is still slower than 'chunked' on the H100 (fwd+bwd 31.8 vs 28.6 ms at 4x4096; "
-                "fwd 3.1 vs 11.9 ms), see benchmarks/RESULTS.md; pass impl='pallas' to use it")
+        return ("its backward is slower than 'chunked' on the H100 (fwd+bwd 31.8 vs 13.9 ms at 4x4096; "
+                "fwd 3.1 vs 4.6 ms), see benchmarks/RESULTS.md; pass impl='pallas' to use it")
     else:
         if chunk % 8:
             return f"chunk_size={chunk} is not a multiple of 8 (TPU sublane tiling)"
