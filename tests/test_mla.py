@@ -19,6 +19,8 @@ from hylo_jax.config import MeshConfig, RopeConfig
 from hylo_jax.convert.hf import hf_name, load_params, rope_from_hf
 from hylo_jax.convert.sources import StateDictSource
 from hylo_jax.errors import ConfigError
+from hylo_jax.kernels import attention as attention_module
+from hylo_jax.models import mla as mla_module
 from hylo_jax.models.mla import MLA, MLACache, MLAConfig, mla_cache_bytes_per_token
 from hylo_jax.models.transformer import segment_positions
 from hylo_jax.sharding import make_mesh, path_str, state_shardings
@@ -219,7 +221,13 @@ def cached_run(model: MLA, x, chunk: int, prefill: int, max_len: int = 16):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("prefill,chunk", [(7, 1), (3, 3)], ids=["decode", "chunked"])
-def test_absorbed_cache_path_equals_full_forward(variant, prefill, chunk):
+@pytest.mark.parametrize("decompress_from", [64, 1], ids=["absorbed", "decompressed-blocks"])
+def test_cache_paths_equal_full_forward(monkeypatch, variant, prefill, chunk, decompress_from):
+    """Latent-cache calls equal the full forward, attending in latent space (absorbed) or on cache
+    blocks decompressed as they are visited."""
+    monkeypatch.setattr(mla_module, "DECOMPRESS_MIN_QUERIES", decompress_from)
+    monkeypatch.setattr(attention_module, "CACHE_BLOCK", 4)  # the cache is visited in 4 steps of 4 slots
+    monkeypatch.setattr(attention_module, "SCORES_BYTES", 1)
     cfg = VARIANTS[variant]
     model = random_mla(cfg, seed=2)
     x = jnp.asarray(hidden(2, 12, seed=4))

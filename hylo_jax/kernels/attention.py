@@ -9,6 +9,7 @@ cache (decode, chunked prefill).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,14 +87,19 @@ def cache_slots(max_len: int) -> int:
 
 def cached_attention(
     q: Float[Array, "b tq g qh d"],
-    keys: Float[Array, "b s g d"],
-    values: Float[Array, "b s g dv"],
+    keys: Float[Array, "b s gs ds"],
+    values: Float[Array, "b s gs dvs"],
     *,
     q_positions: Int[Array, "b tq"],
     kv_length: Int[Array, "b"],
     scale: float | None = None,
+    expand: Callable[[Array, Array], tuple[Array, Array]] | None = None,
 ) -> Float[Array, "b tq g qh dv"]:
     """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length.
+
+    `expand(keys block, values block) -> (keys, values)`, when given, maps each visited block of the stored
+    cache to the keys and values actually attended (e.g. MLA's latent decompressed per head group), so
+    only one block's worth ever exists expanded.
 
     Query heads come grouped per key/value head (g groups of qh). Keys are visited in steps of whole
     `CACHE_BLOCK`s, as many as keep a step's scores within `SCORES_BYTES` (one decode token takes a
@@ -102,11 +108,13 @@ def cached_attention(
     `kv_length`: memory is O(SCORES_BYTES), time O(tq x kv_length), whatever the cache's size, so a long
     prompt can be prefilled chunk by chunk and decode cost follows the context.
     """
-    b, s, g, d = keys.shape
+    expand = expand or _as_stored
+    b, s = keys.shape[:2]
+    g, d = q.shape[2], q.shape[4]
     scale = d ** -0.5 if scale is None else scale
     if s > CACHE_BLOCK and s % CACHE_BLOCK:
         raise ValueError(f"cache of {s} slots is not a multiple of {CACHE_BLOCK}; allocate it with cache_slots()")
-    tq, qh, dv = q.shape[1], q.shape[3], values.shape[-1]
+    tq, qh = q.shape[1], q.shape[3]
     # Keys per loop step: whole CACHE_BLOCKs, as many as keep one step's fp32 scores within SCORES_BYTES
     # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK).
     per_key = b * g * qh * tq * 4
@@ -117,8 +125,8 @@ def cached_attention(
     def step(i, carry):
         m, l, acc = carry
         start = jnp.minimum(i * block, s - block)  # the last step may overlap the one before it:
-        k_blk = jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1)
-        v_blk = jax.lax.dynamic_slice_in_dim(values, start, block, axis=1)
+        k_blk, v_blk = expand(jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1),
+                              jax.lax.dynamic_slice_in_dim(values, start, block, axis=1))
         slots = start + jnp.arange(block)
         ok = (slots >= i * block) & (slots <= q_positions[:, :, None]) & (slots < kv_length[:, None, None])
         ok = ok[:, None, None]  # [b, 1, 1, tq, block]; slots seen in an earlier step are masked out above
@@ -127,16 +135,22 @@ def cached_attention(
         p = jnp.where(ok, jnp.exp(scores - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bgqts,bsgv->bgqtv", p.astype(values.dtype), v_blk,
+        acc = acc * correction[..., None] + jnp.einsum("bgqts,bsgv->bgqtv", p.astype(v_blk.dtype), v_blk,
                                                        preferred_element_type=jnp.float32)
         return m_new, l, acc
 
+    attended_values = jax.eval_shape(expand, keys[:, :block], values[:, :block])[1]
+    dv = attended_values.shape[-1]
     carry = (jnp.full((b, g, qh, tq), neg, jnp.float32), jnp.zeros((b, g, qh, tq), jnp.float32),
              jnp.zeros((b, g, qh, tq, dv), jnp.float32))
     n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), -(-s // block))
     _, l, acc = jax.lax.fori_loop(0, n_blocks, step, carry)
     out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
-    return out.transpose(0, 3, 1, 2, 4).astype(values.dtype)
+    return out.transpose(0, 3, 1, 2, 4).astype(attended_values.dtype)
+
+
+def _as_stored(keys: Array, values: Array) -> tuple[Array, Array]:
+    return keys, values
 
 
 def _splash(q, k, v, segment_ids, scale, interpret):
