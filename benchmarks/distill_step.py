@@ -32,6 +32,7 @@ from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.models.gated_deltanet import GDNConfig  # noqa: E402
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec  # noqa: E402
 from hylo_jax.models.mla import MLAConfig  # noqa: E402
+from hylo_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from hylo_jax.train.config import StageConfig  # noqa: E402
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E402
 from hylo_jax.train.step import Distiller, TrainState  # noqa: E402
@@ -39,8 +40,8 @@ from hylo_jax.train.step import Distiller, TrainState  # noqa: E402
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def specs(tiny: bool) -> tuple[ModelSpec, ModelSpec]:
-    """(teacher, student) specs in bf16 with full remat."""
+def specs(tiny: bool, remat: str = "full") -> tuple[ModelSpec, ModelSpec]:
+    """(teacher, student) specs in bf16; the student (fp32 parameters) rematerialised per `remat`."""
     if tiny:
         from hylo_jax.config import ModelConfig
 
@@ -53,8 +54,13 @@ def specs(tiny: bool) -> tuple[ModelSpec, ModelSpec]:
         teacher = from_dict(type(specs(True)[0].model), load_yaml(CONFIGS / "teachers/llama-3.2-1b.yaml")["model"])
         plan = from_dict(HybridConfig, load_yaml(CONFIGS / "hylo-llama-1b-8mla8.yaml")["hybrid"])
     teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16")
-    student = replace_config(teacher, param_dtype="float32", remat="full")
+    student = replace_config(teacher, param_dtype="float32", remat=remat)
     return ModelSpec(teacher), ModelSpec.create(student, plan)
+
+
+def add_remat_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--remat", default="full", choices=["none", *sorted(REMAT_POLICIES)],
+                        help="student remat policy (model.remat); 'none' keeps every activation")
 
 
 def make_batch(batch: int, seq: int, vocab: int, segments: bool) -> dict[str, jax.Array]:
@@ -104,8 +110,9 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
     parser.add_argument("--no-segments", action="store_true", help="batches without segment ids (no packing mask)")
+    add_remat_argument(parser)
     args = parser.parse_args()
-    t_spec, s_spec = specs(args.tiny)
+    t_spec, s_spec = specs(args.tiny, args.remat)
     seqs = [int(s) for s in (args.seq or ("256,512" if args.tiny else "8192,32768")).split(",")]
     build = (lambda spec: nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))) if args.memory_only else (
         lambda spec: spec.build(nnx.Rngs(0)))
@@ -130,7 +137,8 @@ def main() -> None:
                 rows.append([f"1x{seq}", name, "OOM" if "memory" in str(e).lower() else type(e).__name__,
                              "-", "-", "-"])
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
-          f"{s_spec.layer_kinds().count('gdn')} GDN layers; teacher {t_spec.model.num_layers} attention layers")
+          f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
+          f"teacher {t_spec.model.num_layers} attention layers")
     print_table(["B x T", "loss", "s/step", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 from common import print_table  # noqa: E402
-from distill_step import make_batch, measure_step, specs  # noqa: E402  (sets the GPU memory fraction)
+from distill_step import add_remat_argument, make_batch, measure_step, specs  # noqa: E402  (sets the GPU memory fraction)
 from flax import nnx  # noqa: E402
 
 from hylo_jax.config import MeshConfig  # noqa: E402
@@ -125,11 +125,12 @@ def main() -> None:
     parser.add_argument("--kl-chunk", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="append each finished row here (JSON lines)")
+    add_remat_argument(parser)
     args = parser.parse_args()
     default = "1:seq:512,2:dp:512,2:fsdp:512,2:seq:512,2:seq:1024,2:ring:1024" if args.tiny else (
         "1:seq:65536,2:fsdp:65536,2:seq:65536,2:seq:131072,2:ring:131072")
     runs = [Run.parse(r) for r in (args.runs or default).split(",")]
-    t_spec, s_spec = specs(args.tiny)
+    t_spec, s_spec = specs(args.tiny, args.remat)
     rows = []
     for run in runs:
         try:
@@ -147,7 +148,8 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
     efficiencies(rows)
     print(f"device: {jax.devices()[0].device_kind} x {len(jax.devices())}; student "
-          f"{s_spec.layer_kinds().count('mla')} MLA + {s_spec.layer_kinds().count('gdn')} GDN layers")
+          f"{s_spec.layer_kinds().count('mla')} MLA + {s_spec.layer_kinds().count('gdn')} GDN layers, "
+          f"remat {args.remat}")
     print_table(["GPUs", "strategy", "B x T", "s/step", "tokens/s", "tokens/s/GPU", "MFU", "peak GiB/GPU",
                  "strong eff", "weak eff"],
                 [[r["gpus"], r["strategy"], f"{r['batch']}x{r['seq']}", r.get("seconds", r.get("error", "-")),
