@@ -9,7 +9,8 @@ Each run is `GPUS:STRATEGY:T` (tokens per sequence):
 Prints one table: s/step, tokens/s, tokens/s per GPU, MFU (model FLOPs of student fwd+bwd + teacher fwd
 against the nominal bf16 peak of all GPUs), compiled peak GiB per GPU, and the strong / weak scaling
 efficiency against the 1-GPU run with the same global / per-GPU tokens when one is in the same invocation.
-Rows are also appended to `--out` (JSON lines) as they finish. Random weights.
+Rows are also appended to `--out` (JSON lines) as they finish. Random weights. `--student llama` swaps in
+the all-attention baseline (the teacher's architecture as the student) for the longest-context comparison.
     python benchmarks/scaling.py --runs 1:seq:65536,2:fsdp:65536,2:seq:65536,2:seq:131072,2:ring:131072
     python benchmarks/scaling.py --runs 2:seq:262144 --memory-only      # does it fit? compile only
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py --tiny   # CPU smoke run
@@ -30,6 +31,8 @@ from distill_step import add_remat_argument, make_batch, measure_step, specs  # 
 from flax import nnx  # noqa: E402
 
 from hylo_jax.config import MeshConfig  # noqa: E402
+from hylo_jax.config import replace as replace_config  # noqa: E402
+from hylo_jax.models.hybrid import ModelSpec  # noqa: E402
 from hylo_jax.parallel import context  # noqa: E402
 from hylo_jax.sharding import make_mesh, reshard_state  # noqa: E402
 from hylo_jax.train.config import StageConfig  # noqa: E402
@@ -125,12 +128,16 @@ def main() -> None:
     parser.add_argument("--kl-chunk", type=int, default=2048)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="append each finished row here (JSON lines)")
+    parser.add_argument("--student", default="hybrid", choices=["hybrid", "llama"],
+                        help="'llama': the student is the teacher's architecture (the all-attention baseline)")
     add_remat_argument(parser)
     args = parser.parse_args()
     default = "1:seq:512,2:dp:512,2:fsdp:512,2:seq:512,2:seq:1024,2:ring:1024" if args.tiny else (
         "1:seq:65536,2:fsdp:65536,2:seq:65536,2:seq:131072,2:ring:131072")
     runs = [Run.parse(r) for r in (args.runs or default).split(",")]
     t_spec, s_spec = specs(args.tiny, args.remat)
+    if args.student == "llama":
+        s_spec = ModelSpec(replace_config(t_spec.model, param_dtype="float32", remat=args.remat))
     rows = []
     for run in runs:
         try:
@@ -147,9 +154,9 @@ def main() -> None:
             with args.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     efficiencies(rows)
+    kinds = s_spec.layer_kinds()
     print(f"device: {jax.devices()[0].device_kind} x {len(jax.devices())}; student "
-          f"{s_spec.layer_kinds().count('mla')} MLA + {s_spec.layer_kinds().count('gdn')} GDN layers, "
-          f"remat {args.remat}")
+          + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds))) + f" layers, remat {args.remat}")
     print_table(["GPUs", "strategy", "B x T", "s/step", "tokens/s", "tokens/s/GPU", "MFU", "peak GiB/GPU",
                  "strong eff", "weak eff"],
                 [[r["gpus"], r["strategy"], f"{r['batch']}x{r['seq']}", r.get("seconds", r.get("error", "-")),
