@@ -96,7 +96,13 @@ def test_step_matches_transformers_recurrent(l2):
     "t,chunk,l2,segments",
     [(37, 16, True, None), (50, 32, False, [[0] * 16 + [1] * 3 + [0] * 31, [4] * 40 + [2] * 10])],
 )
-def test_gradients_chunked_match_reference(t, chunk, l2, segments):
+@pytest.mark.parametrize("scan_group", [16, 2], ids=["one-group", "groups-of-2"])
+def test_gradients_chunked_match_reference(monkeypatch, t, chunk, l2, segments, scan_group):
+    """Also with the inter-chunk scan in rematerialised groups of 2 chunks (3 chunks: one identity pad)."""
+    from hylo_jax.kernels import gated_delta as gated_delta_module
+
+    monkeypatch.setattr(gated_delta_module, "SCAN_GROUP", scan_group)
+    monkeypatch.setattr(gated_delta_module, "GROUPED_SCAN_FROM", 0)
     b, h, dk, dv = 2, 2, 16, 8
     q, k, v, g, beta, s0 = make_inputs(2, b, t, h, dk, dv, normalize_k=not l2)
     rng = np.random.default_rng(3)
@@ -112,6 +118,7 @@ def test_gradients_chunked_match_reference(t, chunk, l2, segments):
 
     grad = jax.jit(jax.grad(loss, argnums=tuple(range(6))), static_argnames="impl")
     args = to_jax(q, k, v, g, beta, s0)
+    assert rel_err(loss(*args, impl="chunked"), loss(*args, impl="reference")) <= 1e-5
     g_ref, g_chk = grad(*args, impl="reference"), grad(*args, impl="chunked")
     for name, a, r in zip(["q", "k", "v", "g", "beta", "initial_state"], g_chk, g_ref):
         assert np.all(np.isfinite(np.asarray(a))), name
