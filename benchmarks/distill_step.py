@@ -73,7 +73,8 @@ def make_batch(batch: int, seq: int, vocab: int, segments: bool) -> dict[str, ja
 
 
 def compiled_peak_gib(compiled) -> float:
-    """Peak device memory of a compiled step: temporaries + arguments + outputs - donated aliases."""
+    """Peak device memory of a compiled step: temporaries + arguments + outputs - donated aliases
+    (the four terms are printed to stderr)."""
     mem = compiled.memory_analysis()
     gib = 2**30
     print(f"  memory GiB: temp {mem.temp_size_in_bytes / gib:.2f}, arguments {mem.argument_size_in_bytes / gib:.2f},"

@@ -34,7 +34,7 @@ from hylo_jax.config import MeshConfig  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.models.hybrid import ModelSpec  # noqa: E402
 from hylo_jax.parallel import context  # noqa: E402
-from hylo_jax.sharding import make_mesh, reshard_state  # noqa: E402
+from hylo_jax.sharding import make_mesh, place  # noqa: E402
 from hylo_jax.train.config import StageConfig  # noqa: E402
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E402
 from hylo_jax.train.step import Distiller  # noqa: E402
@@ -77,9 +77,9 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1} | {axis: run.gpus}
     mesh = make_mesh(MeshConfig(**sizes), jax.devices()[: run.gpus])
     s_spec.check_mesh(mesh)
-    context.check_sequence(mesh, run.seq, load_balance=False, conv_kernel=4)
+    context.check_sequence(mesh, run.seq, load_balance=False, conv_kernel=s_spec.conv_kernel)
     build = (lambda spec: nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))) if memory_only else (
-        lambda spec: sharded(spec.build(nnx.Rngs(0)), mesh))
+        lambda spec: place(spec.build(nnx.Rngs(0)), mesh))
     models = [build(spec) for spec in (t_spec, s_spec)]
     teacher, student = models
     stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=kl_chunk, steps=10)
@@ -98,12 +98,6 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
         out |= {"seconds": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops / seconds / (peak * run.gpus) if peak else float("nan")}
     return out
-
-
-def sharded(model, mesh):
-    """`model` with every parameter moved onto its sharding on `mesh`."""
-    nnx.update(model, reshard_state(nnx.state(model), mesh))
-    return model
 
 
 def efficiencies(rows: list[dict]) -> None:

@@ -66,8 +66,7 @@ def compile_step(spec: ModelSpec, teacher: ModelSpec, stage: StageConfig, mesh, 
                  cp_mode: str = "allgather", load_balance: bool = False):
     """The fused step of `stage` compiled for `mesh` from abstract arguments; returns `Compiled`."""
     check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
-    context.check_sequence(mesh, stage.seq_len, load_balance=load_balance, conv_kernel=(
-        max(spec.hybrid.gdn.conv_kernel, spec.hybrid.mamba2.conv_kernel) if spec.hybrid else 1))
+    context.check_sequence(mesh, stage.seq_len, load_balance=load_balance, conv_kernel=spec.conv_kernel)
     spec.check_mesh(mesh)
     teacher.check_mesh(mesh)
     student_model = nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))

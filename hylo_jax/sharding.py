@@ -152,6 +152,12 @@ def reshard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
     return state
 
 
+def place(model: nnx.Module, mesh: Mesh) -> nnx.Module:
+    """`model` (in place) with every parameter moved onto its sharding on `mesh`."""
+    nnx.update(model, reshard_state(nnx.state(model), mesh))
+    return model
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """`with_sharding_constraint` by logical axes, when a mesh is set (`jax.set_mesh`); else x."""
     mesh = jax.sharding.get_abstract_mesh()

@@ -50,23 +50,22 @@ def test_splash_tpu_kernel_in_interpret_mode_matches_xla():
         assert rel_err(a, b) <= 1e-5
 
 
-@pytest.mark.parametrize("block, scores_bytes", [(4, 1), (4, 3072), (1024, 1 << 28)])
+@pytest.mark.parametrize("block, scores_bytes", [(4, 1), (4, 8 * 512), (1024, 1 << 28)],
+                         ids=["5-steps-of-4", "steps-of-8-last-overlapping", "one-step"])
 def test_cached_attention_equals_causal_attention(monkeypatch, block, scores_bytes):
-    """Blocked online softmax over the cache = causal attention: 4-slot steps; 12-slot steps (3072 bytes
-    of scores) whose last step overlaps the one before; one step. A row with a shorter kv_length
-    ignores the slots past it."""
+    """Blocked online softmax over a full 20-slot cache = causal attention. One step's scores take
+    b * groups * heads per group * queries * 4 = 512 bytes per key, so the cases visit the cache in
+    5 steps of 4 slots; in steps of 8 whose third one starts at slot 12 and must skip slots 12-15,
+    already seen; in one step. A row with a shorter kv_length ignores the slots past it."""
     monkeypatch.setattr(attention_module, "CACHE_BLOCK", block)
     monkeypatch.setattr(attention_module, "SCORES_BYTES", scores_bytes)
-    q, k, v = qkv(b=2, t=12)
+    q, k, v = qkv(b=2, t=20)
     full = attention(q, k, v, impl="xla")
     short = attention(q[1:, :7], k[1:, :7], v[1:, :7], impl="xla")
-    slots = attention_module.cache_slots(20)
-    cache_k = jnp.zeros((2, slots, 2, 16)).at[:, :12].set(k)
-    cache_v = jnp.zeros((2, slots, 2, 16)).at[:, :12].set(v)
-    pos = jnp.broadcast_to(jnp.arange(4, 12), (2, 8))
-    grouped = q[:, 4:].reshape(2, 8, 2, 2, 16)
-    out = cached_attention(grouped, cache_k, cache_v, q_positions=pos,
-                           kv_length=jnp.array([12, 7])).reshape(2, 8, 4, 16)
+    assert attention_module.cache_slots(20) == 20
+    pos = jnp.broadcast_to(jnp.arange(4, 20), (2, 16))
+    grouped = q[:, 4:].reshape(2, 16, 2, 2, 16)
+    out = cached_attention(grouped, k, v, q_positions=pos, kv_length=jnp.array([20, 7])).reshape(2, 16, 4, 16)
     assert rel_err(out[0], full[0, 4:]) <= 1e-5
     assert rel_err(out[1, :3], short[0, 4:7]) <= 1e-5  # queries past kv_length see only its slots
 

@@ -14,10 +14,9 @@ from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.mla import MLAConfig
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
-from hylo_jax.sharding import make_mesh, state_shardings
+from hylo_jax.sharding import make_mesh, place, state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.step import Distiller
-from hylo_jax.train.trainer import place
 
 TEACHER = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8)

@@ -105,8 +105,9 @@ def cached_attention(
     `CACHE_BLOCK`s, as many as keep a step's scores within `SCORES_BYTES` (one decode token takes a
     2M-slot cache in a few steps; a prefill chunk of 8K queries one block at a time), with an online
     softmax (running max m, normaliser l, fp32 accumulator), and only up to the longest row's
-    `kv_length`: memory is O(SCORES_BYTES), time O(tq x kv_length), whatever the cache's size, so a long
-    prompt can be prefilled chunk by chunk and decode cost follows the context.
+    `kv_length`: memory is O(max(SCORES_BYTES, tq x CACHE_BLOCK scores)), time O(tq x kv_length),
+    whatever the cache's size, so a long prompt can be prefilled chunk by chunk and decode cost follows
+    the context.
     """
     expand = expand or _as_stored
     b, s = keys.shape[:2]

@@ -63,8 +63,9 @@ def unit_lower_inverse(m: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
     """(I + tril(m, -1))^{-1} for a power-of-two c, by recursive block inversion in log2(c) levels.
 
     Each level doubles the inverted diagonal blocks: [[A, 0], [C, D]]^{-1} = [[A^-1, 0], [-D^-1 C A^-1, D^-1]].
-    That is the recursive form of forward substitution (same rounding behaviour) but every level is two batched
-    matmuls, instead of c sequential row updates over the whole right-hand side.
+    That is the recursive form of triangular inversion; every level is two batched matmuls, instead of c
+    sequential row updates over the whole right-hand side (and no LAPACK trsm, whose CPU thread pool can
+    deadlock when several solves run at once).
     """
     c = m.shape[-1]
     lead = m.shape[:-2]

@@ -151,6 +151,14 @@ class ModelSpec:
         else:
             check_hybrid_mesh(self.model, self.hybrid, mesh)
 
+    @property
+    def conv_kernel(self) -> int:
+        """Widest causal convolution of the linear mixers (1 without a plan): the history each
+        context-parallel shard needs from the previous one."""
+        if self.hybrid is None:
+            return 1
+        return max(self.hybrid.gdn.conv_kernel, self.hybrid.mamba2.conv_kernel)
+
     def layer_kinds(self) -> list[LayerKind]:
         if self.hybrid is None:
             return ["attention"] * self.model.num_layers

@@ -31,7 +31,7 @@ from hylo_jax.eval.perplexity import perplexity
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
-from hylo_jax.sharding import check_divides, make_mesh, path_keys, reshard_state
+from hylo_jax.sharding import check_divides, make_mesh, path_keys, place
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
@@ -75,13 +75,6 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------
 # Models on the mesh.
 
-def place(model: CausalLM, mesh) -> CausalLM:
-    """Moves every parameter of `model` onto its sharding on `mesh`."""
-    state = nnx.state(model)
-    nnx.update(model, reshard_state(state, mesh))
-    return model
-
-
 def respec(model: CausalLM, spec: ModelSpec) -> CausalLM:
     """The same parameters under another spec of identical structure (RoPE, remat, dtype)."""
     graphdef = nnx.split(nnx.eval_shape(lambda: spec.build(nnx.Rngs(0))))[0]
@@ -121,9 +114,7 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         return final
     check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
     check_divides(mesh, f"stage {stage.name}: seq_len", stage.seq_len, ("sequence",))
-    context.check_sequence(mesh, stage.seq_len, load_balance=run.mesh.load_balance,
-                           conv_kernel=max(spec.hybrid.gdn.conv_kernel, spec.hybrid.mamba2.conv_kernel)
-                           if spec.hybrid else 1)
+    context.check_sequence(mesh, stage.seq_len, load_balance=run.mesh.load_balance, conv_kernel=spec.conv_kernel)
     spec.check_mesh(mesh)
     hybrid = spec.hybrid if stage.mla_rope is None or spec.hybrid is None else dataclasses.replace(
         spec.hybrid, mla_rope=stage.mla_rope)
