@@ -131,6 +131,7 @@ def main() -> None:
                     raise
                 print(f"{name} T={context}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 rows.append([name, context, how, cache_gib, "OOM", "-", "OOM"])
+            print("row:", rows[-1], file=sys.stderr, flush=True)  # the table comes at the end; a cut run keeps these
         del engine
     print(f"device: {jax.devices()[0].device_kind}; prefill chunk {chunk}; decode B=1, {args.decode} steps")
     print_table(["model", "context", "prefill measured on", "cache GiB", "prefill tok/s", "prefill s",

@@ -249,8 +249,11 @@ class MLA(nnx.Module):
         q_nope = q_nope.reshape(b, t, g, h // g, -1)
         q_lat = jnp.einsum("btgqn,rgn->btgqr", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1)
-        # every head reads the same latent: one key/value group of h heads
-        o_lat = cached_attention(q_abs.reshape(b, t, 1, h, -1), latent[:, :, None, :],
-                                 latent[:, :, None, :cfg.kv_lora_rank], q_positions=positions,
-                                 kv_length=kv_length, scale=scale).reshape(b, t, g, h // g, -1)
+        # every head reads the same latent: one key/value group of h heads. The values c_j are sliced
+        # per visited block, never from the whole cache (that slice would copy the cache every token).
+        stored = latent[:, :, None, :]
+        o_lat = cached_attention(q_abs.reshape(b, t, 1, h, -1), stored, stored, q_positions=positions,
+                                 kv_length=kv_length, scale=scale,
+                                 expand=lambda keys, values: (keys, values[..., :cfg.kv_lora_rank])
+                                 ).reshape(b, t, g, h // g, -1)
         return jnp.einsum("btgqr,rgv->btgqv", o_lat, w_uv).reshape(b, t, h, cfg.v_head_dim)
