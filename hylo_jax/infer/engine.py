@@ -102,8 +102,9 @@ class Engine:
                                f"the engine's max_len={max_len}")
         pre = self.prefill(prompts, max_len)
         t0 = time.perf_counter()
-        out = np.asarray(_decode(self.graphdef, self.state, pre.caches, pre.last_logits, pre.lengths,
-                                 jnp.asarray(list(stop_tokens) or [-1], jnp.int32), sampling))
+        out, _ = _decode(self.graphdef, self.state, pre.caches, pre.last_logits, pre.lengths,
+                         jnp.asarray(list(stop_tokens) or [-1], jnp.int32), sampling)
+        out = np.asarray(out)
         log.info("prefill %d x %d tokens in %.2fs, decode %d steps in %.2fs (compiles included)",
                  len(prompts), longest, pre.seconds, out.shape[1], time.perf_counter() - t0)
         stops = set(stop_tokens)
@@ -141,9 +142,11 @@ def _head(graphdef, state, hidden: Float[Array, "b d"]) -> Float[Array, "b v"]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("caches",))
-def _decode(graphdef, state, caches, last_logits, lengths, stop, cfg: SamplingConfig) -> Int[Array, "b n"]:
-    """Samples up to max_new_tokens per row (-1 after a stop token), all rows in lockstep. The caches are
-    donated: the loop updates them in place (a copy of a 32 GiB teacher cache at 1M tokens would not fit)."""
+def _decode(graphdef, state, caches, last_logits, lengths, stop, cfg: SamplingConfig
+            ) -> tuple[Int[Array, "b n"], list]:
+    """Samples up to max_new_tokens per row (-1 after a stop token), all rows in lockstep; returns them and
+    the caches. The caches are donated and returned so that the loop updates them in place (a copy of a
+    32 GiB teacher cache at 1M tokens would not fit)."""
     model = nnx.merge(graphdef, state)
     b = last_logits.shape[0]
     out = jnp.full((b, cfg.max_new_tokens), -1, jnp.int32)
@@ -162,4 +165,5 @@ def _decode(graphdef, state, caches, last_logits, lengths, stop, cfg: SamplingCo
         return (step < cfg.max_new_tokens) & ~jnp.all(done)
 
     carry = (0, caches, last_logits, lengths, jnp.zeros((b,), bool), out, jax.random.key(cfg.seed))
-    return jax.lax.while_loop(cond, body, carry)[5]
+    final = jax.lax.while_loop(cond, body, carry)
+    return final[5], final[1]
