@@ -8,6 +8,7 @@ cost does not depend on them), one chunk is prefilled at position 0 and one at T
 from T: "prefill tok/s" is then the chunk-averaged rate (time linear in position), and "prefill s" the
 whole-prompt time it implies. Writes benchmarks/inference.png (tokens/s and cache memory vs context).
     python benchmarks/inference.py [--contexts 8192,65536,262144,1048576,2097152] [--chunk 8192]
+    python benchmarks/inference.py --models hybrid --out rows.jsonl   # runs that add up to one table
     python benchmarks/inference.py --tiny      # CPU smoke run of the same code
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import time
@@ -106,14 +108,18 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=64, help="decode steps timed per context")
     parser.add_argument("--full-prefill", type=int, default=None,
                         help="longest context prefilled whole (default 65536; 256 with --tiny)")
+    parser.add_argument("--models", default="teacher,hybrid", help="comma list of teacher, hybrid")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="append rows here (JSON lines); the table and plot then cover every row in it")
     args = parser.parse_args()
     contexts = [int(c) for c in (args.contexts or ("256,1024" if args.tiny else
                                                    "8192,65536,262144,1048576,2097152")).split(",")]
     chunk = args.chunk or (64 if args.tiny else 8192)
     full_prefill = args.full_prefill or (256 if args.tiny else 65536)
     teacher_spec, student_spec = (inference_spec(s) for s in specs(args.tiny))
-    rows, curves = [], {}
-    for name, spec in (("Llama teacher", teacher_spec), ("HyLo hybrid", student_spec)):
+    rows = []
+    models = {"teacher": ("Llama teacher", teacher_spec), "hybrid": ("HyLo hybrid", student_spec)}
+    for name, spec in (models[m] for m in args.models.split(",")):
         engine = Engine(spec.build(nnx.Rngs(0)), EngineConfig(prefill_chunk=chunk))
         for context in contexts:
             cache_gib = engine.cache_bytes(1, context + args.decode) / 2**30
@@ -125,21 +131,30 @@ def main() -> None:
                     m = measure_at(engine, context, chunk, args.decode)
                 rows.append([name, context, how, cache_gib, m["prefill"], m.get("prefill_s", context / m["prefill"]),
                              m["decode"]])
-                curves.setdefault(name, []).append((context, cache_gib, m["prefill"], m["decode"]))
             except Exception as e:  # running out of memory at long context is a result; anything else is a bug
                 if "memory" not in str(e).lower() and "RESOURCE_EXHAUSTED" not in str(e):
                     raise
                 print(f"{name} T={context}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
                 rows.append([name, context, how, cache_gib, "OOM", "-", "OOM"])
             print("row:", rows[-1], file=sys.stderr, flush=True)  # the table comes at the end; a cut run keeps these
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
         del engine
+    if args.out:
+        rows = [json.loads(line) for line in args.out.read_text().splitlines()]
     print(f"device: {jax.devices()[0].device_kind}; prefill chunk {chunk}; decode B=1, {args.decode} steps")
     print_table(["model", "context", "prefill measured on", "cache GiB", "prefill tok/s", "prefill s",
                  "decode tok/s"], rows)
-    plot(curves, Path(__file__).with_name("inference.png") if not args.tiny else Path("/tmp/inference_tiny.png"))
+    plot(rows, Path(__file__).with_name("inference.png") if not args.tiny else Path("/tmp/inference_tiny.png"))
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(rows: list, path: Path) -> None:
+    """cache GiB, prefill and decode tokens/s vs context, one curve per model (OOM rows left out)."""
+    curves = {}
+    for name, context, _, cache_gib, prefill, _, decode in rows:
+        if decode != "OOM":
+            curves.setdefault(name, []).append((context, cache_gib, prefill, decode))
     try:
         import matplotlib
 

@@ -163,7 +163,8 @@ def _chunked(
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    Only the last line and delta need the carried state, so a `lax.scan` over chunks does just that.
+    Only delta and S_C need the carried state: `chunk_state_recurrence` runs just those over the chunks,
+    then o is two batched matmuls over all chunks at once.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -206,39 +207,66 @@ def _chunked(
     attn = jnp.einsum("nbhik,nbhjk->nbhij", q, k) * masked_exp(diff, causal & same)
     q_in = decay_in[..., None] * q
     k_out = decay_out[..., None] * k
-
-    def step(s, xs):
-        u_c, w_c, attn_c, q_c, k_c, decay_c = xs
-        delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
-        o_c = jnp.einsum("bhik,bhkv->bhiv", q_c, s) + jnp.einsum("bhij,bhjv->bhiv", attn_c, delta)
-        s = decay_c[..., None, None] * s + jnp.einsum("bhjk,bhjv->bhkv", k_c, delta)
-        return s, o_c
-
-    state, o = _grouped_scan(step, state, (u, w, attn, q_in, k_out, decay_chunk), fill=(0, 0, 0, 0, 0, 1))
+    states, deltas, state = chunk_state_recurrence(u, w, k_out, decay_chunk, state)
+    o = (jnp.einsum("nbhik,nbhkv->nbhiv", q_in, states)
+         + jnp.einsum("nbhij,nbhjv->nbhiv", attn, deltas))
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, n * chunk_size, h, -1)
     return o[:, :t], state
 
 
-SCAN_GROUP = 16  # chunks per rematerialised group of the inter-chunk scan...
-GROUPED_SCAN_FROM = 256  # ...used from this many chunks on (16K tokens at chunk 64), where memory binds
+@jax.custom_vjp
+def chunk_state_recurrence(
+    u: Float[Array, "n b h c dv"],
+    w: Float[Array, "n b h c dk"],
+    k: Float[Array, "n b h c dk"],
+    decay: Float[Array, "n b h"],
+    state: Float[Array, "b h dk dv"],
+) -> tuple[Float[Array, "n b h dk dv"], Float[Array, "n b h c dv"], Float[Array, "b h dk dv"]]:
+    """The only sequential part of the chunked rule, over chunks c = 0..n-1 from S_0 = `state`:
+
+        delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c
+
+    Returns (S_c entering every chunk, delta_c, S_n). Each step is two small matmuls; everything that
+    only reads S_c (the outputs, all gradients but the state's) runs afterwards as batched matmuls over
+    all chunks. The backward pass is its own reverse recurrence of two matmuls per step (see `_recurrence_bwd`).
+    """
+    return _recurrence_fwd(u, w, k, decay, state)[0]
 
 
-def _grouped_scan(step: Callable, carry: Array, xs: tuple[Array, ...], fill: tuple[float, ...]):
-    """`lax.scan(step, carry, xs)` as a scan over groups of SCAN_GROUP steps, each group rematerialised:
-    the backward pass keeps one carry per group instead of one per step (for GDN: the fp32 [dk, dv] state
-    of every chunk, 48 KB per token at HyLo-1B shapes) plus one group's step residuals at a time.
-    The step count is padded to whole groups with `fill` values, which must make the steps identities.
-    Shorter scans (< GROUPED_SCAN_FROM steps) run plain: their states are small and recomputing costs time."""
-    n = xs[0].shape[0]
-    if n < max(GROUPED_SCAN_FROM, SCAN_GROUP + 1):
-        return lax.scan(step, carry, xs)
-    groups = -(-n // SCAN_GROUP)
-    pad = groups * SCAN_GROUP - n
-    xs = tuple(jnp.concatenate([x, jnp.full((pad, *x.shape[1:]), f, x.dtype)]) if pad else x
-               for x, f in zip(xs, fill, strict=True))
-    grouped = tuple(x.reshape(groups, SCAN_GROUP, *x.shape[1:]) for x in xs)
-    carry, ys = lax.scan(jax.checkpoint(lambda c, g: lax.scan(step, c, g)), carry, grouped)
-    return carry, ys.reshape(groups * SCAN_GROUP, *ys.shape[2:])[:n]
+def _recurrence_fwd(u, w, k, decay, state):
+    def step(s, xs):
+        u_c, w_c, k_c, d_c = xs
+        delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
+        return d_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_c, delta), (s, delta)
+
+    final, (states, deltas) = lax.scan(step, state, (u, w, k, decay))
+    return (states, deltas, final), (w, k, decay, states, deltas)
+
+
+def _recurrence_bwd(res, cotangents):
+    """With G_{c+1} the whole cotangent of S_{c+1} (G_n = the final state's) and D_c that of delta_c:
+
+        D_c = delta_bar_c + k_c G_{c+1},      G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c
+
+    run backwards over c; then u_bar = D, w_bar = -D S^T, k_bar = delta G^T, d_bar = <S_c, G_{c+1}>
+    for all chunks at once, and the initial state's cotangent is G_0."""
+    w, k, decay, states, deltas = res
+    states_bar, deltas_bar, final_bar = cotangents
+
+    def step(g, xs):
+        w_c, k_c, d_c, s_bar, delta_bar = xs
+        d_delta = delta_bar + jnp.einsum("bhik,bhkv->bhiv", k_c, g)
+        g_prev = s_bar + d_c[..., None, None] * g - jnp.einsum("bhik,bhiv->bhkv", w_c, d_delta)
+        return g_prev, (g, d_delta)
+
+    g0, (g_next, d_deltas) = lax.scan(step, final_bar, (w, k, decay, states_bar, deltas_bar), reverse=True)
+    w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states)
+    k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next)
+    decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next)
+    return d_deltas, w_bar, k_bar, decay_bar, g0
+
+
+chunk_state_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 _IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {"reference": _reference, "chunked": _chunked}
