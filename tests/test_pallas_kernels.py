@@ -14,9 +14,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from hylo_jax.kernels import pallas_common
-from hylo_jax.kernels.gated_delta import gated_delta_rule
-from hylo_jax.kernels.pallas_gdn import gated_delta_pallas
+from hylo_jax.kernels import pallas_common, pallas_gdn
+from hylo_jax.kernels.gated_delta import chunk_state_recurrence, gated_delta_rule, make_recurrence
 from hylo_jax.kernels.ssd import ssd
 
 TOL = 1e-5
@@ -85,21 +84,23 @@ def test_gdn_pallas_matches_chunked(driver, b, t, h, dk, dv, chunk, segmented, l
 
 
 @pytest.mark.parametrize("driver", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
-def test_gdn_value_blocks(driver):
-    """dv split in blocks: the backward's partial dq, dk, dbeta, dg of every block add up."""
-    args, seg, rng = gdn_inputs(2, 1, 20, 1, 8, 32)
-    reset = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+def test_gdn_recurrence_kernels_in_value_blocks(driver):
+    """The recurrence kernels alone, dv = 32 in 4 blocks of 8, against the `lax.scan` recurrence."""
+    n, b, h, c, dk, dv = 3, 2, 2, 8, 16, 32
+    rng = np.random.default_rng(2)
+    args = [jnp.asarray(rng.standard_normal(shape) * 0.5, jnp.float32)
+            for shape in [(n, b, h, c, dv), (n, b, h, c, dk), (n, b, h, c, dk)]]
+    args += [jnp.asarray(rng.uniform(0.2, 1.0, (n, b, h)), jnp.float32),
+             jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)]
+    kernels = make_recurrence(*pallas_gdn.scans(driver, interpret_for(driver), jnp.float32, vb=8))
 
-    def f(vb):
-        def run(q, k, v, g, beta, s0):
-            if vb is None:
-                return gated_delta_rule(q * 8**-0.5, k, v, g, beta, scale=1.0, initial_state=s0, segment_ids=seg,
-                                        chunk_size=8, impl="chunked")
-            return gated_delta_pallas(q * 8**-0.5, k, v, g, beta, s0, reset, 8, backend=driver,
-                                      interpret=interpret_for(driver), vb=vb)
+    def pair(fn):
+        def run(*a):
+            states, deltas, final = fn(*a)
+            return jnp.concatenate([states.ravel(), deltas.ravel()]), final
         return run
 
-    compare(f(None), f(8), list(args.values()), rng)
+    compare(pair(chunk_state_recurrence), pair(kernels), args, rng)
 
 
 # ----------------------------------------------------------------------------- SSD

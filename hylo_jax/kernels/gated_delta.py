@@ -16,7 +16,9 @@ Layout is [batch, time, heads, dim]; all maths is done in fp32, outputs are cast
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +147,72 @@ def _reference(
     return jnp.moveaxis(o, 0, 1), state
 
 
+def make_recurrence(forward: Callable, backward: Callable) -> Callable:
+    """The chunk-state recurrence, the only sequential part of the chunked rule, over chunks c = 0..n-1:
+
+        delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c
+
+    as `f(u [n,b,h,C,dv], w [n,b,h,C,dk], k [n,b,h,C,dk], decay [n,b,h], S_0 [b,h,dk,dv])
+    -> (S_c entering every chunk, delta_c, S_n)`, differentiable. `forward` runs it; `backward` runs the
+    reverse recurrence of the cotangents: with G_{c+1} the whole cotangent of S_{c+1} (G_n the final
+    state's) and D_c that of delta_c,
+
+        D_c = delta_bar_c + k_c G_{c+1},      G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c
+
+    returning (G_0, G_{c+1} per chunk, D_c per chunk). Both are two small matmuls per step; the gradients
+    u_bar = D, w_bar = -D S^T, k_bar = delta G^T, d_bar = <S_c, G_{c+1}> only read the sequences, so they
+    run afterwards as batched matmuls over all chunks (as do the outputs in `_chunked`)."""
+
+    @jax.custom_vjp
+    def recurrence(u, w, k, decay, state):
+        return forward(u, w, k, decay, state)
+
+    def fwd(u, w, k, decay, state):
+        states, deltas, final = forward(u, w, k, decay, state)
+        return (states, deltas, final), (w, k, decay, states, deltas)
+
+    def bwd(res, cotangents):
+        w, k, decay, states, deltas = res
+        g0, g_next, d_deltas = backward(w, k, decay, *cotangents)
+        w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states)
+        k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next)
+        decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next)
+        return d_deltas, w_bar.astype(w.dtype), k_bar.astype(k.dtype), decay_bar, g0
+
+    recurrence.defvjp(fwd, bwd)
+    return recurrence
+
+
+def _scan_forward(u, w, k, decay, state):
+    def step(s, xs):
+        u_c, w_c, k_c, d_c = xs
+        delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
+        return d_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_c, delta), (s, delta)
+
+    final, (states, deltas) = lax.scan(step, state, (u, w, k, decay))
+    return states, deltas, final
+
+
+def _scan_backward(w, k, decay, states_bar, deltas_bar, final_bar):
+    def step(g, xs):
+        w_c, k_c, d_c, s_bar, delta_bar = xs
+        d_delta = delta_bar + jnp.einsum("bhik,bhkv->bhiv", k_c, g)
+        g_prev = s_bar + d_c[..., None, None] * g - jnp.einsum("bhik,bhiv->bhkv", w_c, d_delta)
+        return g_prev, (g, d_delta)
+
+    g0, (g_next, d_deltas) = lax.scan(step, final_bar, (w, k, decay, states_bar, deltas_bar), reverse=True)
+    return g0, g_next, d_deltas
+
+
+chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.scan` over the chunks
+
+
+@functools.cache
+def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
+    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` (matmul operands in `dtype`)."""
+    return make_recurrence(*pallas_gdn.scans(backend, interpret, dtype))
+
+
 def _chunked(
     q: Float[Array, "b t h dk"],
     k: Float[Array, "b t h dk"],
@@ -154,6 +222,7 @@ def _chunked(
     state: Float[Array, "b h dk dv"],
     reset: Bool[Array, "b t"],
     chunk_size: int,
+    recurrence: Callable = chunk_state_recurrence,
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Chunkwise WY / UT-transform form of the recurrence.
 
@@ -163,8 +232,8 @@ def _chunked(
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    Only delta and S_C need the carried state: `chunk_state_recurrence` runs just those over the chunks,
-    then o is two batched matmuls over all chunks at once.
+    Only delta and S_C need the carried state: `recurrence` (see `make_recurrence`) runs just those over the
+    chunks, then o is two batched matmuls over all chunks at once.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -207,66 +276,11 @@ def _chunked(
     attn = jnp.einsum("nbhik,nbhjk->nbhij", q, k) * masked_exp(diff, causal & same)
     q_in = decay_in[..., None] * q
     k_out = decay_out[..., None] * k
-    states, deltas, state = chunk_state_recurrence(u, w, k_out, decay_chunk, state)
+    states, deltas, state = recurrence(u, w, k_out, decay_chunk, state)
     o = (jnp.einsum("nbhik,nbhkv->nbhiv", q_in, states)
          + jnp.einsum("nbhij,nbhjv->nbhiv", attn, deltas))
     o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, n * chunk_size, h, -1)
     return o[:, :t], state
-
-
-@jax.custom_vjp
-def chunk_state_recurrence(
-    u: Float[Array, "n b h c dv"],
-    w: Float[Array, "n b h c dk"],
-    k: Float[Array, "n b h c dk"],
-    decay: Float[Array, "n b h"],
-    state: Float[Array, "b h dk dv"],
-) -> tuple[Float[Array, "n b h dk dv"], Float[Array, "n b h c dv"], Float[Array, "b h dk dv"]]:
-    """The only sequential part of the chunked rule, over chunks c = 0..n-1 from S_0 = `state`:
-
-        delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c
-
-    Returns (S_c entering every chunk, delta_c, S_n). Each step is two small matmuls; everything that
-    only reads S_c (the outputs, all gradients but the state's) runs afterwards as batched matmuls over
-    all chunks. The backward pass is its own reverse recurrence of two matmuls per step (see `_recurrence_bwd`).
-    """
-    return _recurrence_fwd(u, w, k, decay, state)[0]
-
-
-def _recurrence_fwd(u, w, k, decay, state):
-    def step(s, xs):
-        u_c, w_c, k_c, d_c = xs
-        delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
-        return d_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_c, delta), (s, delta)
-
-    final, (states, deltas) = lax.scan(step, state, (u, w, k, decay))
-    return (states, deltas, final), (w, k, decay, states, deltas)
-
-
-def _recurrence_bwd(res, cotangents):
-    """With G_{c+1} the whole cotangent of S_{c+1} (G_n = the final state's) and D_c that of delta_c:
-
-        D_c = delta_bar_c + k_c G_{c+1},      G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c
-
-    run backwards over c; then u_bar = D, w_bar = -D S^T, k_bar = delta G^T, d_bar = <S_c, G_{c+1}>
-    for all chunks at once, and the initial state's cotangent is G_0."""
-    w, k, decay, states, deltas = res
-    states_bar, deltas_bar, final_bar = cotangents
-
-    def step(g, xs):
-        w_c, k_c, d_c, s_bar, delta_bar = xs
-        d_delta = delta_bar + jnp.einsum("bhik,bhkv->bhiv", k_c, g)
-        g_prev = s_bar + d_c[..., None, None] * g - jnp.einsum("bhik,bhiv->bhkv", w_c, d_delta)
-        return g_prev, (g, d_delta)
-
-    g0, (g_next, d_deltas) = lax.scan(step, final_bar, (w, k, decay, states_bar, deltas_bar), reverse=True)
-    w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states)
-    k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next)
-    decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next)
-    return d_deltas, w_bar, k_bar, decay_bar, g0
-
-
-chunk_state_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 _IMPLS: dict[str, Callable[..., tuple[Array, Array]]] = {"reference": _reference, "chunked": _chunked}
@@ -292,7 +306,8 @@ def gated_delta_rule(
     g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
-    "pallas" (the Pallas kernels of `pallas_gdn`, matmul operands in q/k/v's dtype) or "auto" (Pallas on
+    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, matmul operands of
+    the recurrence in q/k/v's dtype) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
     """
@@ -326,12 +341,11 @@ def gated_delta_rule(
         reset = jnp.zeros((b, t), dtype=bool)
     else:
         reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
-    if impl == "pallas":
-        o, state = pallas_gdn.gated_delta_pallas(
-            q.astype(in_dtype), k.astype(in_dtype), v, g.astype(jnp.float32), beta.astype(jnp.float32), state,
-            reset, chunk_size, backend=backend, interpret=interpret)
-        return o.astype(v.dtype), state
     v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
+    if impl == "pallas":
+        o, state = _chunked(q, k, v32, g32, beta32, state, reset, chunk_size,
+                            recurrence=pallas_recurrence(backend, interpret, jnp.dtype(in_dtype)))
+        return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
 

@@ -31,6 +31,7 @@ import inspect
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,20 +115,6 @@ def decay_grads(dec: Decays, z, dd_in, dd_out, dd_chunk):
             + jnp.where(idx == c - 1, to_last, 0.0))
 
 
-def unit_lower_inverse(n_mat):
-    """(I + N)^{-1} for a strictly lower-triangular N (C, C), by exact forward substitution row by row."""
-    c = n_mat.shape[0]
-    rows, cols = iotas(c)
-    nt = n_mat.T
-
-    def body(i, t):
-        n_col = jnp.sum(jnp.where(cols == i, nt, 0.0), axis=1, keepdims=True)  # row i of N, as a column
-        r = jnp.sum(n_col * t, axis=0, keepdims=True)  # N[i, :] @ T
-        return t - jnp.where(rows == i, r, 0.0)
-
-    return lax.fori_loop(1, c, body, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
-
-
 # ----------------------------------------------------------------------------- drivers
 @dataclasses.dataclass(frozen=True)
 class Arg:
@@ -136,6 +123,17 @@ class Arg:
     vblocked: bool = False  # blocked along the last (value) axis
     grouped: bool = False  # rows are groups: row index = group_of(program row)
     partial: bool = False  # output with a leading [nvb] axis of partial sums
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static settings of one kernel call."""
+
+    chunk: int
+    vb: int  # value block
+    backend: str  # "gpu" (Triton) | "tpu" (Mosaic TPU)
+    interpret: Any = None  # None / False on device; True (generic) or pltpu.InterpretParams on CPU
+    num_warps: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,56 +286,6 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
         **kw,
     )(*[args[a.name] for a in plan.ins])
     return dict(zip([a.name for a in plan.outs], outs))
-
-
-def run_parallel(fn: Callable, ins: tuple[Arg, ...], outs: tuple[Arg, ...], args: dict, out_shapes: dict,
-                 n: int, chunk: int, backend: str, interpret, num_warps: int = 4) -> dict:
-    """A kernel with no carry: grid (rows, chunks), ``fn(ins: dict) -> outs: dict`` on one chunk each
-    (kinds seq, col, row, cmat; no value blocks)."""
-    out_shapes = _with_vma(out_shapes, args)
-    in_names, out_names = [a.name for a in ins], [a.name for a in outs]
-    rows_n = args[in_names[0]].shape[0]
-    c = chunk
-
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        def spec(arg: Arg, shape):
-            if arg.kind == "seq":
-                return pl.BlockSpec((None, c, shape[-1]), lambda i, k: (i, k, 0))
-            return pl.BlockSpec((None, None, *shape[-2:]), lambda i, k: (i, k, 0, 0))
-
-        def kernel(*refs):
-            res = fn({nm: r[...] for nm, r in zip(in_names, refs)})
-            for nm, r in zip(out_names, refs[len(in_names):]):
-                r[...] = res[nm].astype(r.dtype)
-
-        kw = {} if interpret is None else {"interpret": interpret}
-        res = pl.pallas_call(
-            kernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
-            in_specs=[spec(a, args[a.name].shape) for a in ins],
-            out_specs=[spec(a, out_shapes[a.name].shape) for a in outs],
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")), **kw,
-        )(*[args[nm] for nm in in_names])
-        return dict(zip(out_names, res))
-
-    from jax.experimental.pallas import triton as pltriton
-
-    def index(arg: Arg, i, k):
-        if arg.kind == "seq":
-            return (i, pl.ds(k * c, c), slice(None))
-        return (i, k, slice(None), slice(None))
-
-    def gkernel(*refs):
-        i, k = pl.program_id(0), pl.program_id(1)
-        res = fn({a.name: r[index(a, i, k)] for a, r in zip(ins, refs)})
-        for a, r in zip(outs, refs[len(ins):]):
-            r[index(a, i, k)] = res[a.name].astype(r.dtype)
-
-    params = None if interpret else pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-    res = pl.pallas_call(gkernel, out_shape=[out_shapes[nm] for nm in out_names], grid=(rows_n, n),
-                         interpret=bool(interpret), compiler_params=params)(*[args[nm] for nm in in_names])
-    return dict(zip(out_names, res))
 
 
 def _with_vma(out_shapes: dict, args: dict) -> dict:

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from . import pallas_common as pc
-from .pallas_common import F32, Arg, Plan, mm
-from .pallas_gdn import Config
+from .pallas_common import F32, Arg, Config, Plan, mm
 
 _SEQ = (Arg("x", "seq"), Arg("dtc", "col"), Arg("b", "seq", grouped=True), Arg("c", "seq", grouped=True),
         Arg("gc", "col"), Arg("gr", "row"), Arg("sc", "col"), Arg("sr", "row"))
