@@ -117,9 +117,11 @@ def cached_attention(
         raise ValueError(f"cache of {s} slots is not a multiple of {CACHE_BLOCK}; allocate it with cache_slots()")
     tq, qh = q.shape[1], q.shape[3]
     # Keys per loop step: whole CACHE_BLOCKs, as many as keep one step's fp32 scores within SCORES_BYTES
-    # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK).
+    # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK),
+    # balanced over the steps that takes so that the last step's overlap is less than one CACHE_BLOCK.
     per_key = b * g * qh * tq * 4
-    block = min(s, max(CACHE_BLOCK, SCORES_BYTES // per_key // CACHE_BLOCK * CACHE_BLOCK))
+    steps = -(-s // max(CACHE_BLOCK, SCORES_BYTES // per_key // CACHE_BLOCK * CACHE_BLOCK))
+    block = min(s, -(-s // steps // CACHE_BLOCK) * CACHE_BLOCK)
     q = q.astype(keys.dtype)
     neg = jnp.finfo(jnp.float32).min
 
