@@ -77,7 +77,8 @@ def default_vb(backend: str, dv: int) -> int:
 def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:
     """Why the Pallas kernels cannot take this shape on ``backend`` (None if they can)."""
     if backend == "gpu":
-        for name, d in (("d_k", dk), ("d_v", dv), ("chunk_size", chunk)):
+        vb = default_vb(backend, dv)
+        for name, d in (("d_k", dk), ("value block (d_v or 64)", vb), ("chunk_size", chunk)):
             if not pc.is_pow2(d) or d < 16:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if dk > 256:
