@@ -238,6 +238,18 @@ def test_cache_paths_equal_full_forward(monkeypatch, variant, prefill, chunk, de
     assert rel_err(got, want) <= 1e-5
 
 
+def test_flash_decode_kernel_equals_full_forward():
+    """decode_impl="pallas" (the flash-decode kernel, interpret mode) on single-token steps = the full
+    forward; 16 heads in 2 kv groups, a 64-slot cache in one split."""
+    cfg = MLAConfig(**{**DIMS, "num_heads": 16, "qk_rope_head_dim": 16}, num_kv_heads=2, q_lora_rank=0,
+                    latent_norm=False, rope=RopeConfig(theta=500.0), decode_impl="pallas")
+    model = random_mla(cfg, seed=5)
+    x = jnp.asarray(hidden(2, 12, seed=6))
+    assert mla_module._decode_kernel_takes(16, cfg, 64)
+    got, _ = cached_run(model, x, chunk=1, prefill=5, max_len=64)
+    assert rel_err(got, forward(model, x)) <= 1e-5
+
+
 def test_cache_size():
     cfg = VARIANTS["deepseek"]
     assert mla_cache_bytes_per_token(cfg, 2) == (16 + 8) * 2

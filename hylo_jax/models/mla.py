@@ -24,6 +24,8 @@ Parameter names follow transformers' DeepseekV3Attention: q_a_proj, q_a_layernor
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from typing import Literal
 
 import jax
@@ -34,11 +36,14 @@ from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
+from hylo_jax.kernels import flash_decode
 from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.parallel import context
 from hylo_jax.sharding import constrain
+
+log = logging.getLogger(__name__)
 
 # Logical axis of the low-rank latent dimensions (see sharding.LOGICAL_RULES).
 LATENT = "latent"
@@ -64,6 +69,10 @@ class MLAConfig:
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
     attention_impl: Literal["auto", "xla", "cudnn", "splash"] = doc(
         "auto", "Attention kernel of the training/prefill path (see kernels.attention).")
+    decode_impl: Literal["xla", "pallas"] = doc(
+        "xla", "Single-token decode over the latent cache: XLA's blocked online softmax, or the Pallas "
+               "flash-decode kernel that reads each cached latent once (kernels.flash_decode; GPU, "
+               "interpret mode on CPU; not yet measured on a GPU: benchmarks/decode_attention.py).")
 
     def __post_init__(self) -> None:
         require_positive(self, "mla.", ("hidden_size", "num_heads", "num_kv_heads", "kv_lora_rank",
@@ -92,6 +101,15 @@ class MLAConfig:
 
 
 DECOMPRESS_MIN_QUERIES = 64  # cached calls with this many new tokens attend decompressed blocks, not latents
+
+
+@functools.cache
+def _decode_kernel_takes(heads: int, cfg: MLAConfig, slots: int) -> bool:
+    """Whether the flash-decode kernel takes this shape; if not, says why once (decode then uses XLA)."""
+    reason = flash_decode.unsupported(heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, slots)
+    if reason:
+        log.warning("mla.decode_impl='pallas' falls back to XLA: %s", reason)
+    return reason is None
 
 
 def mla_cache_bytes_per_token(cfg: MLAConfig, dtype_bytes: int) -> int:
@@ -249,6 +267,12 @@ class MLA(nnx.Module):
         q_nope = q_nope.reshape(b, t, g, h // g, -1)
         q_lat = jnp.einsum("btgqn,rgn->btgqr", q_nope, w_uk)
         q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1)
+        if t == 1 and cfg.decode_impl == "pallas" and _decode_kernel_takes(h, cfg, latent.shape[1]):
+            limit = jnp.minimum(kv_length, positions[:, 0] + 1)
+            o_lat = flash_decode.latent_decode_attention(
+                q_abs.reshape(b, h, -1), latent, limit, rank=cfg.kv_lora_rank, scale=scale,
+                interpret=jax.default_backend() != "gpu").astype(q_abs.dtype)
+            return jnp.einsum("bgqr,rgv->bgqv", o_lat.reshape(b, g, h // g, -1), w_uv).reshape(b, t, h, -1)
         # every head reads the same latent: one key/value group of h heads. The values c_j are sliced
         # per visited block, never from the whole cache (that slice would copy the cache every token).
         stored = latent[:, :, None, :]
