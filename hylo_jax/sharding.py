@@ -128,6 +128,22 @@ def path_str(path) -> str:
     return ".".join(str(k) for k in path_keys(path))
 
 
+def batch_axes(mesh, batch: int):
+    """PartitionSpec entry of the batch-splitting mesh axes ("data", "fsdp") of size > 1; None if there are
+    none or they do not divide `batch`."""
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def heads_axis(mesh, *counts: int):
+    """"tensor" when the mesh splits heads (size > 1) and it divides every count; else None."""
+    if "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1:
+        return None
+    return "tensor" if all(c % mesh.shape["tensor"] == 0 for c in counts) else None
+
+
 def check_divides(mesh: Mesh, what: str, dim: int, axes: Sequence[str]) -> None:
     """`MeshError` unless the product of `axes` divides `dim` (e.g. batch over data*fsdp)."""
     size = math.prod(mesh.shape[a] for a in axes)

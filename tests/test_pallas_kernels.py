@@ -14,9 +14,11 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from hylo_jax.config import MeshConfig
 from hylo_jax.kernels import pallas_common, pallas_gdn
 from hylo_jax.kernels.gated_delta import chunk_state_recurrence, gated_delta_rule, make_recurrence
 from hylo_jax.kernels.ssd import ssd
+from hylo_jax.sharding import make_mesh
 
 TOL = 1e-5
 
@@ -181,6 +183,19 @@ def test_shard_map_over_batch_and_heads():
     ref = f("chunked")(*placed)
     new = f("pallas")(*placed)
     assert rel_err(new[0], ref[0]) <= TOL and rel_err(new[1], ref[1]) <= TOL
+
+
+def test_gdn_pallas_under_a_set_mesh_runs_per_device():
+    """Global arrays under `jax.set_mesh` (batch over data x fsdp, heads over tensor): the Pallas recurrence
+    runs in a shard_map (not gathered and replicated by the partitioner); values and gradients = chunked."""
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    args, seg, rng = gdn_inputs(11, 4, 20, 2, 8, 8)
+    with jax.set_mesh(mesh):
+        sharded = [jax.device_put(a, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))))
+                   for a in args.values()]
+        jaxpr = str(jax.make_jaxpr(gdn_fn("pallas", seg, True, 8))(*sharded))
+        assert "shard_map" in jaxpr
+        compare(gdn_fn("chunked", seg, True, 8), gdn_fn("pallas", seg, True, 8), sharded, rng)
 
 
 @pytest.mark.slow

@@ -23,7 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
+
+from hylo_jax.sharding import batch_axes, heads_axis
 
 from . import pallas_common, pallas_gdn
 
@@ -209,8 +212,28 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 
 @functools.cache
 def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
-    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` (matmul operands in `dtype`)."""
-    return make_recurrence(*pallas_gdn.scans(backend, interpret, dtype))
+    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` (matmul operands in `dtype`), run
+    per device under a set mesh (`_per_device`)."""
+    return _per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)))
+
+
+def _per_device(recurrence: Callable) -> Callable:
+    """`recurrence` in a `shard_map` over batch (data/fsdp) and heads (tensor) when a multi-device mesh is
+    set and we are not already inside a shard_map: a pallas_call is opaque to the SPMD partitioner, which
+    would gather its inputs and run it whole on every device. Rows and heads are independent."""
+
+    def call(u, w, k, decay, state):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+            return recurrence(u, w, k, decay, state)
+        b, h = state.shape[:2]
+        rows, heads = batch_axes(mesh, b), heads_axis(mesh, h)
+        seq, per_chunk, st = P(None, rows, heads, None, None), P(None, rows, heads), P(rows, heads, None, None)
+        # check_vma off: JAX's generic Pallas interpreter (CPU) fails its own varying-axes check here.
+        return jax.shard_map(recurrence, mesh=mesh, in_specs=(seq, seq, seq, per_chunk, st),
+                             out_specs=(seq, seq, st), check_vma=False)(u, w, k, decay, state)
+
+    return call
 
 
 def _chunked(

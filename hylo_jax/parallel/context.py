@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -49,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from hylo_jax.errors import MeshError
 from hylo_jax.kernels.gated_delta import gated_delta_rule as _gdn_kernel
 from hylo_jax.kernels.ssd import ssd as _ssd_kernel
+from hylo_jax.sharding import batch_axes, heads_axis
 
 SEQ = "sequence"
 _F32 = jnp.float32
@@ -159,19 +159,6 @@ def _chunk_table(shards: int, zigzag: bool) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------------------------
 # shard_map plumbing.
-
-
-def _batch_entry(mesh, b: int):
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or b % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes[0] if len(axes) == 1 else axes
-
-
-def _tensor_entry(mesh, *counts: int):
-    if "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1:
-        return None
-    return "tensor" if all(c % mesh.shape["tensor"] == 0 for c in counts) else None
 
 
 def _check_length(mesh, t: int, zigzag: bool) -> None:
@@ -362,7 +349,7 @@ def attention(q, k, v, *, segment_ids=None, scale: float | None = None):
     b, t, h, d = q.shape
     _check_length(mesh, t, cfg.load_balance)
     scale = d ** -0.5 if scale is None else scale
-    bs, ts = _batch_entry(mesh, b), _tensor_entry(mesh, h, k.shape[2])
+    bs, ts = batch_axes(mesh, b), heads_axis(mesh, h, k.shape[2])
     heads = P(bs, SEQ, ts, None)
 
     def local(q, k, v, seg):
@@ -379,7 +366,7 @@ def mla_attention(q, latent, w_uk, w_uv, *, kv_lora_rank: int, segment_ids=None,
     cfg = current()
     b, t, h, _ = q.shape
     _check_length(mesh, t, cfg.load_balance)
-    bs, ts = _batch_entry(mesh, b), _tensor_entry(mesh, h, w_uk.shape[1])
+    bs, ts = batch_axes(mesh, b), heads_axis(mesh, h, w_uk.shape[1])
     r = kv_lora_rank
 
     def local(q, latent, seg, w_uk, w_uv):
@@ -410,7 +397,7 @@ def ssd(x, dt, A, B, C, *, D=None, dt_bias=None, dt_limit=(0.0, float("inf")), i
     b, t, h, p = x.shape
     n = B.shape[-1]
     _check_length(mesh, t, zigzag)
-    bs, ts = _batch_entry(mesh, b), _tensor_entry(mesh, h, B.shape[2], C.shape[2])
+    bs, ts = batch_axes(mesh, b), heads_axis(mesh, h, B.shape[2], C.shape[2])
     nh = _halves(zigzag)
     D = jnp.zeros((h,), _F32) if D is None else D
     dt_bias = jnp.zeros((h,), _F32) if dt_bias is None else dt_bias
@@ -451,7 +438,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, segmen
     b, t, h, dk = q.shape
     dv = v.shape[-1]
     _check_length(mesh, t, zigzag)
-    bs, ts = _batch_entry(mesh, b), _tensor_entry(mesh, h)
+    bs, ts = batch_axes(mesh, b), heads_axis(mesh, h)
     nh = _halves(zigzag)
     h0 = jnp.zeros((b, h, dk, dv), _F32) if initial_state is None else initial_state.astype(_F32)
 
@@ -489,7 +476,7 @@ def causal_conv1d(conv: Callable, u, prefix, kernel, bias, segment_ids=None):
     zigzag = current().load_balance
     b, t, c = u.shape
     _check_length(mesh, t, zigzag)
-    bs, ts = _batch_entry(mesh, b), _tensor_entry(mesh, c)
+    bs, ts = batch_axes(mesh, b), heads_axis(mesh, c)
     nh = _halves(zigzag)
     km1 = prefix.shape[1]
     has_bias = bias is not None
