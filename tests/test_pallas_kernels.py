@@ -185,17 +185,23 @@ def test_shard_map_over_batch_and_heads():
     assert rel_err(new[0], ref[0]) <= TOL and rel_err(new[1], ref[1]) <= TOL
 
 
-def test_gdn_pallas_under_a_set_mesh_runs_per_device():
-    """Global arrays under `jax.set_mesh` (batch over data x fsdp, heads over tensor): the Pallas recurrence
-    runs in a shard_map (not gathered and replicated by the partitioner); values and gradients = chunked."""
+@pytest.mark.parametrize("op", ["gdn", pytest.param("ssd", marks=pytest.mark.slow)])
+def test_pallas_under_a_set_mesh_runs_per_device(op):
+    """Global arrays under `jax.set_mesh` (batch over data x fsdp, heads over tensor): the Pallas kernels
+    run in a shard_map (not gathered and replicated by the partitioner); values and gradients = chunked."""
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    args, seg, rng = gdn_inputs(11, 4, 20, 2, 8, 8)
+    if op == "gdn":
+        args, seg, rng = gdn_inputs(11, 4, 20, 2, 8, 8)
+        fn = lambda impl: gdn_fn(impl, seg, True, 8)  # noqa: E731
+    else:
+        args, seg, rng = ssd_inputs(12, 4, 20, 4, 8, 2, 8)
+        fn = lambda impl: ssd_fn(impl, seg, 8)  # noqa: E731
     with jax.set_mesh(mesh):
-        sharded = [jax.device_put(a, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))))
+        sharded = [jax.device_put(a, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), *[None] * (a.ndim - 1))
+                                                                if a.shape[0] == 4 else P()))
                    for a in args.values()]
-        jaxpr = str(jax.make_jaxpr(gdn_fn("pallas", seg, True, 8))(*sharded))
-        assert "shard_map" in jaxpr
-        compare(gdn_fn("chunked", seg, True, 8), gdn_fn("pallas", seg, True, 8), sharded, rng)
+        assert "shard_map" in str(jax.make_jaxpr(fn("pallas"))(*sharded))
+        compare(fn("chunked"), fn("pallas"), sharded, rng)
 
 
 @pytest.mark.slow

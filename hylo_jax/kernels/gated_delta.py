@@ -26,8 +26,6 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from hylo_jax.sharding import batch_axes, heads_axis
-
 from . import pallas_common, pallas_gdn
 
 _L2NORM_EPS = 1e-6
@@ -218,20 +216,14 @@ def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
 
 
 def _per_device(recurrence: Callable) -> Callable:
-    """`recurrence` in a `shard_map` over batch (data/fsdp) and heads (tensor) when a multi-device mesh is
-    set and we are not already inside a shard_map: a pallas_call is opaque to the SPMD partitioner, which
-    would gather its inputs and run it whole on every device. Rows and heads are independent."""
+    """`recurrence` per device under a set mesh (`pallas_common.on_mesh`)."""
 
     def call(u, w, k, decay, state):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
-            return recurrence(u, w, k, decay, state)
-        b, h = state.shape[:2]
-        rows, heads = batch_axes(mesh, b), heads_axis(mesh, h)
-        seq, per_chunk, st = P(None, rows, heads, None, None), P(None, rows, heads), P(rows, heads, None, None)
-        # check_vma off: JAX's generic Pallas interpreter (CPU) fails its own varying-axes check here.
-        return jax.shard_map(recurrence, mesh=mesh, in_specs=(seq, seq, seq, per_chunk, st),
-                             out_specs=(seq, seq, st), check_vma=False)(u, w, k, decay, state)
+        seq = lambda r, h: P(None, r, h, None, None)  # noqa: E731
+        st = lambda r, h: P(r, h, None, None)  # noqa: E731
+        run = pallas_common.on_mesh(recurrence, lambda r, h: (seq(r, h), seq(r, h), seq(r, h), P(None, r, h), st(r, h)),
+                                    lambda r, h: (seq(r, h), seq(r, h), st(r, h)), *state.shape[:2])
+        return run(u, w, k, decay, state)
 
     return call
 

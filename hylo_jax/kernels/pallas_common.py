@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from hylo_jax.sharding import batch_axes, heads_axis
+
 F32 = jnp.float32
 logger = logging.getLogger("hylo_jax.kernels")
 
@@ -309,6 +311,20 @@ def run(plan: Plan, args: dict, out_shapes: dict, backend: str, interpret, **gpu
     if backend == "tpu":
         return run_tpu(plan, args, out_shapes, interpret=interpret)
     return run_gpu(plan, args, out_shapes, interpret=bool(interpret), **gpu_kw)
+
+
+def on_mesh(fn: Callable, in_specs: Callable, out_specs: Callable, batch: int, *head_counts: int) -> Callable:
+    """`fn` in a `shard_map` over batch (data/fsdp) and heads (tensor) when a multi-device mesh is set and
+    no axis is already manual; else `fn`. A pallas_call is opaque to the SPMD partitioner, which would
+    gather its inputs and run it whole on every device; rows and heads of these ops are independent.
+    `in_specs(rows, heads)` / `out_specs(rows, heads)` give the PartitionSpecs from the two mesh entries."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return fn
+    rows, heads = batch_axes(mesh, batch), heads_axis(mesh, *head_counts)
+    # check_vma off: JAX's generic Pallas interpreter (CPU) fails its own varying-axes check in shard_map.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs(rows, heads), out_specs=out_specs(rows, heads),
+                         check_vma=False)
 
 
 # ----------------------------------------------------------------------------- layout helpers (wrapper side)

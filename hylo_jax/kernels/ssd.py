@@ -13,10 +13,12 @@ from the previous token's, so each document sees only itself; ``initial_state`` 
 Gates, decays, states and all accumulation are fp32 whatever the input dtype; y has x's dtype.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from . import pallas_common, pallas_ssd
@@ -216,8 +218,12 @@ def ssd(
         "ssd", impl, lambda be: pallas_ssd.unsupported(be, p, B.shape[-1], chunk_size))
     x32 = x.astype(_F32)
     if impl == "pallas":
-        y, final = pallas_ssd.ssd_pallas(x, dt32, A.astype(_F32), B, C, reset, h0, chunk_size,
-                                         backend=backend, interpret=interpret)
+        run = pallas_common.on_mesh(
+            functools.partial(pallas_ssd.ssd_pallas, chunk_size=chunk_size, backend=backend, interpret=interpret),
+            lambda r, hd: (P(r, None, hd, None), P(r, None, hd), P(hd), P(r, None, hd, None), P(r, None, hd, None),
+                           P(r, None), P(r, hd, None, None)),
+            lambda r, hd: (P(r, None, hd, None), P(r, hd, None, None)), b, h, B.shape[2])
+        y, final = run(x, dt32, A.astype(_F32), B, C, reset, h0)
         if D is not None:
             y = y.astype(_F32) + D.astype(_F32)[:, None] * x32
         return y.astype(x.dtype), final
