@@ -152,6 +152,23 @@ def cached_attention(
     return out.transpose(0, 3, 1, 2, 4).astype(attended_values.dtype)
 
 
+def latent_cached_attention(
+    q: Float[Array, "b tq h l"],
+    latent: Float[Array, "b s l"],
+    *,
+    rank: int,
+    q_positions: Int[Array, "b tq"],
+    kv_length: Int[Array, "b"],
+    scale: float,
+) -> Float[Array, "b tq h r"]:
+    """`cached_attention` where every head attends one shared cache of x_j = [c_j ; k_rope_j] (MLA's
+    absorbed form): keys x_j, values c_j = x_j[:rank]. The values are sliced per visited block, never
+    from the whole cache (that slice would copy the cache on every call)."""
+    stored = latent[:, :, None, :]
+    return cached_attention(q[:, :, None], stored, stored, q_positions=q_positions, kv_length=kv_length,
+                            scale=scale, expand=lambda keys, values: (keys, values[..., :rank]))[:, :, 0]
+
+
 def _as_stored(keys: Array, values: Array) -> tuple[Array, Array]:
     return keys, values
 

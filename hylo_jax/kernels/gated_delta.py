@@ -218,12 +218,12 @@ def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
 def _per_device(recurrence: Callable) -> Callable:
     """`recurrence` per device under a set mesh (`pallas_common.on_mesh`)."""
 
+    def specs(rows, heads):
+        seq, state = P(None, rows, heads, None, None), P(rows, heads, None, None)
+        return (seq, seq, seq, P(None, rows, heads), state), (seq, seq, state)
+
     def call(u, w, k, decay, state):
-        seq = lambda r, h: P(None, r, h, None, None)  # noqa: E731
-        st = lambda r, h: P(r, h, None, None)  # noqa: E731
-        run = pallas_common.on_mesh(recurrence, lambda r, h: (seq(r, h), seq(r, h), seq(r, h), P(None, r, h), st(r, h)),
-                                    lambda r, h: (seq(r, h), seq(r, h), st(r, h)), *state.shape[:2])
-        return run(u, w, k, decay, state)
+        return pallas_common.on_mesh(recurrence, specs, *state.shape[:2])(u, w, k, decay, state)
 
     return call
 

@@ -15,11 +15,8 @@ Array kinds (X = rows, batch*heads, or groups for SSD's B/C; n chunks of C; V th
   seq   [X, n*C, D]      one (C, D) block per chunk (value-blocked: (C, vb))
   col   [X, n, C, 1]     per-position scalars as a column (gates, beta, segment index)
   row   [X, n, 1, C]     the same as a row (for the [C, C] decay matrices)
-  cmat  [X, n, C, C]     one (C, C) matrix per chunk
   state [X, D, V]        read at the first step (carry init) or written after the last (final carry)
   cstate [X, n, D, V]    one state per chunk (residual: the state entering each chunk)
-Outputs marked ``partial`` get a leading [nvb] axis: each value block writes its own partial sum
-(the wrapper adds them up).
 """
 
 from __future__ import annotations
@@ -84,8 +81,6 @@ class Decays:
     """Masks and decay factors of one chunk from the chunk-local cumulative log-decay G and segment index."""
 
     causal: jax.Array  # (C, C) i >= j, same segment: exp(G_i - G_j) else 0
-    strict: jax.Array  # (C, C) i > j, same segment
-    strict_mask: jax.Array  # bool (C, C)
     d_in: jax.Array  # (C, 1) exp(G_i) for positions still in the carried-in segment, else 0
     d_out: jax.Array  # (C, 1) exp(G_last - G_j) for positions in the last segment, else 0
     d_chunk: jax.Array  # (1, 1) exp(G_last) if the chunk has no reset, else 0
@@ -95,16 +90,12 @@ def decays(gcol, grow, scol, srow) -> Decays:
     c = gcol.shape[0]
     rows, cols = iotas(c)
     same = scol == srow
-    cmask = (rows >= cols) & same
-    smask = (rows > cols) & same
-    diff = gcol - grow
-    causal = masked_exp(diff, cmask)
-    strict = jnp.where(smask, causal, 0.0)
+    causal = masked_exp(gcol - grow, (rows >= cols) & same)
     g_last, s_last = last_row(gcol), last_row(scol)
     d_in = masked_exp(gcol, scol == 0)
     d_out = masked_exp(g_last - gcol, scol == s_last)
     d_chunk = masked_exp(g_last, s_last == 0)
-    return Decays(causal, strict, smask, d_in, d_out, d_chunk)
+    return Decays(causal, d_in, d_out, d_chunk)
 
 
 def decay_grads(dec: Decays, z, dd_in, dd_out, dd_chunk):
@@ -121,10 +112,9 @@ def decay_grads(dec: Decays, z, dd_in, dd_out, dd_chunk):
 @dataclasses.dataclass(frozen=True)
 class Arg:
     name: str
-    kind: str  # seq | col | row | cmat | state | cstate
+    kind: str  # seq | col | row | state | cstate
     vblocked: bool = False  # blocked along the last (value) axis
     grouped: bool = False  # rows are groups: row index = group_of(program row)
-    partial: bool = False  # output with a leading [nvb] axis of partial sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +168,13 @@ def run_gpu(plan: Plan, args: dict, out_shapes: dict, *, interpret: bool, num_wa
         def index(arg: Arg, ck):
             r = _row(plan, arg, i)
             v = vsl if arg.vblocked else slice(None)
-            head = (j,) if arg.partial else ()
             if arg.kind == "seq":
-                return (*head, r, pl.ds(ck * c, c), v)
-            if arg.kind in ("col", "row", "cmat"):
-                return (*head, r, ck, slice(None), slice(None))
+                return (r, pl.ds(ck * c, c), v)
+            if arg.kind in ("col", "row"):
+                return (r, ck, slice(None), slice(None))
             if arg.kind == "cstate":
-                return (*head, r, ck, slice(None), v)
-            return (*head, r, slice(None), v)
+                return (r, ck, slice(None), v)
+            return (r, slice(None), v)
 
         def body(t, carry):
             ck = n - 1 - t if plan.reverse else t
@@ -227,27 +216,25 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
 
     def spec(arg: Arg, shape):
         d_last = vb if arg.vblocked else shape[-1]
-        head = (None,) if arg.partial else ()
         if arg.kind == "seq":
-            block = (*head, None, c, d_last)
-        elif arg.kind in ("col", "row", "cmat"):
-            block = (*head, None, None, *shape[-2:])  # full (C, 1), (1, C) or (C, C)
+            block = (None, c, d_last)
+        elif arg.kind in ("col", "row"):
+            block = (None, None, *shape[-2:])  # full (C, 1) or (1, C)
         elif arg.kind == "cstate":
-            block = (*head, None, None, shape[-2], d_last)
+            block = (None, None, shape[-2], d_last)
         else:
-            block = (*head, None, shape[-2], d_last)
+            block = (None, shape[-2], d_last)
 
         def index_map(i, j, k):
             r = _row(plan, arg, i)
             jv = j if arg.vblocked else 0
-            h = (j,) if arg.partial else ()
             if arg.kind == "seq":
-                return (*h, r, ck_of(k), jv)
-            if arg.kind in ("col", "row", "cmat"):
-                return (*h, r, ck_of(k), 0, 0)
+                return (r, ck_of(k), jv)
+            if arg.kind in ("col", "row"):
+                return (r, ck_of(k), 0, 0)
             if arg.kind == "cstate":
-                return (*h, r, ck_of(k), 0, jv)
-            return (*h, r, 0, jv)
+                return (r, ck_of(k), 0, jv)
+            return (r, 0, jv)
 
         return pl.BlockSpec(block, index_map)
 
@@ -313,18 +300,17 @@ def run(plan: Plan, args: dict, out_shapes: dict, backend: str, interpret, **gpu
     return run_gpu(plan, args, out_shapes, interpret=bool(interpret), **gpu_kw)
 
 
-def on_mesh(fn: Callable, in_specs: Callable, out_specs: Callable, batch: int, *head_counts: int) -> Callable:
+def on_mesh(fn: Callable, specs: Callable, batch: int, *head_counts: int) -> Callable:
     """`fn` in a `shard_map` over batch (data/fsdp) and heads (tensor) when a multi-device mesh is set and
     no axis is already manual; else `fn`. A pallas_call is opaque to the SPMD partitioner, which would
     gather its inputs and run it whole on every device; rows and heads of these ops are independent.
-    `in_specs(rows, heads)` / `out_specs(rows, heads)` give the PartitionSpecs from the two mesh entries."""
+    `specs(rows, heads) -> (in_specs, out_specs)` builds the PartitionSpecs from the two mesh entries."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
         return fn
-    rows, heads = batch_axes(mesh, batch), heads_axis(mesh, *head_counts)
+    in_specs, out_specs = specs(batch_axes(mesh, batch), heads_axis(mesh, *head_counts))
     # check_vma off: JAX's generic Pallas interpreter (CPU) fails its own varying-axes check in shard_map.
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs(rows, heads), out_specs=out_specs(rows, heads),
-                         check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 # ----------------------------------------------------------------------------- layout helpers (wrapper side)

@@ -220,9 +220,9 @@ def ssd(
     if impl == "pallas":
         run = pallas_common.on_mesh(
             functools.partial(pallas_ssd.ssd_pallas, chunk_size=chunk_size, backend=backend, interpret=interpret),
-            lambda r, hd: (P(r, None, hd, None), P(r, None, hd), P(hd), P(r, None, hd, None), P(r, None, hd, None),
-                           P(r, None), P(r, hd, None, None)),
-            lambda r, hd: (P(r, None, hd, None), P(r, hd, None, None)), b, h, B.shape[2])
+            lambda r, hd: ((P(r, None, hd, None), P(r, None, hd), P(hd), P(r, None, hd, None), P(r, None, hd, None),
+                            P(r, None), P(r, hd, None, None)), (P(r, None, hd, None), P(r, hd, None, None))),
+            b, h, B.shape[2])
         y, final = run(x, dt32, A.astype(_F32), B, C, reset, h0)
         if D is not None:
             y = y.astype(_F32) + D.astype(_F32)[:, None] * x32

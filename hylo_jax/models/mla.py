@@ -37,7 +37,7 @@ from jaxtyping import Array, Float, Int
 from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels import flash_decode
-from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
+from hylo_jax.kernels.attention import attention, cache_slots, cached_attention, latent_cached_attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.parallel import context
@@ -105,8 +105,12 @@ DECOMPRESS_MIN_QUERIES = 64  # cached calls with this many new tokens attend dec
 
 @functools.cache
 def _decode_kernel_takes(heads: int, cfg: MLAConfig, slots: int) -> bool:
-    """Whether the flash-decode kernel takes this shape; if not, says why once (decode then uses XLA)."""
-    reason = flash_decode.unsupported(heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, slots)
+    """Whether the flash-decode kernel takes this shape here (GPU; CPU runs it interpreted, for tests); if
+    not, says why once (decode then uses XLA)."""
+    if jax.default_backend() == "tpu":
+        reason = "the kernel is written for the GPU (Pallas Triton backend); TPU decodes with XLA"
+    else:
+        reason = flash_decode.unsupported(heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, slots)
     if reason:
         log.warning("mla.decode_impl='pallas' falls back to XLA: %s", reason)
     return reason is None
@@ -266,18 +270,13 @@ class MLA(nnx.Module):
         w_uk, w_uv = self._up_kernels()
         q_nope = q_nope.reshape(b, t, g, h // g, -1)
         q_lat = jnp.einsum("btgqn,rgn->btgqr", q_nope, w_uk)
-        q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1)
+        q_abs = jnp.concatenate([q_lat, q_rope.reshape(b, t, g, h // g, -1)], -1).reshape(b, t, h, -1)
         if t == 1 and cfg.decode_impl == "pallas" and _decode_kernel_takes(h, cfg, latent.shape[1]):
-            limit = jnp.minimum(kv_length, positions[:, 0] + 1)
             o_lat = flash_decode.latent_decode_attention(
-                q_abs.reshape(b, h, -1), latent, limit, rank=cfg.kv_lora_rank, scale=scale,
-                interpret=jax.default_backend() != "gpu").astype(q_abs.dtype)
-            return jnp.einsum("bgqr,rgv->bgqv", o_lat.reshape(b, g, h // g, -1), w_uv).reshape(b, t, h, -1)
-        # every head reads the same latent: one key/value group of h heads. The values c_j are sliced
-        # per visited block, never from the whole cache (that slice would copy the cache every token).
-        stored = latent[:, :, None, :]
-        o_lat = cached_attention(q_abs.reshape(b, t, 1, h, -1), stored, stored, q_positions=positions,
-                                 kv_length=kv_length, scale=scale,
-                                 expand=lambda keys, values: (keys, values[..., :cfg.kv_lora_rank])
-                                 ).reshape(b, t, g, h // g, -1)
+                q_abs[:, 0], latent, jnp.minimum(kv_length, positions[:, 0] + 1), rank=cfg.kv_lora_rank,
+                scale=scale, interpret=jax.default_backend() != "gpu")[:, None].astype(q_abs.dtype)
+        else:  # every head reads the same latent
+            o_lat = latent_cached_attention(q_abs, latent, rank=cfg.kv_lora_rank, q_positions=positions,
+                                            kv_length=kv_length, scale=scale)
+        o_lat = o_lat.reshape(b, t, g, h // g, -1)
         return jnp.einsum("btgqr,rgv->btgqv", o_lat, w_uv).reshape(b, t, h, cfg.v_head_dim)
