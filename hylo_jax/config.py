@@ -99,6 +99,9 @@ class MeshConfig:
                      "around a ring (ppermute overlapped with the block compute).")
     load_balance: bool = doc(False, "Zig-zag token layout for sequence > 1 (shard s holds chunks s and "
                                     "2S-1-s), so causal attention work is equal on every shard.")
+    cp_attention: Literal["auto", "xla", "pallas"] = doc(
+        "auto", "Block attention with sequence > 1: the Pallas flash block kernel ('auto' takes it on GPU "
+                "where it supports the head dims) or XLA's online softmax over query tiles.")
 
 
 # --------------------------------------------------------------------------------------------

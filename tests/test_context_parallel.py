@@ -36,7 +36,7 @@ def seq_mesh(shards: int):
     return make_mesh(MeshConfig(fsdp=-1, tensor=tensor, sequence=shards))
 
 
-def run_mixer(module, x, segments, *, mesh=None, mode="allgather", load_balance=False):
+def run_mixer(module, x, segments, *, mesh=None, mode="allgather", load_balance=False, attention="auto"):
     """(output, d loss / d params, d loss / d x) of a mixer on [b, T, d] inputs, optionally sequence-sharded
     (inputs are permuted to the zig-zag layout and outputs permuted back when load balancing)."""
     graphdef, params = nnx.split(module)
@@ -60,7 +60,7 @@ def run_mixer(module, x, segments, *, mesh=None, mode="allgather", load_balance=
     if mesh is None:
         (_, y), grads = fn(params, x)
     else:
-        with jax.set_mesh(mesh), context.settings(mode, load_balance):
+        with jax.set_mesh(mesh), context.settings(mode, load_balance, attention):
             (_, y), grads = fn(params, x)
     return y, grads
 
@@ -125,6 +125,28 @@ def test_query_tiles_match_unsharded(monkeypatch, mode, zigzag):
     want = run_mixer(module, x, SEGMENTS)
     got = run_mixer(module, x, SEGMENTS, mesh=seq_mesh(2), mode=mode, load_balance=zigzag)
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("name, mode, zigzag", [("mla", "ring", True), ("attention", "allgather", False)])
+def test_flash_block_kernel_matches_unsharded(name, mode, zigzag):
+    """attention='pallas' (the flash block kernel, interpret mode on CPU; head dims it takes: MLA's
+    32 = 16 + 16 split in power-of-two parts): outputs and gradients equal the unsharded ones."""
+    import dataclasses
+
+    module = (MLA(dataclasses.replace(MLA_CFG, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16),
+                  rngs=nnx.Rngs(0)) if name == "mla" else
+              Attention(dataclasses.replace(TEACHER, head_dim=16), rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(4), (2, 2 * T, 32))
+    segments = np.repeat(SEGMENTS, 2, axis=1)
+    want = run_mixer(module, x, segments)
+    got = run_mixer(module, x, segments, mesh=seq_mesh(2), mode=mode, load_balance=zigzag, attention="pallas")
+    assert_close(got, want)
+
+
+def test_flash_block_kernel_refuses_unsupported_dims():
+    module, x = MIXERS["mla"](), inputs()  # qk head dim 8: below the kernel's smallest dot
+    with pytest.raises(ValueError, match="attention='pallas'"):
+        run_mixer(module, x, SEGMENTS, mesh=seq_mesh(2), attention="pallas")
 
 
 @pytest.mark.slow

@@ -277,7 +277,7 @@ def run_tpu(plan: Plan, args: dict, out_shapes: dict, *, interpret=None):
     return dict(zip([a.name for a in plan.outs], outs))
 
 
-def _with_vma(out_shapes: dict, args: dict) -> dict:
+def with_vma(out_shapes: dict, args: dict) -> dict:
     """Output shapes that vary over the same shard_map axes as the inputs (needed under check_vma=True).
 
     The keyword is `manual_axis_type` on jax 0.10 and `vma` on other versions; outside shard_map it is empty."""
@@ -294,7 +294,7 @@ def _with_vma(out_shapes: dict, args: dict) -> dict:
 
 
 def run(plan: Plan, args: dict, out_shapes: dict, backend: str, interpret, **gpu_kw):
-    out_shapes = _with_vma(out_shapes, args)
+    out_shapes = with_vma(out_shapes, args)
     if backend == "tpu":
         return run_tpu(plan, args, out_shapes, interpret=interpret)
     return run_gpu(plan, args, out_shapes, interpret=bool(interpret), **gpu_kw)

@@ -6,7 +6,8 @@ Mixers call these functions on *global* arrays; each one is a `jax.shard_map` ov
 (batch on (data, fsdp), time on sequence, heads on tensor where they divide) around local kernels:
 
 * attention (teacher GQA, `attention`) and MLA (`mla_attention`): blockwise causal attention of the
-  local queries against every key block with an fp32 online softmax. The payload that travels is
+  local queries against every key block: on GPU the flash block kernel (`kernels.flash_block`, (o, lse)
+  per block merged by log-sum-exp), elsewhere an fp32 online softmax in XLA. The payload that travels is
   K/V for GQA and only the per-token latent [c_KV ; rope(k_rope)] for MLA, decompressed locally
   (kv_b_proj) block by block. mode "allgather": one all_gather of the payload, then a scan over
   blocks; mode "ring": S-1 `ppermute`s of the payload, each issued before the block that uses
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Literal
 
@@ -46,10 +48,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from hylo_jax.errors import MeshError
+from hylo_jax.kernels.flash_block import flash_block, unsupported
 from hylo_jax.kernels.gated_delta import gated_delta_rule as _gdn_kernel
 from hylo_jax.kernels.ssd import ssd as _ssd_kernel
 from hylo_jax.sharding import batch_axes, heads_axis
 
+log = logging.getLogger(__name__)
 SEQ = "sequence"
 _F32 = jnp.float32
 _NEG = -1e30  # finite "minus infinity" of masked scores
@@ -61,18 +65,22 @@ class ContextSettings:
 
     mode: Literal["allgather", "ring"] = "allgather"
     load_balance: bool = False
+    attention: Literal["auto", "xla", "pallas"] = "auto"
 
 
 _CURRENT = [ContextSettings()]
 
 
 @contextlib.contextmanager
-def settings(mode: str = "allgather", load_balance: bool = False):
+def settings(mode: str = "allgather", load_balance: bool = False, attention: str = "auto"):
     """Context-parallel settings for code traced inside this block (jit caches do not see them:
-    use one setting per compiled step)."""
+    use one setting per compiled step). attention: the block kernel ("auto": the Pallas flash block
+    kernel on GPU, XLA elsewhere; "pallas" off GPU runs it in interpret mode)."""
     if mode not in ("allgather", "ring"):
         raise ValueError(f"context_parallel must be 'allgather' or 'ring', got {mode!r}")
-    _CURRENT.append(ContextSettings(mode, bool(load_balance)))
+    if attention not in ("auto", "xla", "pallas"):
+        raise ValueError(f"context-parallel attention must be 'auto', 'xla' or 'pallas', got {attention!r}")
+    _CURRENT.append(ContextSettings(mode, bool(load_balance), attention))
     try:
         yield _CURRENT[-1]
     finally:
@@ -172,8 +180,8 @@ def _segments(segment_ids, b: int, t: int):
     return jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
 
 
-def _shard_map(f, mesh, in_specs, out_specs):
-    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+def _shard_map(f, mesh, in_specs, out_specs, check_vma: bool = True):
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
 def _prev_tails(tails, first_seg, last_seg, zigzag: bool):
@@ -254,59 +262,28 @@ def _fold_states(a, f, keep, initial, apply: Callable, zigzag: bool):
 # Attention (GQA and MLA).
 
 
-def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool):
-    """Inside shard_map: local queries q [b, tl, h, d] against every shard's keys.
+def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool, kernel: str):
+    """Inside shard_map: local queries q [b, tl, h, d] against every shard's keys, one block at a time.
 
-    payload: pytree of [b, tl, ...] arrays; decompress(payload) -> (k [b, tl, g, d], v [b, tl, g, dv])."""
+    payload: pytree of [b, tl, ...] arrays; decompress(payload) -> (k [b, tl, g, d], v [b, tl, g, dv]).
+    kernel: "xla" (online softmax over query tiles in XLA) or "pallas" / "interpret" (the flash block
+    kernel, blocks merged by their log-sum-exp)."""
     shards = jax.lax.axis_size(SEQ)
     s = jax.lax.axis_index(SEQ)
-    b, tl, h, d = q.shape
-    q_idx = _token_index(s, tl, shards, zigzag)
+    q_idx = _token_index(s, q.shape[1], shards, zigzag)
+    k0, v0 = decompress(payload)  # shapes only (dead code after tracing)
+    merge = (_tiled_softmax(q, seg, q_idx, scale, k0.shape[2], v0.shape[-1]) if kernel == "xla" else
+             _flash_merge(q, seg, q_idx, scale, v0.shape[-1], interpret=kernel == "interpret"))
 
     def block(acc, kv, kseg, j):
+        # decompress outside the cond: its weight gradients are psum'd over the shards, which must all
+        # take part (a collective inside a branch that only some shards take deadlocks)
         k, v = decompress(kv)
-        g = k.shape[2]
-        k_idx = _token_index(j, tl, shards, zigzag)
-        rows = _query_tile(tl, b * h * tl * 4)  # one query row's fp32 scores against the block: b h tl 4 bytes
-
-        def tile(args):
-            (m, denom, o), q_t, q_idx_t, seg_t = args
-            qg = q_t.reshape(b, rows, g, h // g, d)
-            scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(q.dtype),
-                                preferred_element_type=_F32) * scale
-            mask = (k_idx[None, :] <= q_idx_t[:, None])[None] & (seg_t[:, :, None] == kseg[:, None, :])
-            mask = mask[:, None, None]
-            scores = jnp.where(mask, scores, _NEG)  # finite, so exp never overflows (nor its gradient)
-            m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
-            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            o = o * corr[..., None] + jnp.einsum("bgrqk,bkgv->bgrqv", p.astype(v.dtype), v,
-                                                 preferred_element_type=_F32)
-            return m_new, denom * corr + p.sum(-1), o
-
-        def compute(acc):
-            """Online-softmax update of every local query by this key block, one query tile at a time
-            (each tile rematerialised in the backward pass, so no [tl, tl] scores ever exist whole)."""
-            n = tl // rows
-
-            def to_tiles(x, axis):  # [..., tl, ...] -> [n, ..., rows, ...]
-                return jnp.moveaxis(x.reshape(*x.shape[:axis], n, rows, *x.shape[axis + 1:]), axis, 0)
-
-            def from_tiles(x, axis):
-                x = jnp.moveaxis(x, 0, axis)
-                return x.reshape(*x.shape[:axis], tl, *x.shape[axis + 2:])
-
-            tiles = (tuple(to_tiles(a, 3) for a in acc), to_tiles(q, 1), q_idx.reshape(n, rows), to_tiles(seg, 1))
-            return tuple(from_tiles(a, 3) for a in jax.lax.map(jax.checkpoint(tile), tiles))
-
+        k_idx = _token_index(j, q.shape[1], shards, zigzag)
         visible = jnp.min(k_idx) <= jnp.max(q_idx)
-        return jax.lax.cond(visible, compute, lambda a: a, acc)
+        return jax.lax.cond(visible, lambda a: merge.update(a, k, v, kseg, k_idx), lambda a: a, acc)
 
-    k0, v0 = decompress(payload)  # shapes only (dead code after tracing)
-    g, dv = k0.shape[2], v0.shape[-1]
-    acc = (jnp.full((b, g, h // g, tl), _NEG, _F32), jnp.zeros((b, g, h // g, tl), _F32),
-           jnp.zeros((b, g, h // g, tl, dv), _F32))
-    acc = jax.tree.map(lambda a: _vary_like(a, q), acc)
+    acc = jax.tree.map(lambda a: _vary_like(a, q), merge.init)
     if mode == "allgather":
         full = jax.tree.map(lambda x: jax.lax.all_gather(x, SEQ), (payload, seg))  # [S, b, tl, ...]
 
@@ -326,9 +303,96 @@ def _attend(q, payload, seg, decompress, scale: float, mode: str, zigzag: bool):
 
         (acc, last), _ = jax.lax.scan(step, (acc, (payload, seg)), jnp.arange(shards - 1))
         acc = block(acc, last[0], last[1], (s - (shards - 1)) % shards)
-    _, denom, o = acc
-    o = o / denom[..., None]
-    return o.transpose(0, 3, 1, 2, 4).reshape(b, tl, h, dv).astype(q.dtype)
+    return merge.finish(acc).astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Merge:
+    """How key blocks update the attention of the local queries: accumulator, update, final output."""
+
+    init: tuple
+    update: Callable  # (acc, k, v, k_segments, k_positions) -> acc
+    finish: Callable  # acc -> o [b, tl, h, dv]
+
+
+def _flash_merge(q, seg, q_idx, scale: float, dv: int, interpret: bool) -> _Merge:
+    """Flash block kernel per key block; (lse, o) merged as lse' = logaddexp(lse, lse_j),
+    o' = e^{lse - lse'} o + e^{lse_j - lse'} o_j (plain JAX, so autodiff handles the merge)."""
+    b, tl, h, _ = q.shape
+
+    def update(acc, k, v, kseg, k_idx):
+        lse, o = acc
+        o_j, lse_j = flash_block(q, k.astype(q.dtype), v.astype(q.dtype), q_idx, k_idx, seg, kseg,
+                                 scale=scale, interpret=interpret)
+        new = jnp.logaddexp(lse, lse_j)
+        weight = lambda x: jnp.exp(x - new).transpose(0, 2, 1)[..., None]  # noqa: E731  [b, tl, h, 1]
+        return new, weight(lse) * o + weight(lse_j) * o_j
+
+    return _Merge((jnp.full((b, h, tl), _NEG, _F32), jnp.zeros((b, tl, h, dv), _F32)), update, lambda a: a[1])
+
+
+def _tiled_softmax(q, seg, q_idx, scale: float, g: int, dv: int) -> _Merge:
+    """Online softmax in XLA over query tiles of `_query_tile` rows, each rematerialised in the backward
+    pass, so no [tl, tl] scores ever exist whole (but each tile's fp32 scores go through HBM)."""
+    b, tl, h, d = q.shape
+    rows = _query_tile(tl, b * h * tl * 4)  # one query row's fp32 scores against the block: b h tl 4 bytes
+    n = tl // rows
+
+    def update(acc, k, v, kseg, k_idx):
+        def tile(args):
+            (m, denom, o), q_t, q_idx_t, seg_t = args
+            qg = q_t.reshape(b, rows, g, h // g, d)
+            scores = jnp.einsum("bqgrd,bkgd->bgrqk", qg, k.astype(q.dtype),
+                                preferred_element_type=_F32) * scale
+            mask = (k_idx[None, :] <= q_idx_t[:, None])[None] & (seg_t[:, :, None] == kseg[:, None, :])
+            mask = mask[:, None, None]
+            scores = jnp.where(mask, scores, _NEG)  # finite, so exp never overflows (nor its gradient)
+            m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+            p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            o = o * corr[..., None] + jnp.einsum("bgrqk,bkgv->bgrqv", p.astype(v.dtype), v,
+                                                 preferred_element_type=_F32)
+            return m_new, denom * corr + p.sum(-1), o
+
+        def to_tiles(x, axis):  # [..., tl, ...] -> [n, ..., rows, ...]
+            return jnp.moveaxis(x.reshape(*x.shape[:axis], n, rows, *x.shape[axis + 1:]), axis, 0)
+
+        def from_tiles(x, axis):
+            x = jnp.moveaxis(x, 0, axis)
+            return x.reshape(*x.shape[:axis], tl, *x.shape[axis + 2:])
+
+        tiles = (tuple(to_tiles(a, 3) for a in acc), to_tiles(q, 1), q_idx.reshape(n, rows), to_tiles(seg, 1))
+        return tuple(from_tiles(a, 3) for a in jax.lax.map(jax.checkpoint(tile), tiles))
+
+    def finish(acc):
+        _, denom, o = acc
+        return (o / denom[..., None]).transpose(0, 3, 1, 2, 4).reshape(b, tl, h, dv)
+
+    init = (jnp.full((b, g, h // g, tl), _NEG, _F32), jnp.zeros((b, g, h // g, tl), _F32),
+            jnp.zeros((b, g, h // g, tl, dv), _F32))
+    return _Merge(init, update, finish)
+
+
+def _checks_vma(kernel: str) -> bool:
+    """shard_map's varying-axes check, off around Pallas calls (as in `pallas_common.on_mesh`: the
+    interpreter fails its own check inside shard_map)."""
+    return kernel == "xla"
+
+
+def _kernel_for(t_local: int, d: int, dv: int) -> str:
+    """The block attention of this run: "pallas" on GPU (where the flash block kernel takes the shapes),
+    "interpret" when the settings ask for Pallas elsewhere (tests), else "xla"."""
+    choice = current().attention
+    reason = unsupported(t_local, t_local, d, dv)
+    on_gpu = jax.default_backend() == "gpu"
+    if choice == "xla" or (choice == "auto" and not on_gpu):
+        return "xla"
+    if reason:
+        if choice == "pallas":
+            raise ValueError(f"context-parallel attention='pallas': {reason}")
+        log.info("context-parallel attention: flash block kernel not taken (%s); using XLA", reason)
+        return "xla"
+    return "pallas" if on_gpu else "interpret"
 
 
 SCORE_TILE_BYTES = 1 << 30  # fp32 scores of one (query tile x key block) step of context-parallel attention
@@ -351,11 +415,12 @@ def attention(q, k, v, *, segment_ids=None, scale: float | None = None):
     scale = d ** -0.5 if scale is None else scale
     bs, ts = batch_axes(mesh, b), heads_axis(mesh, h, k.shape[2])
     heads = P(bs, SEQ, ts, None)
+    kernel = _kernel_for(t // mesh.shape[SEQ], d, v.shape[-1])
 
     def local(q, k, v, seg):
-        return _attend(q, (k, v), seg, lambda kv: kv, scale, cfg.mode, cfg.load_balance)
+        return _attend(q, (k, v), seg, lambda kv: kv, scale, cfg.mode, cfg.load_balance, kernel)
 
-    return _shard_map(local, mesh, (heads, heads, heads, P(bs, SEQ)), heads)(
+    return _shard_map(local, mesh, (heads, heads, heads, P(bs, SEQ)), heads, _checks_vma(kernel))(
         q, k, v, _segments(segment_ids, b, t))
 
 
@@ -368,6 +433,7 @@ def mla_attention(q, latent, w_uk, w_uv, *, kv_lora_rank: int, segment_ids=None,
     _check_length(mesh, t, cfg.load_balance)
     bs, ts = batch_axes(mesh, b), heads_axis(mesh, h, w_uk.shape[1])
     r = kv_lora_rank
+    kernel = _kernel_for(t // mesh.shape[SEQ], q.shape[-1], w_uv.shape[-1])
 
     def local(q, latent, seg, w_uk, w_uv):
         def decompress(lat):
@@ -377,11 +443,11 @@ def mla_attention(q, latent, w_uk, w_uv, *, kv_lora_rank: int, segment_ids=None,
             k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], k_rope.shape[-1]))
             return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], -1), v
 
-        return _attend(q, latent, seg, decompress, scale, cfg.mode, cfg.load_balance)
+        return _attend(q, latent, seg, decompress, scale, cfg.mode, cfg.load_balance, kernel)
 
     heads = P(bs, SEQ, ts, None)
     return _shard_map(local, mesh, (heads, P(bs, SEQ, None), P(bs, SEQ), P(None, ts, None),
-                                    P(None, ts, None)), heads)(
+                                    P(None, ts, None)), heads, _checks_vma(kernel))(
         q, latent, _segments(segment_ids, b, t), w_uk, w_uv)
 
 

@@ -139,7 +139,7 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
     start = int(state.step)
     try:
-        cp = context.settings(run.mesh.context_parallel, run.mesh.load_balance)
+        cp = context.settings(run.mesh.context_parallel, run.mesh.load_balance, run.mesh.cp_attention)
         with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
