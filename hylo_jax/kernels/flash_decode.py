@@ -21,7 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from .pallas_common import is_pow2
+from jax.sharding import PartitionSpec as P
+
+from .pallas_common import is_pow2, on_mesh
 
 BLOCK = 64  # cache slots per loop step
 TARGET_PROGRAMS = 512  # splits x rows to aim for (several waves over an H100's 132 SMs)
@@ -55,7 +57,17 @@ def latent_decode_attention(
     scale: float,
     interpret: bool = False,
 ) -> Float[Array, "b h r"]:
-    """softmax_j(scale q . latent_j) c_j over slots j < limit (c_j = latent_j[:rank]); fp32 out."""
+    """softmax_j(scale q . latent_j) c_j over slots j < limit (c_j = latent_j[:rank]); fp32 out.
+    Under a set multi-device mesh it runs per device over batch rows (`on_mesh`; all heads per device)."""
+
+    def specs(rows, _heads):
+        return (P(rows, None, None), P(rows, None, None), P(rows)), P(rows, None, None)
+
+    return on_mesh(functools.partial(_decode, rank=rank, scale=scale, interpret=interpret), specs,
+                   q.shape[0], q.shape[1])(q, latent, limit)
+
+
+def _decode(q, latent, limit, *, rank: int, scale: float, interpret: bool):
     b, h, width = q.shape
     s = latent.shape[1]
     reason = unsupported(h, rank, width - rank, s)
