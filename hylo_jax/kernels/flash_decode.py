@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float, Int
-
 from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int
 
 from .pallas_common import is_pow2, on_mesh
 
