@@ -249,3 +249,12 @@ def test_model_configs_accept_new_impls():
     assert GDNConfig(hidden_size=64).impl == "auto"
     assert Mamba2Config(hidden_size=64).impl == "auto"
     GDNConfig(hidden_size=64, impl="pallas")
+
+
+def test_gpu_value_block_halves_until_the_programs_fill_the_gpu(monkeypatch):
+    monkeypatch.setattr(pallas_gdn, "_gpu_cores", lambda: 132)
+    assert pallas_gdn.default_vb("gpu", 512, rows=6) == 16  # batch 1 x 6 heads: 6 x 32 programs >= 132
+    assert pallas_gdn.default_vb("gpu", 512, rows=12) == 32  # 12 x 16 programs
+    assert pallas_gdn.default_vb("gpu", 512, rows=64) == 64  # already 512 programs
+    assert pallas_gdn.default_vb("gpu", 48, rows=1) == 48  # no power-of-two halving below a non-pow2 width
+    assert pallas_gdn.default_vb("tpu", 512, rows=1) == 128

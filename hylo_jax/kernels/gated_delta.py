@@ -175,9 +175,10 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
     def bwd(res, cotangents):
         w, k, decay, states, deltas = res
         g0, g_next, d_deltas = backward(w, k, decay, *cotangents)
-        w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states)
-        k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next)
-        decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next)
+        f32 = dict(preferred_element_type=jnp.float32)  # states / g_next may be stored narrower
+        w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states.astype(d_deltas.dtype), **f32)
+        k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next.astype(deltas.dtype), **f32)
+        decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next, **f32)
         return d_deltas, w_bar.astype(w.dtype), k_bar.astype(k.dtype), decay_bar, g0
 
     recurrence.defvjp(fwd, bwd)

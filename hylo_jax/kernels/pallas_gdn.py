@@ -9,7 +9,9 @@ the rule (the UT transform, the outputs, every gradient that only reads the stat
 matmuls over all chunks at once, which is where the FLOPs are.
 
 Matmul operands are in `dtype` (bf16 for bf16 layers, as fla does; fp32 gives the exact IEEE product),
-accumulation, states and deltas in fp32. Layout in and out is the chunked path's [n, b, h, C, d].
+and so are the per-chunk states S_c and cotangents G_{c+1} that go through HBM (the largest arrays: dk x dv
+per chunk and head; fla stores them in the input dtype too); the carried state, deltas and all
+accumulation are fp32. Layout in and out is the chunked path's [n, b, h, C, d].
 """
 
 from __future__ import annotations
@@ -68,10 +70,24 @@ def _run(step, ins: tuple[Arg, ...], outs: tuple[Arg, ...], carry: tuple[str, st
     return pc.run(plan, args, shapes, backend, interpret)
 
 
-def default_vb(backend: str, dv: int) -> int:
-    """Value block: 64 columns on GPU (a 256 x 64 fp32 state block in registers), 128 lanes on TPU."""
+GPU_MIN_VB = 16  # Triton's smallest dot operand
+
+
+def default_vb(backend: str, dv: int, rows: int | None = None) -> int:
+    """Value block: 128 lanes on TPU; on GPU 64 columns (a 256 x 64 fp32 state block in registers), halved
+    (down to 16) while the rows x value blocks of programs would leave SMs idle: each program is a
+    sequential chain of small matmuls, so at batch 1 the number of programs sets the speed."""
     want = 128 if backend == "tpu" else 64
-    return want if dv % want == 0 and dv > want else dv
+    vb = want if dv % want == 0 and dv > want else dv
+    if backend == "gpu" and rows:
+        while vb > GPU_MIN_VB and pc.is_pow2(vb) and rows * (dv // vb) < _gpu_cores():
+            vb //= 2
+    return vb
+
+
+def _gpu_cores() -> int:
+    """Streaming multiprocessors of the first device (132 on an H100 SXM when it does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:
@@ -103,27 +119,27 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
         x, dk = b * h, w.shape[-1]
         args = dict(u=_seq_rows(u).astype(F32), w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype),
                     d=_decay_col(decay, c), s0=state.reshape(x, dk, dv))
-        shapes = dict(states=sds((x, n, dk, dv), F32), deltas=sds((x, n * c, dv), F32), sT=sds((x, dk, dv), F32))
+        shapes = dict(states=sds((x, n, dk, dv), dtype), deltas=sds((x, n * c, dv), F32), sT=sds((x, dk, dv), F32))
         r = _run(_fwd_step, (Arg("u", "seq", vblocked=True), Arg("w", "seq"), Arg("k", "seq"), Arg("d", "col"),
                              Arg("s0", "state", vblocked=True)),
                  (Arg("states", "cstate", vblocked=True), Arg("deltas", "seq", vblocked=True),
                   Arg("sT", "state", vblocked=True)), ("s0", "sT"), args, shapes, n, c,
-                 vb or default_vb(backend, dv), False, backend, interpret)
+                 vb or default_vb(backend, dv, x), False, backend, interpret)
         return _unrows(r["states"], (n, b, h, dk, dv)), _unrows(r["deltas"], u.shape), r["sT"].reshape(state.shape)
 
     def backward(w, k, decay, states_bar, deltas_bar, final_bar):
         n, b, h, c, dv = deltas_bar.shape
         x, dk = b * h, w.shape[-1]
         args = dict(w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype), d=_decay_col(decay, c),
-                    states_bar=_chunk_rows(states_bar).astype(F32), deltas_bar=_seq_rows(deltas_bar).astype(F32),
+                    states_bar=_chunk_rows(states_bar).astype(dtype), deltas_bar=_seq_rows(deltas_bar).astype(F32),
                     gT=final_bar.reshape(x, dk, dv).astype(F32))
-        shapes = dict(g_next=sds((x, n, dk, dv), F32), d_deltas=sds((x, n * c, dv), F32), g0=sds((x, dk, dv), F32))
+        shapes = dict(g_next=sds((x, n, dk, dv), dtype), d_deltas=sds((x, n * c, dv), F32), g0=sds((x, dk, dv), F32))
         r = _run(_bwd_step, (Arg("w", "seq"), Arg("k", "seq"), Arg("d", "col"),
                              Arg("states_bar", "cstate", vblocked=True), Arg("deltas_bar", "seq", vblocked=True),
                              Arg("gT", "state", vblocked=True)),
                  (Arg("g_next", "cstate", vblocked=True), Arg("d_deltas", "seq", vblocked=True),
                   Arg("g0", "state", vblocked=True)), ("gT", "g0"), args, shapes, n, c,
-                 vb or default_vb(backend, dv), True, backend, interpret)
+                 vb or default_vb(backend, dv, x), True, backend, interpret)
         return (r["g0"].reshape(final_bar.shape), _unrows(r["g_next"], states_bar.shape),
                 _unrows(r["d_deltas"], deltas_bar.shape))
 
