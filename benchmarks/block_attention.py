@@ -9,6 +9,7 @@ Prints one table: ms and TFLOP/s forward and forward+backward per impl (FLOPs co
 2 (d + dv) per visible (query, key, head) forward, 2.5x that backward), and the fraction of the measured
 bf16 matmul ceiling; then the kernel's error against fp32 dense attention on a small case.
     python benchmarks/block_attention.py [--tokens 32768]
+    python benchmarks/block_attention.py --sweep   # kernel tiles (q rows, k rows, warps, stages): one table
     python benchmarks/block_attention.py --tiny    # CPU smoke run (kernel in interpret mode)
 """
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import matmul_ceiling_tflops, print_table, time_jax  # noqa: E402
 
-from hylo_jax.kernels.flash_block import NEG, flash_block  # noqa: E402
+from hylo_jax.kernels.flash_block import NEG, Tile, Tiling, flash_block  # noqa: E402
 from hylo_jax.parallel.context import _tiled_softmax  # noqa: E402
 
 SHAPES = {"MLA": (32, 32, 192, 128), "GQA": (32, 8, 64, 64)}  # heads, kv heads, d, dv
@@ -95,15 +96,41 @@ def check(interpret: bool):
     return errs
 
 
+SWEEP = [Tile(64, 64, 4, 2), Tile(64, 64, 4, 3), Tile(128, 64, 4, 2), Tile(128, 64, 8, 2), Tile(128, 64, 8, 3),
+         Tile(128, 32, 4, 2), Tile(64, 32, 4, 2), Tile(32, 64, 4, 2), Tile(64, 128, 8, 2)]
+
+
+def sweep(t: int, interpret: bool, iters: int) -> None:
+    """Every SWEEP tile for all three kernels on the causal (diag) block: fwd ms and bwd ms (fwd+bwd - fwd)."""
+    qpos, seg = jnp.arange(t), jnp.ones((1, t), jnp.int32)
+    rows = []
+    for name, (heads, kv_heads, d, dv) in SHAPES.items():
+        q, k, v = _inputs(jax.random.key(0), t, heads, kv_heads, d, dv)
+        for tile in SWEEP:
+            f = lambda q, k, v, tile=tile: flash_block(q, k, v, qpos, qpos, seg, seg, scale=0.1,  # noqa: E731
+                                                       interpret=interpret, tiling=Tiling(tile, tile, tile))[0]
+            try:
+                fwd, both = _timed(f, q, k, v, iters)
+                rows.append([name, f"q{tile.q} k{tile.k} w{tile.warps} s{tile.stages}", fwd * 1e3,
+                             (both - fwd) * 1e3])
+            except Exception as e:  # noqa: BLE001  (a tile Triton cannot compile is reported)
+                rows.append([name, f"q{tile.q} k{tile.k} w{tile.warps} s{tile.stages}", type(e).__name__, ""])
+            print("row:", rows[-1], file=sys.stderr, flush=True)
+    print_table(["shape", "tile", "fwd ms", "bwd ms"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="queries (= keys) per block (default 32768)")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="time kernel tiles instead of the impls")
     args = parser.parse_args()
     interpret = jax.default_backend() != "gpu"
     t = args.tokens or (64 if args.tiny else 32768)
     iters = 2 if args.tiny else 5
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; block of {t} queries x {t} keys, B = 1")
+    if args.sweep:
+        return sweep(t, interpret, iters)
     errs = check(interpret)
     ceiling = matmul_ceiling_tflops(512 if args.tiny else 8192)
     rows = []

@@ -70,7 +70,7 @@ class Run:
 
 
 def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters: int,
-            cp_attention: str = "auto") -> dict:
+            cp_attention: str = "auto", load_balance: bool = False) -> dict:
     """Build teacher + student sharded on the run's mesh, compile the fused step, time it."""
     axis, _, mode = STRATEGIES[run.strategy]
     if run.gpus > len(jax.devices()):
@@ -78,7 +78,7 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
     sizes = {"data": 1, "fsdp": 1, "tensor": 1, "sequence": 1} | {axis: run.gpus}
     mesh = make_mesh(MeshConfig(**sizes), jax.devices()[: run.gpus])
     s_spec.check_mesh(mesh)
-    context.check_sequence(mesh, run.seq, load_balance=False, conv_kernel=s_spec.conv_kernel)
+    context.check_sequence(mesh, run.seq, load_balance=load_balance, conv_kernel=s_spec.conv_kernel)
     build = (lambda spec: nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))) if memory_only else (
         lambda spec: place(spec.build(nnx.Rngs(0)), mesh))
     models = [build(spec) for spec in (t_spec, s_spec)]
@@ -87,14 +87,14 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
     batch = make_batch(run.batch, run.seq, t_spec.model.vocab_size, segments=True)
     rows = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), "sequence"))
     batch = {k: v if v is None else jax.device_put(v, rows) for k, v in batch.items()}
-    with jax.set_mesh(mesh), context.settings(mode, attention=cp_attention):
+    with jax.set_mesh(mesh), context.settings(mode, load_balance, cp_attention):
         distiller = Distiller(student, teacher, stage)
         seconds, peak_gib = measure_step(distiller, batch, memory_only=memory_only, iters=iters)
     tokens = run.batch * run.seq
     flops = tokens * (3 * forward_flops_per_token(s_spec, run.seq) + forward_flops_per_token(t_spec, run.seq))
     peak = peak_flops()
     out = {"gpus": run.gpus, "strategy": run.strategy, "batch": run.batch, "seq": run.seq,
-           "cp_attention": cp_attention, "peak_gib_per_gpu": peak_gib, "device": jax.devices()[0].device_kind}
+           "cp_attention": cp_attention, "load_balance": load_balance, "peak_gib_per_gpu": peak_gib, "device": jax.devices()[0].device_kind}
     if seconds is not None:
         out |= {"seconds": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops / seconds / (peak * run.gpus) if peak else float("nan")}
@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--cp-attention", default="auto", choices=["auto", "xla", "pallas"],
                         help="context-parallel block attention (auto: the Pallas flash block kernel on GPU)")
+    parser.add_argument("--load-balance", action="store_true",
+                        help="zig-zag token layout on the sequence axis (equal causal attention work per GPU)")
     parser.add_argument("--out", type=Path, default=None, help="append each finished row here (JSON lines)")
     parser.add_argument("--student", default="hybrid", choices=["hybrid", "llama"],
                         help="'llama': the student is the teacher's architecture (the all-attention baseline)")
@@ -140,7 +142,7 @@ def main() -> None:
         try:
             row = run_one(run, t_spec, s_spec, memory_only=args.memory_only,
                           kl_chunk=128 if args.tiny else args.kl_chunk, iters=args.iters,
-                          cp_attention=args.cp_attention)
+                          cp_attention=args.cp_attention, load_balance=args.load_balance)
         except Exception as e:  # running out of memory at long context is a result; anything else is a bug
             if "memory" not in str(e).lower() and "RESOURCE_EXHAUSTED" not in str(e):
                 raise
@@ -155,7 +157,8 @@ def main() -> None:
     kinds = s_spec.layer_kinds()
     print(f"device: {jax.devices()[0].device_kind} x {len(jax.devices())}; student "
           + ", ".join(f"{kinds.count(k)} {k}" for k in sorted(set(kinds)))
-          + f" layers, remat {args.remat}, context-parallel attention {args.cp_attention}")
+          + f" layers, remat {args.remat}, context-parallel attention {args.cp_attention}"
+          + (", zig-zag load balance" if args.load_balance else ""))
     print_table(["GPUs", "strategy", "B x T", "s/step", "tokens/s", "tokens/s/GPU", "MFU", "peak GiB/GPU",
                  "strong eff", "weak eff"],
                 [[r["gpus"], r["strategy"], f"{r['batch']}x{r['seq']}", r.get("seconds", r.get("error", "-")),

@@ -20,6 +20,7 @@ are split into power-of-two parts (128 + 64), each its own dot.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,8 +33,35 @@ from .pallas_common import is_pow2, masked_exp, mm, with_vma
 
 F32 = jnp.float32
 NEG = -1e30  # log-sum-exp of a row that sees no key (finite: merges and gradients stay finite)
-MAX_BLOCK = 64  # query / key rows per program step on the GPU
 _MIN_DIM = 16  # Triton's smallest dot operand (and smallest block)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One kernel's launch shape: query and key rows per step, Triton warps and pipeline stages."""
+
+    q: int = 64
+    k: int = 64
+    warps: int = 4
+    stages: int = 2
+
+    def fit(self, q_len: int, k_len: int) -> Tile:
+        return dataclasses.replace(self, q=block_rows(q_len, self.q), k=block_rows(k_len, self.k))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Tiles of the forward, dq and dk/dv kernels (`benchmarks/block_attention.py --sweep` times choices)."""
+
+    forward: Tile = Tile()
+    dq: Tile = Tile()
+    dkv: Tile = Tile()
+
+    def fit(self, q_len: int, k_len: int) -> Tiling:
+        return Tiling(*(t.fit(q_len, k_len) for t in (self.forward, self.dq, self.dkv)))
+
+
+TILING = Tiling()
 
 
 def dim_parts(d: int) -> tuple[tuple[int, int], ...]:
@@ -47,9 +75,9 @@ def dim_parts(d: int) -> tuple[tuple[int, int], ...]:
     return tuple(parts)
 
 
-def block_rows(length: int) -> int:
-    """Rows per block: the largest power of two <= MAX_BLOCK dividing `length` (0 if below _MIN_DIM)."""
-    rows = MAX_BLOCK
+def block_rows(length: int, most: int = 64) -> int:
+    """Rows per block: the largest power of two <= `most` dividing `length` (0 if below _MIN_DIM)."""
+    rows = most
     while rows >= _MIN_DIM and length % rows:
         rows //= 2
     return rows if rows >= _MIN_DIM else 0
@@ -77,6 +105,7 @@ def flash_block(
     *,
     scale: float,
     interpret: bool = False,
+    tiling: Tiling | None = None,
 ) -> tuple[Float[Array, "b tq h dv"], Float[Array, "b h tq"]]:
     """(o, lse) of causal, segment-masked attention of q against this key block; o and lse in fp32."""
     b, tq, h, d = q.shape
@@ -86,29 +115,29 @@ def flash_block(
     reason = unsupported(tq, tk, d, dv)
     if reason:
         raise ValueError(f"flash_block: {reason}")
-    blocks = (block_rows(tq), block_rows(tk))
+    tiles = (tiling or TILING).fit(tq, tk)
     ints = [x.astype(jnp.int32) for x in (q_positions, k_positions, q_segments, k_segments)]
-    return _attend(q, k, v, *ints, scale, blocks, interpret)
+    return _attend(q, k, v, *ints, scale, tiles, interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret):
-    return _forward(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret)
+def _attend(q, k, v, qpos, kpos, qseg, kseg, scale, tiles, interpret):
+    return _forward(q, k, v, qpos, kpos, qseg, kseg, scale, tiles.forward, interpret)
 
 
-def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret):
-    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret)
+def _attend_fwd(q, k, v, qpos, kpos, qseg, kseg, scale, tiles, interpret):
+    o, lse = _forward(q, k, v, qpos, kpos, qseg, kseg, scale, tiles.forward, interpret)
     return (o, lse), (q, k, v, qpos, kpos, qseg, kseg, o, lse)
 
 
-def _attend_bwd(scale, blocks, interpret, res, cotangents):
+def _attend_bwd(scale, tiles, interpret, res, cotangents):
     q, k, v, qpos, kpos, qseg, kseg, o, lse = res
     do, dlse = cotangents
     delta = jnp.einsum("bthv,bthv->bht", do.astype(F32), o) - dlse
     do = do.astype(q.dtype)
     args = (q, k, v, do, lse, delta, qpos, kpos, qseg, kseg)
-    dq = _backward_q(*args, scale=scale, blocks=blocks, interpret=interpret)
-    dk, dv = _backward_kv(*args, scale=scale, blocks=blocks, interpret=interpret)
+    dq = _backward_q(*args, scale=scale, tile=tiles.dq, interpret=interpret)
+    dk, dv = _backward_kv(*args, scale=scale, tile=tiles.dkv, interpret=interpret)
     return dq, dk, dv, None, None, None, None
 
 
@@ -116,12 +145,12 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 # ----------------------------------------------------------------------------- kernels
-def _params(interpret: bool, warps: int):
+def _params(interpret: bool, tile: Tile):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=warps, num_stages=2)
+    return pltriton.CompilerParams(num_warps=tile.warps, num_stages=tile.stages)
 
 
 def _out_shapes(args, *shapes):
@@ -148,10 +177,10 @@ def _visible(qpos, qseg, kpos, kseg):
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
-def _forward(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret):
+def _forward(q, k, v, qpos, kpos, qseg, kseg, scale, tile, interpret):
     b, tq, h, d = q.shape
     tk, g, dv = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk = blocks
+    bq, bk = tile.q, tile.k
     parts, group = dim_parts(d), h // g
 
     def kernel(q_ref, k_ref, v_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, o_ref, lse_ref):
@@ -187,7 +216,7 @@ def _forward(q, k, v, qpos, kpos, qseg, kseg, scale, blocks, interpret):
 
     args = (q, k, v, qpos, kpos, qseg, kseg)
     return pl.pallas_call(
-        kernel, grid=(b, h, tq // bq), interpret=interpret, compiler_params=_params(interpret, 4),
+        kernel, grid=(b, h, tq // bq), interpret=interpret, compiler_params=_params(interpret, tile),
         out_shape=_out_shapes(args, ((b, tq, h, dv), F32), ((b, h, tq), F32)),
     )(*args)
 
@@ -196,11 +225,11 @@ def _probabilities(q_parts, k_ref, bi, cols, gi, parts, scale, lse, ok):
     return masked_exp(_scores(q_parts, k_ref, bi, cols, gi, parts, scale) - lse[:, None], ok)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret"))
-def _backward_q(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, blocks, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "tile", "interpret"))
+def _backward_q(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, tile, interpret):
     b, tq, h, d = q.shape
     tk, g = k.shape[1], k.shape[2]
-    bq, bk = blocks
+    bq, bk = tile.q, tile.k
     parts, group = dim_parts(d), h // g
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref, dq_ref):
@@ -231,16 +260,16 @@ def _backward_q(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, block
 
     args = (q, k, v, do, lse, delta, qpos, kpos, qseg, kseg)
     return pl.pallas_call(
-        kernel, grid=(b, h, tq // bq), interpret=interpret, compiler_params=_params(interpret, 4),
+        kernel, grid=(b, h, tq // bq), interpret=interpret, compiler_params=_params(interpret, tile),
         out_shape=_out_shapes(args, (q.shape, q.dtype))[0],
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "blocks", "interpret"))
-def _backward_kv(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, blocks, interpret):
+@functools.partial(jax.jit, static_argnames=("scale", "tile", "interpret"))
+def _backward_kv(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, tile, interpret):
     b, tq, h, d = q.shape
     tk, g, dv = k.shape[1], k.shape[2], v.shape[-1]
-    bq, bk = blocks
+    bq, bk = tile.q, tile.k
     parts, group = dim_parts(d), h // g
 
     def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qpos_ref, kpos_ref, qseg_ref, kseg_ref,
@@ -281,6 +310,6 @@ def _backward_kv(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, bloc
 
     args = (q, k, v, do, lse, delta, qpos, kpos, qseg, kseg)
     return pl.pallas_call(
-        kernel, grid=(b, g, tk // bk), interpret=interpret, compiler_params=_params(interpret, 4),
+        kernel, grid=(b, g, tk // bk), interpret=interpret, compiler_params=_params(interpret, tile),
         out_shape=_out_shapes(args, (k.shape, k.dtype), (v.shape, v.dtype)),
     )(*args)
