@@ -94,7 +94,8 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
     flops = tokens * (3 * forward_flops_per_token(s_spec, run.seq) + forward_flops_per_token(t_spec, run.seq))
     peak = peak_flops()
     out = {"gpus": run.gpus, "strategy": run.strategy, "batch": run.batch, "seq": run.seq,
-           "cp_attention": cp_attention, "load_balance": load_balance, "peak_gib_per_gpu": peak_gib, "device": jax.devices()[0].device_kind}
+           "cp_attention": cp_attention, "load_balance": load_balance, "peak_gib_per_gpu": peak_gib,
+           "device": jax.devices()[0].device_kind}
     if seconds is not None:
         out |= {"seconds": seconds, "tokens_per_s": tokens / seconds,
                 "mfu": flops / seconds / (peak * run.gpus) if peak else float("nan")}
