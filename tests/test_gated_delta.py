@@ -124,20 +124,20 @@ def test_chunk_state_recurrence_vjp_matches_autodiff_of_the_plain_loop():
     n, b, h, c, dk, dv = 5, 2, 3, 4, 8, 6
     rng = np.random.default_rng(7)
     u, w, k = (jnp.asarray(rng.standard_normal(shape), jnp.float32) * 0.5
-               for shape in [(n, b, h, c, dv), (n, b, h, c, dk), (n, b, h, c, dk)])
-    decay = jnp.asarray(rng.uniform(0.2, 1.0, (n, b, h)), jnp.float32)
+               for shape in [(b, h, n, c, dv), (b, h, n, c, dk), (b, h, n, c, dk)])
+    decay = jnp.asarray(rng.uniform(0.2, 1.0, (b, h, n)), jnp.float32)
     s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)
     weights = [jnp.asarray(rng.standard_normal(shape), jnp.float32)
-               for shape in [(n, b, h, dk, dv), (n, b, h, c, dv), (b, h, dk, dv)]]
+               for shape in [(b, h, n, dk, dv), (b, h, n, c, dv), (b, h, dk, dv)]]
 
-    def loop(u, w, k, decay, s):
+    def loop(u, w, k, decay, s):  # chunks on axis 2
         states, deltas = [], []
         for i in range(n):
-            delta = u[i] - jnp.einsum("bhik,bhkv->bhiv", w[i], s)
+            delta = u[:, :, i] - jnp.einsum("bhik,bhkv->bhiv", w[:, :, i], s)
             states.append(s)
             deltas.append(delta)
-            s = decay[i][..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k[i], delta)
-        return jnp.stack(states), jnp.stack(deltas), s
+            s = decay[:, :, i][..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k[:, :, i], delta)
+        return jnp.stack(states, axis=2), jnp.stack(deltas, axis=2), s
 
     def loss(fn, *args):
         return sum(jnp.sum(out * wt) for out, wt in zip(fn(*args), weights))

@@ -91,8 +91,8 @@ def test_gdn_recurrence_kernels_in_value_blocks(driver):
     n, b, h, c, dk, dv = 3, 2, 2, 8, 16, 24
     rng = np.random.default_rng(2)
     args = [jnp.asarray(rng.standard_normal(shape) * 0.5, jnp.float32)
-            for shape in [(n, b, h, c, dv), (n, b, h, c, dk), (n, b, h, c, dk)]]
-    args += [jnp.asarray(rng.uniform(0.2, 1.0, (n, b, h)), jnp.float32),
+            for shape in [(b, h, n, c, dv), (b, h, n, c, dk), (b, h, n, c, dk)]]
+    args += [jnp.asarray(rng.uniform(0.2, 1.0, (b, h, n)), jnp.float32),
              jnp.asarray(rng.standard_normal((b, h, dk, dv)), jnp.float32)]
     kernels = make_recurrence(*pallas_gdn.scans(driver, interpret_for(driver), jnp.float32, vb=8))
 

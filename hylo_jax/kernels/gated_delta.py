@@ -153,8 +153,9 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
 
         delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c
 
-    as `f(u [n,b,h,C,dv], w [n,b,h,C,dk], k [n,b,h,C,dk], decay [n,b,h], S_0 [b,h,dk,dv])
-    -> (S_c entering every chunk, delta_c, S_n)`, differentiable. `forward` runs it; `backward` runs the
+    as `f(u [b,h,n,C,dv], w [b,h,n,C,dk], k [b,h,n,C,dk], decay [b,h,n], S_0 [b,h,dk,dv])
+    -> (S_c entering every chunk [b,h,n,dk,dv], delta_c [b,h,n,C,dv], S_n)`, differentiable (chunk
+    axis third: the Pallas kernels read [b*h, n*C, d] rows of it by a free reshape). `forward` runs it; `backward` runs the
     reverse recurrence of the cotangents: with G_{c+1} the whole cotangent of S_{c+1} (G_n the final
     state's) and D_c that of delta_c,
 
@@ -176,13 +177,22 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
         w, k, decay, states, deltas = res
         g0, g_next, d_deltas = backward(w, k, decay, *cotangents)
         f32 = dict(preferred_element_type=jnp.float32)  # states / g_next may be stored narrower
-        w_bar = -jnp.einsum("nbhiv,nbhkv->nbhik", d_deltas, states.astype(d_deltas.dtype), **f32)
-        k_bar = jnp.einsum("nbhiv,nbhkv->nbhik", deltas, g_next.astype(deltas.dtype), **f32)
-        decay_bar = jnp.einsum("nbhkv,nbhkv->nbh", states, g_next, **f32)
+        w_bar = -jnp.einsum("bhniv,bhnkv->bhnik", d_deltas, states.astype(d_deltas.dtype), **f32)
+        k_bar = jnp.einsum("bhniv,bhnkv->bhnik", deltas, g_next.astype(deltas.dtype), **f32)
+        decay_bar = jnp.einsum("bhnkv,bhnkv->bhn", states, g_next, **f32)
         return d_deltas, w_bar.astype(w.dtype), k_bar.astype(k.dtype), decay_bar, g0
 
     recurrence.defvjp(fwd, bwd)
     return recurrence
+
+
+def _chunks_first(*xs):
+    """[b, h, n, ...] -> [n, b, h, ...] (lax.scan runs over the leading axis)."""
+    return tuple(jnp.moveaxis(x, 2, 0) for x in xs)
+
+
+def _chunks_third(*xs):
+    return tuple(jnp.moveaxis(x, 0, 2) for x in xs)
 
 
 def _scan_forward(u, w, k, decay, state):
@@ -191,8 +201,8 @@ def _scan_forward(u, w, k, decay, state):
         delta = u_c - jnp.einsum("bhik,bhkv->bhiv", w_c, s)
         return d_c[..., None, None] * s + jnp.einsum("bhik,bhiv->bhkv", k_c, delta), (s, delta)
 
-    final, (states, deltas) = lax.scan(step, state, (u, w, k, decay))
-    return states, deltas, final
+    final, (states, deltas) = lax.scan(step, state, _chunks_first(u, w, k, decay))
+    return *_chunks_third(states, deltas), final
 
 
 def _scan_backward(w, k, decay, states_bar, deltas_bar, final_bar):
@@ -202,8 +212,9 @@ def _scan_backward(w, k, decay, states_bar, deltas_bar, final_bar):
         g_prev = s_bar + d_c[..., None, None] * g - jnp.einsum("bhik,bhiv->bhkv", w_c, d_delta)
         return g_prev, (g, d_delta)
 
-    g0, (g_next, d_deltas) = lax.scan(step, final_bar, (w, k, decay, states_bar, deltas_bar), reverse=True)
-    return g0, g_next, d_deltas
+    g0, (g_next, d_deltas) = lax.scan(step, final_bar, _chunks_first(w, k, decay, states_bar, deltas_bar),
+                                      reverse=True)
+    return g0, *_chunks_third(g_next, d_deltas)
 
 
 chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.scan` over the chunks
@@ -220,8 +231,8 @@ def _per_device(recurrence: Callable) -> Callable:
     """`recurrence` per device under a set mesh (`pallas_common.on_mesh`)."""
 
     def specs(rows, heads):
-        seq, state = P(None, rows, heads, None, None), P(rows, heads, None, None)
-        return (seq, seq, seq, P(None, rows, heads), state), (seq, seq, state)
+        seq, state = P(rows, heads, None, None, None), P(rows, heads, None, None)
+        return (seq, seq, seq, P(rows, heads, None), state), (seq, seq, state)
 
     def call(u, w, k, decay, state):
         return pallas_common.on_mesh(recurrence, specs, *state.shape[:2])(u, w, k, decay, state)
@@ -261,12 +272,12 @@ def _chunked(
         )
     n = (t + pad) // chunk_size
 
-    def chunks(x: Array) -> Array:  # [b, n*C, h, ...] -> [n, b, h, C, ...]
-        return jnp.moveaxis(x.reshape(b, n, chunk_size, h, *x.shape[3:]), (1, 3), (0, 2))
+    def chunks(x: Array) -> Array:  # [b, n*C, h, ...] -> [b, h, n, C, ...]
+        return jnp.moveaxis(x.reshape(b, n, chunk_size, h, *x.shape[3:]), 3, 1)
 
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
-    # Index of the segment inside its chunk: resets seen so far in the chunk, [n, b, 1, C].
-    seg = jnp.cumsum(jnp.moveaxis(reset.reshape(b, n, chunk_size), 1, 0), axis=-1)[:, :, None, :]
+    # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
+    seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     carry_in = seg == 0  # position is still in the segment that the carried state belongs to
     carry_out = seg == seg[..., -1:]  # position is in the segment that the chunk's final state belongs to
     same = seg[..., :, None] == seg[..., None, :]
@@ -277,25 +288,25 @@ def _chunked(
         """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
         return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
-    cum = jnp.cumsum(g, axis=-1)  # G_i, [n, b, h, C]
+    cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
     diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
     decay_in = masked_exp(cum, carry_in)  # e^{G_i}
     decay_out = masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
     decay_chunk = decay_in[..., -1]  # e^{G_C}
 
-    kk = jnp.einsum("nbhik,nbhjk->nbhij", k, k)
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
     # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
     minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
     uw = unit_lower_solve(minus_a, rhs)
     u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
-    attn = jnp.einsum("nbhik,nbhjk->nbhij", q, k) * masked_exp(diff, causal & same)
+    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * masked_exp(diff, causal & same)
     q_in = decay_in[..., None] * q
     k_out = decay_out[..., None] * k
     states, deltas, state = recurrence(u, w, k_out, decay_chunk, state)
-    o = (jnp.einsum("nbhik,nbhkv->nbhiv", q_in, states)
-         + jnp.einsum("nbhij,nbhjv->nbhiv", attn, deltas))
-    o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(b, n * chunk_size, h, -1)
+    o = (jnp.einsum("bhnik,bhnkv->bhniv", q_in, states)
+         + jnp.einsum("bhnij,bhnjv->bhniv", attn, deltas))
+    o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)
     return o[:, :t], state
 
 

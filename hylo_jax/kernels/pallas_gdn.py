@@ -11,7 +11,8 @@ matmuls over all chunks at once, which is where the FLOPs are.
 Matmul operands are in `dtype` (bf16 for bf16 layers, as fla does; fp32 gives the exact IEEE product),
 and so are the per-chunk states S_c and cotangents G_{c+1} that go through HBM (the largest arrays: dk x dv
 per chunk and head; fla stores them in the input dtype too); the carried state, deltas and all
-accumulation are fp32. Layout in and out is the chunked path's [n, b, h, C, d].
+accumulation are fp32. Layout in and out is the chunked path's [b, h, n, C, d]; the kernels' [b*h, n*C, d]
+rows are a reshape of it (no transposes).
 """
 
 from __future__ import annotations
@@ -40,25 +41,22 @@ def _bwd_step(ins, g):
 
 
 def _chunk_rows(x):
-    """[n, b, h, ...] -> [b*h, n, ...] (program rows first)."""
-    n, b, h = x.shape[:3]
-    return jnp.moveaxis(x, 0, 2).reshape(b * h, n, *x.shape[3:])
+    """[b, h, n, ...] -> [b*h, n, ...] (program rows first)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def _seq_rows(x):
-    """[n, b, h, C, d] -> [b*h, n*C, d]."""
-    rows = _chunk_rows(x)
-    return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+    """[b, h, n, C, d] -> [b*h, n*C, d]."""
+    return x.reshape(x.shape[0] * x.shape[1], -1, x.shape[-1])
 
 
 def _unrows(x, shape: tuple[int, ...]):
-    """[b*h, n, ...] or [b*h, n*C, d] back to the chunked layout `shape` = [n, b, h, ...]."""
-    n, b, h = shape[:3]
-    return jnp.moveaxis(x.reshape(b, h, n, *shape[3:]), 2, 0)
+    """[b*h, n, ...] or [b*h, n*C, d] back to the chunked layout `shape` = [b, h, n, ...]."""
+    return x.reshape(shape)
 
 
 def _decay_col(decay, c: int):
-    """[n, b, h] -> [b*h, n, C, 1]: each chunk's decay as a column (the drivers move columns per chunk)."""
+    """[b, h, n] -> [b*h, n, C, 1]: each chunk's decay as a column (the drivers move columns per chunk)."""
     rows = _chunk_rows(decay)
     return jnp.broadcast_to(rows[..., None, None], (*rows.shape, c, 1))
 
@@ -115,7 +113,7 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
     sds = jax.ShapeDtypeStruct
 
     def forward(u, w, k, decay, state):
-        n, b, h, c, dv = u.shape
+        b, h, n, c, dv = u.shape
         x, dk = b * h, w.shape[-1]
         args = dict(u=_seq_rows(u).astype(F32), w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype),
                     d=_decay_col(decay, c), s0=state.reshape(x, dk, dv))
@@ -125,10 +123,10 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
                  (Arg("states", "cstate", vblocked=True), Arg("deltas", "seq", vblocked=True),
                   Arg("sT", "state", vblocked=True)), ("s0", "sT"), args, shapes, n, c,
                  vb or default_vb(backend, dv, x), False, backend, interpret)
-        return _unrows(r["states"], (n, b, h, dk, dv)), _unrows(r["deltas"], u.shape), r["sT"].reshape(state.shape)
+        return _unrows(r["states"], (b, h, n, dk, dv)), _unrows(r["deltas"], u.shape), r["sT"].reshape(state.shape)
 
     def backward(w, k, decay, states_bar, deltas_bar, final_bar):
-        n, b, h, c, dv = deltas_bar.shape
+        b, h, n, c, dv = deltas_bar.shape
         x, dk = b * h, w.shape[-1]
         args = dict(w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype), d=_decay_col(decay, c),
                     states_bar=_chunk_rows(states_bar).astype(dtype), deltas_bar=_seq_rows(deltas_bar).astype(F32),
