@@ -155,8 +155,8 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
 
     as `f(u [b,h,n,C,dv], w [b,h,n,C,dk], k [b,h,n,C,dk], decay [b,h,n], S_0 [b,h,dk,dv])
     -> (S_c entering every chunk [b,h,n,dk,dv], delta_c [b,h,n,C,dv], S_n)`, differentiable (chunk
-    axis third: the Pallas kernels read [b*h, n*C, d] rows of it by a free reshape). `forward` runs it; `backward` runs the
-    reverse recurrence of the cotangents: with G_{c+1} the whole cotangent of S_{c+1} (G_n the final
+    axis third: the Pallas kernels read [b*h, n*C, d] rows of it by a free reshape). `forward` runs it;
+    `backward` runs the reverse recurrence of the cotangents: with G_{c+1} the whole cotangent of S_{c+1} (G_n the final
     state's) and D_c that of delta_c,
 
         D_c = delta_bar_c + k_c G_{c+1},      G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c
