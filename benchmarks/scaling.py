@@ -12,6 +12,7 @@ efficiency against the 1-GPU run with the same global / per-GPU tokens when one 
 Rows are also appended to `--out` (JSON lines) as they finish. Random weights. `--student llama` swaps in
 the all-attention baseline (the teacher's architecture as the student) for the longest-context comparison.
     python benchmarks/scaling.py --runs 1:seq:65536,2:fsdp:65536,2:seq:65536,2:seq:131072,2:ring:131072
+    python benchmarks/scaling.py --load-balance --runs 2:seq:131072,2:ring:131072   # zig-zag layout
     python benchmarks/scaling.py --runs 2:seq:262144 --memory-only      # does it fit? compile only
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/scaling.py --tiny   # CPU smoke run
 """
