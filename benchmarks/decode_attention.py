@@ -79,7 +79,11 @@ def sweep(q, latent, limit, *, rank, scale, interpret, tiny, read, hbm_tbps) -> 
         tiling = flash_decode.DecodeTiling(block=block, programs=programs, warps=warps, stages=stages)
         f = jax.jit(lambda q, x, n, t=tiling: flash_decode.latent_decode_attention(
             q, x, n, rank=rank, scale=scale, interpret=interpret, tiling=t))
-        t = time_jax(f, q, latent, limit, warmup=1, iters=2 if tiny else 20)
+        try:
+            t = time_jax(f, q, latent, limit, warmup=1, iters=2 if tiny else 20)
+        except jax.errors.JaxRuntimeError as e:  # e.g. the pipeline stages do not fit in shared memory
+            print(f"tiling {tiling} fails: {str(e).splitlines()[0]}", file=sys.stderr)
+            continue
         rows.append([int(limit[0]), block, programs, warps, stages, t * 1e3, read / t / 1e12 / hbm_tbps])
     return sorted(rows, key=lambda r: r[5])
 
