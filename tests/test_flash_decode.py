@@ -27,15 +27,18 @@ def test_matches_dense_attention(limits):
     q = jnp.asarray(rng.standard_normal((b, h, rank + rope)), jnp.float32)
     latent = jnp.asarray(rng.standard_normal((b, slots, rank + rope)), jnp.float32)
     limit = jnp.asarray(limits, jnp.int32)
-    assert flash_decode.split_size(b, slots) == 256  # two splits: rows end in, at and before a split
-    got = flash_decode.latent_decode_attention(q, latent, limit, rank=rank, scale=0.1, interpret=True)
+    tiling = flash_decode.DecodeTiling(block=64, programs=512)
+    assert flash_decode.split_size(b, slots, tiling) == 256  # two splits: rows end in, at and before a split
+    got = flash_decode.latent_decode_attention(q, latent, limit, rank=rank, scale=0.1, interpret=True,
+                                               tiling=tiling)
     want = dense(q, latent, limit, rank, 0.1)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def test_unsupported_shapes_are_refused():
     assert "heads=12" in flash_decode.unsupported(12, 32, 16, 512)
-    assert "not a multiple of 64" in flash_decode.unsupported(16, 32, 16, 100)
+    assert "not a multiple of 16" in flash_decode.unsupported(16, 32, 16, 100)
+    assert flash_decode.DecodeTiling(block=128).fit(96).block == 32
     with pytest.raises(ValueError, match="kv_lora_rank=48"):
         flash_decode.latent_decode_attention(jnp.zeros((1, 16, 64)), jnp.zeros((1, 64, 64)),
                                              jnp.ones((1,), jnp.int32), rank=48, scale=1.0, interpret=True)

@@ -3,17 +3,23 @@
 Layout [batch, time, heads, head_dim]; keys/values may have fewer heads (GQA). `attention` is
 causal self-attention over aligned query/key sequences (training, prefill), with optional
 segment ids for packed documents. `cached_attention` lets new queries attend a preallocated
-cache (decode, chunked prefill).
+cache (decode, chunked prefill): on GPU through the flash block kernel (`flash_block`), elsewhere an
+XLA online softmax.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
+
+from . import flash_block
+from .pallas_common import on_mesh
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,8 @@ def attention(
 
 CACHE_BLOCK = 1024  # granularity of cache slots: caches longer than this hold a multiple of it
 SCORES_BYTES = 1 << 28  # fp32 scores of one `cached_attention` step (sets its keys per step)
+EXPANDED_BYTES = 1 << 28  # expanded keys + values of one step of the kernel path (sets its keys per step)
+CACHED_IMPLS = ("auto", "xla", "pallas")
 
 
 def cache_slots(max_len: int) -> int:
@@ -94,6 +102,7 @@ def cached_attention(
     kv_length: Int[Array, "b"],
     scale: float | None = None,
     expand: Callable[[Array, Array], tuple[Array, Array]] | None = None,
+    impl: str = "auto",
 ) -> Float[Array, "b tq g qh dv"]:
     """Queries at absolute `q_positions` attend cache slots j with j <= position and j < kv_length.
 
@@ -108,6 +117,10 @@ def cached_attention(
     `kv_length`: memory is O(max(SCORES_BYTES, tq x CACHE_BLOCK scores)), time O(tq x kv_length),
     whatever the cache's size, so a long prompt can be prefilled chunk by chunk and decode cost follows
     the context.
+
+    `impl`: "pallas" visits each step's block with the flash block kernel and merges steps by their
+    log-sum-exp (`_flash_cached`; interpreted off GPU), "xla" the online softmax above, "auto" the kernel
+    on GPU where it takes the shapes (prefill chunks: queries a multiple of 16), else XLA.
     """
     expand = expand or _as_stored
     b, s = keys.shape[:2]
@@ -116,6 +129,11 @@ def cached_attention(
     if s > CACHE_BLOCK and s % CACHE_BLOCK:
         raise ValueError(f"cache of {s} slots is not a multiple of {CACHE_BLOCK}; allocate it with cache_slots()")
     tq, qh = q.shape[1], q.shape[3]
+    if _cached_kernel_takes(impl, q, keys, values, expand):
+        flash = functools.partial(_flash_cached, scale=scale, expand=expand,
+                                  interpret=jax.default_backend() != "gpu")
+        rows = lambda r, _: ((P(r), P(r), P(r), P(r)), P(r))  # noqa: E731  per device over batch rows
+        return on_mesh(flash, rows, b)(q, keys, values, q_positions, kv_length)
     # Keys per loop step: whole CACHE_BLOCKs, as many as keep one step's fp32 scores within SCORES_BYTES
     # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK),
     # balanced over the steps that takes so that the last step's overlap is less than one CACHE_BLOCK.
@@ -150,6 +168,56 @@ def cached_attention(
     _, l, acc = jax.lax.fori_loop(0, n_blocks, step, carry)
     out = acc / jnp.maximum(l, jnp.finfo(jnp.float32).tiny)[..., None]
     return out.transpose(0, 3, 1, 2, 4).astype(attended_values.dtype)
+
+
+def cached_impl(attention_impl: str) -> str:
+    """The `cached_attention` impl that follows a model's `attention_impl`: XLA when it asks for XLA."""
+    return "xla" if attention_impl == "xla" else "auto"
+
+
+def _cached_kernel_takes(impl: str, q, keys, values, expand) -> bool:
+    """Whether `cached_attention` takes the flash block kernel (see its `impl`), logging why not when asked."""
+    if impl not in CACHED_IMPLS:
+        raise ValueError(f"cached attention impl {impl!r} is not one of {CACHED_IMPLS}")
+    if impl == "xla" or (impl == "auto" and jax.default_backend() != "gpu"):
+        return False
+    k, v = jax.eval_shape(expand, keys[:, :1], values[:, :1])
+    # Steps attend the whole cache (s <= CACHE_BLOCK) or whole CACHE_BLOCKs.
+    reason = flash_block.unsupported(q.shape[1], min(keys.shape[1], CACHE_BLOCK), k.shape[-1], v.shape[-1])
+    if reason and impl == "pallas":
+        log.warning("cached_attention impl='pallas': XLA attends instead: %s", reason)
+    return reason is None
+
+
+def _flash_cached(q, keys, values, q_positions, kv_length, *, scale: float, expand: Callable,
+                  interpret: bool) -> Array:
+    """`cached_attention` on the flash block kernel: each step expands a block of whole `CACHE_BLOCK`s
+    (within EXPANDED_BYTES; the last step may overlap the one before it, its repeated slots masked out by
+    segment ids, as are slots >= kv_length), attends it and merges by lse (`flash_block.merge`)."""
+    b, tq, g, qh, d = q.shape
+    s = keys.shape[1]
+    k1, v1 = jax.eval_shape(expand, keys[:, :1], values[:, :1])
+    per_key = k1.size * k1.dtype.itemsize + v1.size * v1.dtype.itemsize
+    steps = -(-s // max(CACHE_BLOCK, EXPANDED_BYTES // per_key // CACHE_BLOCK * CACHE_BLOCK))
+    block = min(s, -(-s // steps // CACHE_BLOCK) * CACHE_BLOCK)
+    q = q.reshape(b, tq, g * qh, d).astype(k1.dtype)
+    q_segments = jnp.zeros((b, tq), jnp.int32)
+
+    def step(i, acc):
+        start = jnp.minimum(i * block, s - block)
+        k_blk, v_blk = expand(jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1),
+                              jax.lax.dynamic_slice_in_dim(values, start, block, axis=1))
+        slots = start + jnp.arange(block, dtype=jnp.int32)
+        fresh = (slots[None] >= i * block) & (slots[None] < kv_length[:, None])
+        o_j, lse_j = flash_block.flash_block(q, k_blk, v_blk.astype(k_blk.dtype), q_positions, slots, q_segments,
+                                             jnp.where(fresh, 0, 1), scale=scale, interpret=interpret)
+        return flash_block.merge(*acc, lse_j, o_j)
+
+    init = (jnp.full((b, g * qh, tq), flash_block.NEG, jnp.float32),
+            jnp.zeros((b, tq, g * qh, v1.shape[-1]), jnp.float32))
+    n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), -(-s // block))
+    _, o = jax.lax.fori_loop(0, n_blocks, step, init)
+    return o.reshape(b, tq, g, qh, -1).astype(v1.dtype)
 
 
 def latent_cached_attention(

@@ -6,7 +6,8 @@ one block at a time and the partial results are merged by their log-sum-exp,
     lse = logaddexp(lse_1, lse_2),  o = e^{lse_1 - lse} o_1 + e^{lse_2 - lse} o_2,
 so the merge is plain differentiable JAX and the kernel's VJP takes a cotangent for lse as well as o.
 
-Masks use *global* token positions (any int32 vectors, e.g. the zig-zag layout's) and segment ids:
+Masks use *global* token positions (any int32 vectors, e.g. the zig-zag layout's, shared by the rows or
+per row) and segment ids:
 query i sees key j iff pos_k[j] <= pos_q[i] and seg_k[j] == seg_q[i]. With s = scale q k^T,
     lse_i = log sum_j e^{s_ij} (over visible j),  P = e^{s - lse},  o = P v.
 Backward, for cotangents (do, dlse) and D_i = rowsum(do * o)_i - dlse_i:
@@ -103,8 +104,8 @@ def flash_block(
     q: Float[Array, "b tq h d"],
     k: Float[Array, "b tk g d"],
     v: Float[Array, "b tk g dv"],
-    q_positions: Int[Array, " tq"],
-    k_positions: Int[Array, " tk"],
+    q_positions: Int[Array, "tq"] | Int[Array, "b tq"],
+    k_positions: Int[Array, "tk"] | Int[Array, "b tk"],
     q_segments: Int[Array, "b tq"],
     k_segments: Int[Array, "b tk"],
     *,
@@ -121,8 +122,20 @@ def flash_block(
     if reason:
         raise ValueError(f"flash_block: {reason}")
     tiles = (tiling or default_tiling(d)).fit(tq, tk)
-    ints = [x.astype(jnp.int32) for x in (q_positions, k_positions, q_segments, k_segments)]
+    ints = [jnp.broadcast_to(x, (b, n)).astype(jnp.int32) for x, n in
+            ((q_positions, tq), (k_positions, tk), (q_segments, tq), (k_segments, tk))]
     return _attend(q, k, v, *ints, scale, tiles, interpret)
+
+
+def merge(
+    lse: Float[Array, "b h t"], o: Float[Array, "b t h dv"],
+    lse_j: Float[Array, "b h t"], o_j: Float[Array, "b t h dv"],
+) -> tuple[Float[Array, "b h t"], Float[Array, "b t h dv"]]:
+    """Attention over two key sets from each one's (lse, o): lse' = logaddexp(lse, lse_j),
+    o' = e^{lse - lse'} o + e^{lse_j - lse'} o_j (plain JAX, so autodiff handles it)."""
+    new = jnp.logaddexp(lse, lse_j)
+    weight = lambda x: jnp.exp(x - new).transpose(0, 2, 1)[..., None]  # noqa: E731  [b, t, h, 1]
+    return new, weight(lse) * o + weight(lse_j) * o_j
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -193,12 +206,12 @@ def _forward(q, k, v, qpos, kpos, qseg, kseg, scale, tile, interpret):
         gi = hi // group
         rows = pl.ds(qb * bq, bq)
         q_parts = _load_parts(q_ref, bi, rows, hi, parts)
-        qpos, qseg = qpos_ref[rows], qseg_ref[bi, rows]
+        qpos, qseg = qpos_ref[bi, rows], qseg_ref[bi, rows]
         last_query = jnp.max(qpos)
 
         def body(j, carry):
             cols = pl.ds(j * bk, bk)
-            kpos = kpos_ref[cols]
+            kpos = kpos_ref[bi, cols]
 
             def update(carry):
                 m, l, acc = carry
@@ -242,13 +255,13 @@ def _backward_q(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, tile,
         gi = hi // group
         rows = pl.ds(qb * bq, bq)
         q_parts = _load_parts(q_ref, bi, rows, hi, parts)
-        qpos, qseg = qpos_ref[rows], qseg_ref[bi, rows]
+        qpos, qseg = qpos_ref[bi, rows], qseg_ref[bi, rows]
         d_out, lse, delta = do_ref[bi, rows, hi, :], lse_ref[bi, hi, rows], delta_ref[bi, hi, rows]
         last_query = jnp.max(qpos)
 
         def body(j, dq):
             cols = pl.ds(j * bk, bk)
-            kpos = kpos_ref[cols]
+            kpos = kpos_ref[bi, cols]
 
             def update(dq):
                 ok = _visible(qpos, qseg, kpos, kseg_ref[bi, cols])
@@ -281,7 +294,7 @@ def _backward_kv(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, tile
                dk_ref, dv_ref):
         bi, gi, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         cols = pl.ds(kb * bk, bk)
-        kpos, kseg = kpos_ref[cols], kseg_ref[bi, cols]
+        kpos, kseg = kpos_ref[bi, cols], kseg_ref[bi, cols]
         val = v_ref[bi, cols, gi, :]
         first_key = jnp.min(kpos)
 
@@ -290,7 +303,7 @@ def _backward_kv(q, k, v, do, lse, delta, qpos, kpos, qseg, kseg, *, scale, tile
 
             def body(i, carry):
                 rows = pl.ds(i * bq, bq)
-                qpos = qpos_ref[rows]
+                qpos = qpos_ref[bi, rows]
 
                 def update(carry):
                     dk, dval = carry

@@ -37,7 +37,7 @@ from jaxtyping import Array, Float, Int
 from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels import flash_decode
-from hylo_jax.kernels.attention import attention, cache_slots, cached_attention, latent_cached_attention
+from hylo_jax.kernels.attention import attention, cache_slots, cached_attention, cached_impl, latent_cached_attention
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.parallel import context
@@ -261,7 +261,7 @@ class MLA(nnx.Module):
         q = jnp.concatenate([q_nope, q_rope], -1).reshape(b, t, g, h // g, -1)
         stored = latent[:, :, None, :]
         out = cached_attention(q, stored, stored, q_positions=positions, kv_length=kv_length, scale=scale,
-                               expand=expand)
+                               expand=expand, impl=cached_impl(cfg.attention_impl))
         return out.reshape(b, t, h, cfg.v_head_dim)
 
     def _absorbed(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],

@@ -16,7 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import ModelConfig
-from hylo_jax.kernels.attention import attention, cache_slots, cached_attention
+from hylo_jax.kernels.attention import attention, cache_slots, cached_attention, cached_impl
 from hylo_jax.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin
 from hylo_jax.parallel import context
@@ -104,7 +104,8 @@ class Attention(nnx.Module):
             cache = cache.write(k, v, positions)
             group = cfg.num_heads // cfg.num_kv_heads
             out = cached_attention(q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim), cache.k, cache.v,
-                                   q_positions=positions, kv_length=kv_length).reshape(b, t, cfg.num_heads, -1)
+                                   q_positions=positions, kv_length=kv_length,
+                                   impl=cached_impl(cfg.attention_impl)).reshape(b, t, cfg.num_heads, -1)
         out = checkpoint_name(out, "attention_out")
         return self.o_proj(out.reshape(b, t, -1)), cache
 

@@ -48,7 +48,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from hylo_jax.errors import MeshError
-from hylo_jax.kernels.flash_block import flash_block, unsupported
+from hylo_jax.kernels import flash_block
 from hylo_jax.kernels.gated_delta import gated_delta_rule as _gdn_kernel
 from hylo_jax.kernels.ssd import ssd as _ssd_kernel
 from hylo_jax.sharding import batch_axes, heads_axis
@@ -316,17 +316,13 @@ class _Merge:
 
 
 def _flash_merge(q, seg, q_idx, scale: float, dv: int, interpret: bool) -> _Merge:
-    """Flash block kernel per key block; (lse, o) merged as lse' = logaddexp(lse, lse_j),
-    o' = e^{lse - lse'} o + e^{lse_j - lse'} o_j (plain JAX, so autodiff handles the merge)."""
+    """Flash block kernel per key block, (lse, o) merged by `flash_block.merge`."""
     b, tl, h, _ = q.shape
 
     def update(acc, k, v, kseg, k_idx):
-        lse, o = acc
-        o_j, lse_j = flash_block(q, k.astype(q.dtype), v.astype(q.dtype), q_idx, k_idx, seg, kseg,
-                                 scale=scale, interpret=interpret)
-        new = jnp.logaddexp(lse, lse_j)
-        weight = lambda x: jnp.exp(x - new).transpose(0, 2, 1)[..., None]  # noqa: E731  [b, tl, h, 1]
-        return new, weight(lse) * o + weight(lse_j) * o_j
+        o_j, lse_j = flash_block.flash_block(q, k.astype(q.dtype), v.astype(q.dtype), q_idx, k_idx, seg, kseg,
+                                             scale=scale, interpret=interpret)
+        return flash_block.merge(*acc, lse_j, o_j)
 
     return _Merge((jnp.full((b, h, tl), _NEG, _F32), jnp.zeros((b, tl, h, dv), _F32)), update, lambda a: a[1])
 
@@ -383,7 +379,7 @@ def _kernel_for(t_local: int, d: int, dv: int) -> str:
     """The block attention of this run: "pallas" on GPU (where the flash block kernel takes the shapes),
     "interpret" when the settings ask for Pallas elsewhere (tests), else "xla"."""
     choice = current().attention
-    reason = unsupported(t_local, t_local, d, dv)
+    reason = flash_block.unsupported(t_local, t_local, d, dv)
     on_gpu = jax.default_backend() == "gpu"
     if choice == "xla" or (choice == "auto" and not on_gpu):
         return "xla"
