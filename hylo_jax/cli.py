@@ -95,7 +95,8 @@ def run_generate(ckpt: str | Path, prompt: str, settings: dict, *, chat: bool = 
     from hylo_jax.checkpoint import load_model, load_tokenizer
     from hylo_jax.generate import generate
 
-    model, _ = load_model(ckpt, _mesh(settings), **settings.get("model", {}))
+    mesh = _mesh(settings)
+    model, _ = load_model(ckpt, mesh, **settings.get("model", {}))
     tokenizer = load_tokenizer(ckpt)
     if tokenizer is None:
         raise HyloError(f"{ckpt} has no tokenizer/ folder; re-import it from a folder with one")
@@ -108,7 +109,7 @@ def run_generate(ckpt: str | Path, prompt: str, settings: dict, *, chat: bool = 
         ids = tokenizer(prompt)["input_ids"]
     stop = [t for t in [tokenizer.eos_token_id] if t is not None]
     t0 = time.perf_counter()
-    (out,) = generate(model, [list(ids)], sampling, stop_tokens=stop)
+    (out,) = generate(model, [list(ids)], sampling, stop_tokens=stop, mesh=mesh)
     log.info("generated %d tokens in %.2fs (compile included)", len(out), time.perf_counter() - t0)
     return tokenizer.decode(out, skip_special_tokens=True)
 

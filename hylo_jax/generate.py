@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from flax import nnx
 
 from hylo_jax.infer.engine import Engine, EngineConfig
@@ -13,6 +14,9 @@ __all__ = ["SamplingConfig", "generate", "sample"]
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
-             stop_tokens: Sequence[int] = (), *, prefill_chunk: int = 2048) -> list[list[int]]:
-    """Continuations of each prompt (stop tokens excluded), greedy or sampled; prompts may differ in length."""
-    return Engine(model, EngineConfig(prefill_chunk=prefill_chunk)).generate(prompts, cfg, stop_tokens)
+             stop_tokens: Sequence[int] = (), *, prefill_chunk: int = 2048,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+    """Continuations of each prompt (stop tokens excluded), greedy or sampled; prompts may differ in length.
+    `mesh`: the one the model's parameters are placed on (sharded caches, see `infer.engine`)."""
+    engine = Engine(model, EngineConfig(prefill_chunk=prefill_chunk), mesh)
+    return engine.generate(prompts, cfg, stop_tokens)

@@ -42,6 +42,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
     "act_head_dim": (),
 }
 
+# Recurrent decode caches: conv windows [b, kernel - 1, channels (heads x dim)], states [b, heads, ., .].
+CONV_CACHE_AXES = ("act_batch", None, "act_heads")
+STATE_CACHE_AXES = ("act_batch", "act_heads", None, None)
+
 
 def logical_to_spec(axes: Sequence[str | None]) -> PartitionSpec:
     """The PartitionSpec for a tuple of logical axis names (None = replicated)."""
@@ -180,3 +184,15 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def constrain_dividing(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`constrain`, leaving replicated each dimension that its mesh axes do not divide (a cache of one row
+    on a data-parallel mesh, 8 KV heads over 16 tensor shards): for decode caches, whose shapes follow
+    the request."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = [entry if dim % _mesh_axis_size(mesh, entry) == 0 else None
+            for dim, entry in zip(x.shape, logical_to_spec(logical_axes))]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -70,3 +70,23 @@ def test_bad_requests():
         engine.generate([[1, 2], []], SamplingConfig(max_new_tokens=2))
     with pytest.raises(RequestError, match="does not fit the engine's max_len=12"):
         engine.generate([list(range(11))], SamplingConfig(max_new_tokens=2))
+
+
+def test_engine_on_a_tensor_parallel_mesh():
+    """On a data x tensor mesh (parameters placed on it) the engine generates what it does unsharded, with the
+    caches created sharded: attention KV heads and GDN state heads over tensor, rows over data."""
+    import jax
+
+    from hylo_jax.config import MeshConfig
+    from hylo_jax.sharding import make_mesh, place
+
+    model = hybrid("mla+attention+gdn")
+    prompts = PROMPTS[:2]
+    want = Engine(model, EngineConfig(prefill_chunk=4)).generate(prompts, SamplingConfig(max_new_tokens=5))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])
+    engine = Engine(place(model, mesh), EngineConfig(prefill_chunk=4), mesh)
+    assert engine.generate(prompts, SamplingConfig(max_new_tokens=5)) == want
+    mla, attention, gdn = engine.prefill(prompts, 16).caches
+    assert tuple(attention.k.sharding.spec)[:3] == ("data", None, "tensor"), attention.k.sharding
+    assert tuple(gdn.state.sharding.spec)[:2] == ("data", "tensor"), gdn.state.sharding
+    assert tuple(mla.latent.sharding.spec) in {("data",), ("data", None), ("data", None, None)}, mla.latent.sharding

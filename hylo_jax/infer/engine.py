@@ -6,10 +6,16 @@ recurrent layers (Mamba2, GDN) leave their states untouched on padding. A prompt
 goes through in chunks of `prefill_chunk` tokens, so nothing grows as T x T; attention over the
 cache is blocked (see `kernels.attention.cached_attention`). Decoding runs inside one
 `lax.while_loop`: one compile per (batch, cache size, sampling) and none per token.
+
+With a `mesh` (parameters already placed on it, e.g. by `checkpoint.load_model` or `sharding.place`),
+every call runs under `jax.set_mesh`: the caches are created sharded (batch rows over data/fsdp,
+attention KV heads and recurrent-state heads over tensor; MLA latents, shared by all heads, over rows
+only) and the layers' sharding constraints apply.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -54,8 +60,10 @@ class Prefilled:
 class Engine:
     """Prefill + decode for one model (`CausalLM`), any mix of attention, MLA, Mamba2 and GDN layers."""
 
-    def __init__(self, model: nnx.Module, cfg: EngineConfig = EngineConfig()):
+    def __init__(self, model: nnx.Module, cfg: EngineConfig = EngineConfig(),
+                 mesh: jax.sharding.Mesh | None = None):
         self.cfg = cfg
+        self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self.hidden_size = model.model.embed_tokens.embedding.shape[1]
 
@@ -63,6 +71,10 @@ class Engine:
         """Bytes of the caches `generate` allocates for `batch` rows of `max_len` slots (from their shapes)."""
         shapes = jax.eval_shape(lambda s: nnx.merge(self.graphdef, s).init_cache(batch, max_len), self.state)
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+    def on_mesh(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh(mesh)` for the engine's calls (nothing without a mesh)."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def prefill(self, prompts: Sequence[Sequence[int]], max_len: int,
                 progress: Callable[[int], None] | None = None) -> Prefilled:
@@ -77,16 +89,17 @@ class Engine:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         t0 = time.perf_counter()
-        caches = _init_caches(self.graphdef, self.state, len(prompts), max_len)
-        last_hidden = jnp.zeros((len(prompts), self.hidden_size), jnp.float32)
-        lengths_dev = jnp.asarray(lengths)
-        for start in range(0, longest, chunk):
-            caches, last_hidden = _prefill_chunk(self.graphdef, self.state, caches, jnp.asarray(
-                tokens[:, start:start + chunk]), jnp.int32(start), lengths_dev, last_hidden)
-            if progress is not None:
-                jax.block_until_ready(last_hidden)
-                progress(min(start + chunk, longest))
-        last_logits = _head(self.graphdef, self.state, last_hidden)
+        with self.on_mesh():
+            caches = _init_caches(self.graphdef, self.state, len(prompts), max_len)
+            last_hidden = jnp.zeros((len(prompts), self.hidden_size), jnp.float32)
+            lengths_dev = jnp.asarray(lengths)
+            for start in range(0, longest, chunk):
+                caches, last_hidden = _prefill_chunk(self.graphdef, self.state, caches, jnp.asarray(
+                    tokens[:, start:start + chunk]), jnp.int32(start), lengths_dev, last_hidden)
+                if progress is not None:
+                    jax.block_until_ready(last_hidden)
+                    progress(min(start + chunk, longest))
+            last_logits = _head(self.graphdef, self.state, last_hidden)
         jax.block_until_ready(last_logits)
         return Prefilled(caches, last_logits, lengths_dev, time.perf_counter() - t0)
 
@@ -102,8 +115,9 @@ class Engine:
                                f"the engine's max_len={max_len}")
         pre = self.prefill(prompts, max_len)
         t0 = time.perf_counter()
-        out, _ = _decode(self.graphdef, self.state, pre.caches, pre.last_logits, pre.lengths,
-                         jnp.asarray(list(stop_tokens) or [-1], jnp.int32), sampling)
+        with self.on_mesh():
+            out, _ = _decode(self.graphdef, self.state, pre.caches, pre.last_logits, pre.lengths,
+                             jnp.asarray(list(stop_tokens) or [-1], jnp.int32), sampling)
         out = np.asarray(out)
         log.info("prefill %d x %d tokens in %.2fs, decode %d steps in %.2fs (compiles included)",
                  len(prompts), longest, pre.seconds, out.shape[1], time.perf_counter() - t0)

@@ -30,7 +30,7 @@ from hylo_jax.kernels.gated_delta import gated_delta_rule, gated_delta_step
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
 from hylo_jax.parallel import context
-from hylo_jax.sharding import check_divides, constrain
+from hylo_jax.sharding import CONV_CACHE_AXES, STATE_CACHE_AXES, check_divides, constrain, constrain_dividing
 
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_head_dim")
 
@@ -92,9 +92,10 @@ class GDNCache:
     @classmethod
     def zeros(cls, batch: int, cfg: GDNConfig) -> GDNCache:
         dt, w, h = dtype_of(cfg.dtype), cfg.conv_kernel - 1, cfg.num_heads
-        return cls(jnp.zeros((batch, w, h * cfg.head_k_dim), dt), jnp.zeros((batch, w, h * cfg.head_k_dim), dt),
-                   jnp.zeros((batch, w, h * cfg.head_v_dim), dt),
-                   jnp.zeros((batch, h, cfg.head_k_dim, cfg.head_v_dim), jnp.float32))
+        conv = lambda dim: constrain_dividing(jnp.zeros((batch, w, h * dim), dt), CONV_CACHE_AXES)  # noqa: E731
+        state = jnp.zeros((batch, h, cfg.head_k_dim, cfg.head_v_dim), jnp.float32)
+        return cls(conv(cfg.head_k_dim), conv(cfg.head_k_dim), conv(cfg.head_v_dim),
+                   constrain_dividing(state, STATE_CACHE_AXES))
 
 
 class GatedDeltaNet(nnx.Module):

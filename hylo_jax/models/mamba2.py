@@ -33,7 +33,7 @@ from hylo_jax.kernels.ssd import discretize_dt, ssd, ssd_step
 from hylo_jax.models.layers import Linear, dtype_of
 from hylo_jax.models.recurrent import CausalConv1d, init_a_log, init_dt_bias, padded_lengths
 from hylo_jax.parallel import context
-from hylo_jax.sharding import constrain
+from hylo_jax.sharding import CONV_CACHE_AXES, STATE_CACHE_AXES, constrain, constrain_dividing
 
 _F32 = jnp.float32
 
@@ -131,8 +131,9 @@ class Mamba2Cache:
 
     @classmethod
     def zeros(cls, batch: int, cfg: Mamba2Config) -> Mamba2Cache:
-        return cls(jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_channels), dtype_of(cfg.dtype)),
-                   jnp.zeros((batch, cfg.num_heads, cfg.head_dim, cfg.d_state), _F32))
+        conv = jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_channels), dtype_of(cfg.dtype))
+        ssm = jnp.zeros((batch, cfg.num_heads, cfg.head_dim, cfg.d_state), _F32)
+        return cls(constrain_dividing(conv, CONV_CACHE_AXES), constrain_dividing(ssm, STATE_CACHE_AXES))
 
 
 class GatedRMSNorm(nnx.Module):

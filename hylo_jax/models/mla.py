@@ -41,7 +41,7 @@ from hylo_jax.kernels.attention import attention, cache_slots, cached_attention,
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.parallel import context
-from hylo_jax.sharding import constrain
+from hylo_jax.sharding import constrain, constrain_dividing
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,8 @@ class MLACache:
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, cfg: MLAConfig) -> MLACache:
-        return cls(jnp.zeros((batch, cache_slots(max_len), cfg.latent_dim), dtype_of(cfg.dtype)))
+        latent = jnp.zeros((batch, cache_slots(max_len), cfg.latent_dim), dtype_of(cfg.dtype))
+        return cls(constrain_dividing(latent, ("act_batch", None, None)))  # every head reads all of it
 
     def write(self, latent: Float[Array, "b t l"], positions: Int[Array, "b t"]) -> MLACache:
         """Stores the new tokens' latents at their positions (one slot per position)."""

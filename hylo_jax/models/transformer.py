@@ -20,7 +20,7 @@ from hylo_jax.kernels.attention import attention, cache_slots, cached_attention,
 from hylo_jax.models.layers import MLP, Embed, Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin
 from hylo_jax.parallel import context
-from hylo_jax.sharding import check_divides, constrain
+from hylo_jax.sharding import check_divides, constrain, constrain_dividing
 
 REMAT_POLICIES = {
     "full": None,
@@ -30,6 +30,7 @@ REMAT_POLICIES = {
 }
 
 ACT = ("act_batch", "act_length", "act_embed")
+KV_CACHE_AXES = ("act_batch", None, "act_kv_heads", None)  # [b, slots, kv heads, head dim]
 
 
 @struct.dataclass
@@ -42,7 +43,8 @@ class KVCache:
     @classmethod
     def zeros(cls, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> KVCache:
         shape = (batch, cache_slots(max_len), kv_heads, head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        zeros = lambda: constrain_dividing(jnp.zeros(shape, dtype), KV_CACHE_AXES)  # noqa: E731
+        return cls(zeros(), zeros())
 
     def write(self, k: jax.Array, v: jax.Array, positions: Int[Array, "b t"]) -> KVCache:
         """Stores the new tokens' keys/values at their positions (one slot per position)."""
