@@ -9,6 +9,7 @@ from T: "prefill tok/s" is then the chunk-averaged rate (time linear in position
 whole-prompt time it implies. Writes benchmarks/inference.png (tokens/s and cache memory vs context).
     python benchmarks/inference.py [--contexts 8192,65536,262144,1048576,2097152] [--chunk 8192]
     python benchmarks/inference.py --models hybrid --out rows.jsonl   # runs that add up to one table
+    python benchmarks/inference.py --tensor 2 --contexts 2097152   # tensor parallel over 2 GPUs (sharded caches)
     python benchmarks/inference.py --tiny      # CPU smoke run of the same code
 """
 
@@ -33,10 +34,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table  # noqa: E402
 from distill_step import specs  # noqa: E402
 
+from hylo_jax.config import MeshConfig  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.infer.engine import Engine, EngineConfig, _decode, _head, _init_caches, _prefill_chunk  # noqa: E402
 from hylo_jax.infer.sampling import SamplingConfig  # noqa: E402
 from hylo_jax.models.hybrid import ModelSpec  # noqa: E402
+from hylo_jax.sharding import make_mesh, place  # noqa: E402
 
 
 def inference_spec(spec: ModelSpec) -> ModelSpec:
@@ -47,6 +50,11 @@ def inference_spec(spec: ModelSpec) -> ModelSpec:
 
 def measure(engine: Engine, context: int, decode_steps: int) -> dict:
     """Prefill one random prompt of `context` tokens, then decode `decode_steps` greedy tokens."""
+    with engine.on_mesh():
+        return _measure(engine, context, decode_steps)
+
+
+def _measure(engine: Engine, context: int, decode_steps: int) -> dict:
     prompt = np.random.default_rng(0).integers(0, 1000, context).tolist()
     stamps = []
     pre = engine.prefill([prompt], context + decode_steps, progress=lambda done: stamps.append((done, time.time())))
@@ -67,6 +75,11 @@ def measure(engine: Engine, context: int, decode_steps: int) -> dict:
 
 def measure_at(engine: Engine, context: int, chunk: int, decode_steps: int) -> dict:
     """Prefill and decode rates at `context` on a filled cache of `context + decode_steps` slots."""
+    with engine.on_mesh():
+        return _measure_at(engine, context, chunk, decode_steps)
+
+
+def _measure_at(engine: Engine, context: int, chunk: int, decode_steps: int) -> dict:
     caches = _randomize(_init_caches(engine.graphdef, engine.state, 1, context + decode_steps))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (1, chunk)), jnp.int32)
     lengths = jnp.asarray([context], jnp.int32)
@@ -109,6 +122,7 @@ def main() -> None:
     parser.add_argument("--full-prefill", type=int, default=None,
                         help="longest context prefilled whole (default 65536; 256 with --tiny)")
     parser.add_argument("--models", default="teacher,hybrid", help="comma list of teacher, hybrid")
+    parser.add_argument("--tensor", type=int, default=1, help="GPUs for tensor parallelism (sharded caches)")
     parser.add_argument("--out", type=Path, default=None,
                         help="append rows here (JSON lines); the table and plot then cover every row in it")
     args = parser.parse_args()
@@ -119,8 +133,13 @@ def main() -> None:
     teacher_spec, student_spec = (inference_spec(s) for s in specs(args.tiny))
     rows = []
     models = {"teacher": ("Llama teacher", teacher_spec), "hybrid": ("HyLo hybrid", student_spec)}
+    mesh = make_mesh(MeshConfig(fsdp=1, tensor=args.tensor), jax.devices()[:args.tensor]) if args.tensor > 1 else None
     for name, spec in (models[m] for m in args.models.split(",")):
-        engine = Engine(spec.build(nnx.Rngs(0)), EngineConfig(prefill_chunk=chunk))
+        model = spec.build(nnx.Rngs(0))
+        if mesh is not None:
+            name = f"{name}, {args.tensor} GPUs TP"
+            model = place(model, mesh)
+        engine = Engine(model, EngineConfig(prefill_chunk=chunk), mesh)
         for context in contexts:
             cache_gib = engine.cache_bytes(1, context + args.decode) / 2**30
             how = "whole prompt" if context <= full_prefill else "2 chunks, filled cache"

@@ -132,8 +132,15 @@ def cached_attention(
     if _cached_kernel_takes(impl, q, keys, values, expand):
         flash = functools.partial(_flash_cached, scale=scale, expand=expand,
                                   interpret=jax.default_backend() != "gpu")
-        rows = lambda r, _: ((P(r), P(r), P(r), P(r)), P(r))  # noqa: E731  per device over batch rows
-        return on_mesh(flash, rows, b)(q, keys, values, q_positions, kv_length)
+        # Per device over batch rows, and over KV heads when the cache has them (not MLA's shared latent).
+        split_heads = expand is _as_stored and keys.shape[2] == g
+
+        def specs(rows, heads):
+            heads = heads if split_heads else None
+            return ((P(rows, None, heads), P(rows, None, heads), P(rows, None, heads), P(rows), P(rows)),
+                    P(rows, None, heads))
+
+        return on_mesh(flash, specs, b, g)(q, keys, values, q_positions, kv_length)
     # Keys per loop step: whole CACHE_BLOCKs, as many as keep one step's fp32 scores within SCORES_BYTES
     # (decode takes a long cache in a few steps; a prefill chunk of many queries in blocks of CACHE_BLOCK),
     # balanced over the steps that takes so that the last step's overlap is less than one CACHE_BLOCK.
