@@ -104,10 +104,15 @@ def _measure_at(engine: Engine, context: int, chunk: int, decode_steps: int) -> 
 def _randomize(caches):
     """Every floating-point cache entry overwritten in place, one array at a time, by bounded values that
     vary along every axis (a fill that needs no temporaries: a 64 GiB cache fits next to itself once)."""
-    return jax.tree.map(lambda x: _fill(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, caches)
+    return jax.tree.map(lambda x: _filler(x.sharding)(x) if jnp.issubdtype(x.dtype, jnp.floating) else x, caches)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+@functools.cache
+def _filler(sharding):
+    """`_fill` in place on arrays of this sharding (the output keeps it: a sharded cache stays sharded)."""
+    return jax.jit(_fill, donate_argnums=0, out_shardings=sharding)
+
+
 def _fill(x: jax.Array) -> jax.Array:
     phase = sum(jax.lax.broadcasted_iota(jnp.float32, x.shape, axis) * (0.618 + axis) for axis in range(x.ndim))
     return jnp.cos(phase).astype(x.dtype)
