@@ -1,6 +1,7 @@
 """One decode token of MLA attention over a latent cache: the Pallas flash-decode kernel vs XLA's blocked
-online softmax (`cached_attention`, the default decode path), at HyLo-Llama-1B shapes (32 heads,
-r = 512, d_rope = 64, bf16 cache, B = 1).
+online softmax (`cached_attention`, the XLA decode path), at HyLo-Llama-1B shapes by default (32 heads,
+r = 128, d_rope = 32: configs/hylo-llama-1b-8mla8.yaml; `--rank 512 --rope 64` for DeepSeek's), bf16
+cache, B = 1.
 
 Prints one table: per context, ms per layer for each path, the kernel's max relative error against the
 XLA path, and the achieved bandwidth (latent bytes read once / time) as a fraction of the HBM peak
@@ -33,8 +34,10 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--hbm-tbps", type=float, default=3.35, help="HBM peak, TB/s (H100 SXM: 3.35)")
     parser.add_argument("--sweep", action="store_true", help="time the kernel's launch shapes (DecodeTiling)")
+    parser.add_argument("--rank", type=int, default=128, help="kv_lora_rank r")
+    parser.add_argument("--rope", type=int, default=32, help="qk_rope_head_dim")
     args = parser.parse_args()
-    heads, rank, rope = (16, 32, 16) if args.tiny else (32, 512, 64)
+    heads, rank, rope = (16, 32, 16) if args.tiny else (32, args.rank, args.rope)
     contexts = [int(c) for c in (args.contexts or ("512,2048" if args.tiny else
                                                    "8192,65536,262144,1048576,2097152")).split(",")]
     interpret = jax.default_backend() != "gpu"

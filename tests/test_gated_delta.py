@@ -273,3 +273,18 @@ def test_unit_lower_solve_matches_lapack_value_and_gradients(c):
     # only the strictly lower triangle of m is an input: compare that part of its gradient
     assert rel_err(jnp.tril(ours[0], -1), jnp.tril(want[0], -1)) <= 1e-5
     assert rel_err(ours[1], want[1]) <= 1e-5
+
+
+def test_matmul_vjp_is_the_einsum_vjp():
+    """`matmul`'s own VJP equals autodiff of the einsum in fp32, and in bf16 agrees to bf16 rounding."""
+    from hylo_jax.kernels.gated_delta import matmul
+
+    a = jax.random.normal(jax.random.key(0), (2, 3, 8, 16))
+    b = jax.random.normal(jax.random.key(1), (2, 3, 16, 5))
+    w = jax.random.normal(jax.random.key(2), (2, 3, 8, 5))
+    spec = "xnik,xnkv->xniv"
+    want = jax.grad(lambda a, b: jnp.sum(jnp.einsum(spec, a, b) * w), argnums=(0, 1))(a, b)
+    for dtype, tol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)):
+        got = jax.grad(lambda a, b: jnp.sum(matmul(spec, a, b, dtype) * w), argnums=(0, 1))(a, b)
+        for g, r in zip(got, want):
+            assert g.dtype == jnp.float32 and rel_err(g, r) <= tol

@@ -88,23 +88,53 @@ def unit_lower_inverse(m: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
     return inv.reshape(*lead, c, c)
 
 
-@jax.custom_vjp
-def unit_lower_solve(m: Float[Array, "... c c"], b: Float[Array, "... c w"]) -> Float[Array, "... c w"]:
-    """x = (I + tril(m, -1))^{-1} b (only m's strictly lower triangle is read; c a power of two)."""
-    return unit_lower_inverse(m) @ b
+def _lowp(spec: str, a: Array, b: Array, dtype: Any) -> Array:
+    """einsum(spec, a, b) with operands rounded to `dtype`, accumulated and returned in fp32."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _solve_fwd(m, b):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def matmul(spec: str, a: Array, b: Array, dtype: Any = jnp.float32) -> Float[Array, "..."]:
+    """`_lowp` whose VJP multiplies in `dtype` too (the cotangent rounded to it, fp32 accumulation), as
+    fla's bf16 kernels do; plain autodiff would multiply an fp32 cotangent by the widened operand. Every
+    index of each operand must appear in the output or in the other operand (no lone sums)."""
+    return _lowp(spec, a, b, dtype)
+
+
+def _matmul_fwd(spec, a, b, dtype):
+    return _lowp(spec, a, b, dtype), (a, b)
+
+
+def _matmul_bwd(spec, dtype, res, g):
+    a, b = res
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    return (_lowp(f"{out},{sb}->{sa}", g, b, dtype).astype(a.dtype),
+            _lowp(f"{out},{sa}->{sb}", g, a, dtype).astype(b.dtype))
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def unit_lower_solve(m: Float[Array, "... c c"], b: Float[Array, "... c w"],
+                     dtype: Any = jnp.float32) -> Float[Array, "... c w"]:
+    """x = (I + tril(m, -1))^{-1} b (only m's strictly lower triangle is read; c a power of two). The
+    inverse is fp32; its products with b (and, backward, with the cotangents) take operands in `dtype`."""
+    return _lowp("...ij,...jw->...iw", unit_lower_inverse(m), b, dtype)
+
+
+def _solve_fwd(m, b, dtype):
     inv = unit_lower_inverse(m)
-    x = inv @ b
+    x = _lowp("...ij,...jw->...iw", inv, b, dtype)
     return x, (inv, x)
 
 
-def _solve_bwd(res, x_bar):
+def _solve_bwd(dtype, res, x_bar):
     """b_bar = (I + L)^{-T} x_bar, m_bar = -tril(b_bar x^T, -1)."""
     inv, x = res
-    b_bar = jnp.swapaxes(inv, -1, -2) @ x_bar
-    return -jnp.tril(jnp.einsum("...iw,...jw->...ij", b_bar, x), -1), b_bar
+    b_bar = _lowp("...ji,...jw->...iw", inv, x_bar, dtype)
+    return -jnp.tril(_lowp("...iw,...jw->...ij", b_bar, x, dtype), -1), b_bar
 
 
 unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
@@ -250,8 +280,10 @@ def _chunked(
     reset: Bool[Array, "b t"],
     chunk_size: int,
     recurrence: Callable = chunk_state_recurrence,
+    dtype: Any = jnp.float32,
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
-    """Chunkwise WY / UT-transform form of the recurrence.
+    """Chunkwise WY / UT-transform form of the recurrence. Its matmuls take operands in `dtype` (fp32
+    accumulation; bf16 for bf16 layers on the Pallas path), decays, gates and the inverse stay fp32.
 
     In a chunk with start state S0, positions i = 1..C and cumulative log-decay G_i = g_1 + ... + g_i, the writes
     delta_i = beta_i (v_i - (e^{g_i} S_{i-1})^T k_i) satisfy (I - A) delta = beta v - (beta k e^G) S0 with
@@ -294,18 +326,18 @@ def _chunked(
     decay_out = masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
     decay_chunk = decay_in[..., -1]  # e^{G_C}
 
-    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
+    kk = matmul("bhnik,bhnjk->bhnij", k, k, dtype)
     # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
     minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
-    uw = unit_lower_solve(minus_a, rhs)
+    uw = unit_lower_solve(minus_a, rhs, dtype)
     u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
-    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * masked_exp(diff, causal & same)
+    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * masked_exp(diff, causal & same)
     q_in = decay_in[..., None] * q
     k_out = decay_out[..., None] * k
     states, deltas, state = recurrence(u, w, k_out, decay_chunk, state)
-    o = (jnp.einsum("bhnik,bhnkv->bhniv", q_in, states)
-         + jnp.einsum("bhnij,bhnjv->bhniv", attn, deltas))
+    o = (matmul("bhnik,bhnkv->bhniv", q_in, states, dtype)
+         + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype))
     o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)
     return o[:, :t], state
 
@@ -333,8 +365,8 @@ def gated_delta_rule(
     g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
-    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, matmul operands of
-    the recurrence in q/k/v's dtype) or "auto" (Pallas on
+    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, the operands of
+    every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
     """
@@ -371,7 +403,8 @@ def gated_delta_rule(
     v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
     if impl == "pallas":
         o, state = _chunked(q, k, v32, g32, beta32, state, reset, chunk_size,
-                            recurrence=pallas_recurrence(backend, interpret, jnp.dtype(in_dtype)))
+                            recurrence=pallas_recurrence(backend, interpret, jnp.dtype(in_dtype)),
+                            dtype=jnp.dtype(in_dtype))
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
