@@ -31,13 +31,14 @@ class DecodeTiling:
     """Launch shape (`benchmarks/decode_attention.py --sweep` times choices): cache slots per loop step
     (halved down to 16 for caches that are not a multiple of it), splits x rows to aim for (waves over
     the SMs), each split at least `min_blocks` steps long, Triton warps and pipeline stages. The default
-    is the H100 sweep's best at 2M slots: 1.07 ms per layer, 67% of the HBM peak (64/512/8/2: 1.42 ms)."""
+    is the H100 sweep's best at HyLo-1B's latent (32 heads, r 128, d_rope 32) and 2M slots: 0.42 ms per
+    layer (128/264/8/2: 0.47-0.52 ms); at DeepSeek's (r 512, d_rope 64) 128/264/8/2 is best, 1.07 ms."""
 
-    block: int = 128
+    block: int = 64
     programs: int = 264
     min_blocks: int = 4
-    warps: int = 8
-    stages: int = 2
+    warps: int = 4
+    stages: int = 3
 
     def fit(self, slots: int) -> DecodeTiling | None:
         """This tiling with the largest block (<= `block`, >= 16) that divides `slots`; None if none does."""
