@@ -91,6 +91,7 @@ def _measure_at(engine: Engine, context: int, chunk: int, decode_steps: int) -> 
                                         hidden)
         jax.block_until_ready(hidden)
         seconds[start] = time.perf_counter() - t0
+        print(f"  prefill chunk at {start}: {seconds[start]:.2f} s", file=sys.stderr, flush=True)
     prefill_s = context / chunk * (seconds[0] + seconds[context - chunk]) / 2
     args = (caches, _head(engine.graphdef, engine.state, hidden), lengths, jnp.asarray([-1], jnp.int32))
     sampling = SamplingConfig(max_new_tokens=decode_steps)
