@@ -32,12 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from hylo_jax.config import RopeConfig, doc, require_positive
 from hylo_jax.errors import ConfigError
 from hylo_jax.kernels import flash_decode
 from hylo_jax.kernels.attention import attention, cache_slots, cached_attention, cached_impl, latent_cached_attention
+from hylo_jax.kernels.pallas_common import on_mesh
 from hylo_jax.models.layers import Linear, RMSNorm, dtype_of
 from hylo_jax.models.rope import apply_rope, rope_cos_sin, yarn_softmax_scale
 from hylo_jax.parallel import context
@@ -247,22 +249,30 @@ class MLA(nnx.Module):
                              kv_length: Int[Array, "b"], scale: float) -> Float[Array, "b t h dv"]:
         """Prefill chunks: each visited cache block is decompressed to k_g = [c W_UK_g ; k_rope],
         v_g = c W_UV_g. Per (query, key, head) that is 2 (dn + dr + dv) FLOPs against the absorbed form's
-        2 (2 r + dr): 3.4x fewer at Llama-1B shapes, for one block's decompression per step."""
+        2 (2 r + dr): 3.4x fewer at Llama-1B shapes, for one block's decompression per step. Under a mesh
+        it runs per device over rows and KV heads (each device decompresses its heads of the shared latent)."""
         cfg = self.cfg
         b, t, h, _ = q_nope.shape
         g, r = cfg.num_kv_heads, cfg.kv_lora_rank
-        w_uk, w_uv = self._up_kernels()
+        impl = cached_impl(cfg.attention_impl)
 
-        def expand(block, _):  # [b, n, 1, l] latent block -> keys [b, n, g, dn + dr], values [b, n, g, dv]
-            c, k_rope = block[:, :, 0, :r], block[:, :, 0, r:]
-            k_nope = jnp.einsum("bsr,rgn->bsgn", c, w_uk)
-            k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))
-            return jnp.concatenate([k_nope, k_rope], -1), jnp.einsum("bsr,rgv->bsgv", c, w_uv)
+        def attend(q, latent, w_uk, w_uv, positions, kv_length):
+            def expand(block, _):  # [b, n, 1, l] latent block -> keys [b, n, g, dn + dr], values [b, n, g, dv]
+                c, k_rope = block[:, :, 0, :r], block[:, :, 0, r:]
+                k_nope = jnp.einsum("bsr,rgn->bsgn", c, w_uk)
+                k_rope = jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))
+                return jnp.concatenate([k_nope, k_rope], -1), jnp.einsum("bsr,rgv->bsgv", c, w_uv)
+
+            stored = latent[:, :, None, :]
+            return cached_attention(q, stored, stored, q_positions=positions, kv_length=kv_length, scale=scale,
+                                    expand=expand, impl=impl)
+
+        def specs(rows, heads):
+            up = P(None, heads, None)
+            return (P(rows, None, heads), P(rows), up, up, P(rows), P(rows)), P(rows, None, heads)
 
         q = jnp.concatenate([q_nope, q_rope], -1).reshape(b, t, g, h // g, -1)
-        stored = latent[:, :, None, :]
-        out = cached_attention(q, stored, stored, q_positions=positions, kv_length=kv_length, scale=scale,
-                               expand=expand, impl=cached_impl(cfg.attention_impl))
+        out = on_mesh(attend, specs, b, g)(q, latent, *self._up_kernels(), positions, kv_length)
         return out.reshape(b, t, h, cfg.v_head_dim)
 
     def _absorbed(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],
