@@ -11,7 +11,8 @@ This is the convention of `torch_recurrent_gated_delta_rule` / `torch_chunk_gate
 transformers' qwen3_next (and of fla's `chunk_gated_delta_rule`), including the optional L2 normalisation of
 q and k, x / sqrt(sum x^2 + 1e-6), applied before scaling.
 
-Layout is [batch, time, heads, dim]; all maths is done in fp32, outputs are cast to v.dtype and states are fp32.
+Layout is [batch, time, heads, dim]; the maths is fp32 (the Pallas path multiplies operands in the layer's
+dtype, bf16 for bf16 layers, with fp32 accumulation), outputs are cast to v.dtype and states are fp32.
 """
 
 from __future__ import annotations
@@ -402,9 +403,11 @@ def gated_delta_rule(
         reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
     v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
     if impl == "pallas":
-        o, state = _chunked(q, k, v32, g32, beta32, state, reset, chunk_size,
-                            recurrence=pallas_recurrence(backend, interpret, jnp.dtype(in_dtype)),
-                            dtype=jnp.dtype(in_dtype))
+        # q, k (normalised and scaled in fp32) and v go on in the matmul dtype: the chunk layout moves
+        # and the matmuls read them without a widening and a narrowing in between.
+        dtype = jnp.dtype(in_dtype)
+        o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
+                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype)
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
