@@ -4,8 +4,9 @@ latent read from HBM once (Pallas, GPU Triton backend; interpret mode on CPU).
 With absorbed queries q_h = [q_nope_h W_UK^T ; q_rope_h] (all heads share the cache) and cached latents
 x_j = [c_j ; k_rope_j], per row:  o_h = sum_j softmax_j(scale q_h . x_j) c_j  over slots j < limit.
 
-At B = 1 the keys are the whole cost (2M tokens x 576 bf16 = 2.4 GB per layer), so the slots are split
-over many programs (grid rows x splits). Each program walks its split in blocks of `DecodeTiling.block` slots,
+At B = 1 the keys are the whole cost (2M tokens x 160 bf16 = 0.67 GB per layer at HyLo-1B's latent;
+2.4 GB at DeepSeek's 576), so the slots are split over many programs (grid rows x splits). Each program
+walks its split in blocks of `DecodeTiling.block` slots,
 loads the block once and uses it twice: scores against [c ; k_rope], then p @ c, with an online
 softmax (running max m, normaliser l, fp32 accumulator [heads, r]); programs past a row's limit do no
 work. The splits are merged in XLA through their (m, l): o = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s.
