@@ -57,7 +57,14 @@ def measure(engine: Engine, context: int, decode_steps: int) -> dict:
 def _measure(engine: Engine, context: int, decode_steps: int) -> dict:
     prompt = np.random.default_rng(0).integers(0, 1000, context).tolist()
     stamps = []
-    pre = engine.prefill([prompt], context + decode_steps, progress=lambda done: stamps.append((done, time.time())))
+
+    def progress(done: int) -> None:
+        stamps.append((done, time.time()))
+        if len(stamps) % 32 == 0:  # a long prompt shows its pace (and a cut run how far it got)
+            print(f"  prefilled {done} tokens, {stamps[-1][1] - stamps[0][1]:.1f} s after the first chunk",
+                  file=sys.stderr, flush=True)
+
+    pre = engine.prefill([prompt], context + decode_steps, progress=progress)
     if len(stamps) > 1:
         (t0_tokens, t0), (t1_tokens, t1) = stamps[0], stamps[-1]
         prefill_tps = (t1_tokens - t0_tokens) / (t1 - t0)

@@ -80,17 +80,19 @@ def test_bad_shapes_and_impl():
         attention(q, k[:, :5], v, impl="xla")
 
 
-def test_cached_attention_flash_kernel_equals_xla(monkeypatch):
-    """The flash block kernel path (interpret mode) = the XLA online softmax, on an 80-slot cache visited in
+@pytest.mark.parametrize("starts,length", [((48, 20), (64, 36)), ((64, 40), (80, 56))])
+def test_cached_attention_flash_kernel_equals_xla(monkeypatch, starts, length):
+    """The flash kernel path (interpret mode) = the XLA online softmax, on an 80-slot cache visited in
     steps of 32 slots (the third one starts at slot 48 and must skip slots 48-63), with rows at different
-    positions and kv_lengths, grouped heads and MLA-style expanded values (a slice of each key)."""
+    positions and kv_lengths, grouped heads and MLA-style expanded values (a slice of each key). In the
+    second case the first block lies before every query and kv_length: it takes the unmasked kernel."""
     monkeypatch.setattr(attention_module, "CACHE_BLOCK", 16)
     b, s, g, qh, d, dv = 2, 80, 2, 2, 32, 16
     monkeypatch.setattr(attention_module, "EXPANDED_BYTES", b * g * (d + dv) * 4 * 32)
     keys = jax.random.normal(jax.random.key(1), (b, s, g, d))
     q = jax.random.normal(jax.random.key(2), (b, 16, g, qh, d))
-    pos = jnp.stack([jnp.arange(48, 64), jnp.arange(20, 36)])
-    length = jnp.array([64, 36])
+    pos = jnp.stack([jnp.arange(start, start + 16) for start in starts])
+    length = jnp.array(length)
     expand = lambda k, v: (k, v[..., :dv])  # noqa: E731
     got = cached_attention(q, keys, keys, q_positions=pos, kv_length=length, expand=expand, impl="pallas")
     want = cached_attention(q, keys, keys, q_positions=pos, kv_length=length, expand=expand, impl="xla")
