@@ -64,9 +64,9 @@ def _impls(s: int, chunk: int, interpret: bool):
 
     def flash_only(q, latent, w_uk, w_uv):
         original = attention_module._unmasked_attend
-        attention_module._unmasked_attend = lambda q, k, v, *, scale, interpret: flash_block(
-            q, k, v, *(jnp.zeros((1, n), jnp.int32) for n in (q.shape[1], k.shape[1]) * 2), scale=scale,
-            interpret=interpret)
+        attention_module._unmasked_attend = lambda q, k, v, valid, *, scale, interpret: flash_block(
+            q, k, v, *(jnp.zeros((1, n), jnp.int32) for n in (q.shape[1], k.shape[1], q.shape[1])),
+            (jnp.arange(k.shape[1]) >= valid[:, None]).astype(jnp.int32), scale=scale, interpret=interpret)
         try:
             return cached("pallas")(q, latent, w_uk, w_uv)
         finally:

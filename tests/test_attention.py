@@ -80,12 +80,14 @@ def test_bad_shapes_and_impl():
         attention(q, k[:, :5], v, impl="xla")
 
 
-@pytest.mark.parametrize("starts,length", [((48, 20), (64, 36)), ((64, 40), (80, 56))])
+@pytest.mark.parametrize("starts,length", [((48, 20), (64, 36)), ((64, 40), (80, 56)), ((64, 56), (80, 72))])
 def test_cached_attention_flash_kernel_equals_xla(monkeypatch, starts, length):
-    """The flash kernel path (interpret mode) = the XLA online softmax, on an 80-slot cache visited in
-    steps of 32 slots (the third one starts at slot 48 and must skip slots 48-63), with rows at different
-    positions and kv_lengths, grouped heads and MLA-style expanded values (a slice of each key). In the
-    second case the first block lies before every query and kv_length: it takes the unmasked kernel."""
+    """The flash kernel path (interpret mode) = the XLA online softmax on an 80-slot cache (blocks of 16,
+    steps of 32 slots), with rows at different positions and kv_lengths, grouped heads and MLA-style
+    expanded values (a slice of each key). Slots 0-15 / 0-31 / 0-47 lie before every query and kv_length
+    and take the unmasked kernel (in the first and third cases its first step clamps at slot 0 and
+    attends only 16 slots); the rest take the masked kernel (in the second case its last step clamps at
+    the cache's end, starts at slot 48 and must skip slots 48-63)."""
     monkeypatch.setattr(attention_module, "CACHE_BLOCK", 16)
     b, s, g, qh, d, dv = 2, 80, 2, 2, 32, 16
     monkeypatch.setattr(attention_module, "EXPANDED_BYTES", b * g * (d + dv) * 4 * 32)

@@ -199,64 +199,76 @@ def _cached_kernel_takes(impl: str, q, keys, values, expand) -> bool:
 
 def _flash_cached(q, keys, values, q_positions, kv_length, *, scale: float, expand: Callable,
                   interpret: bool) -> Array:
-    """`cached_attention` on flash kernels: each step expands a block of whole `CACHE_BLOCK`s (within
-    EXPANDED_BYTES), attends it and merges by lse (`flash_block.merge`).
+    """`cached_attention` on flash kernels: each step expands a block of the cache, attends it and merges
+    by lse (`flash_block.merge`).
 
-    Blocks every query of every row sees whole (slots below the first query position and every row's
-    kv_length: all of a long prefill chunk's past) go to an unmasked kernel (`_unmasked_attend`: cuDNN on
-    GPU); the rest to the flash block kernel with positions and segment ids (the last step may overlap the
-    one before it, its repeated slots masked out, as are slots >= kv_length)."""
+    Slots every query of every row sees whole (below the first query position and every row's kv_length,
+    rounded down to a `CACHE_BLOCK`: all of a long prefill chunk's past) are visited backwards from that
+    bound in blocks within EXPANDED_BYTES, on an unmasked kernel (`_unmasked_attend`: cuDNN on GPU; the
+    first block, clamped at slot 0, attends only its keys below the next one). The rest, up to the longest
+    kv_length, goes in steps of the chunk plus one `CACHE_BLOCK` to the flash block kernel with positions
+    (a step clamped at the cache's end masks its slots seen before, as it does slots >= kv_length)."""
     b, tq, g, qh, d = q.shape
     s = keys.shape[1]
     k1, v1 = jax.eval_shape(expand, keys[:, :1], values[:, :1])
     per_key = k1.size * k1.dtype.itemsize + v1.size * v1.dtype.itemsize
     steps = -(-s // max(CACHE_BLOCK, EXPANDED_BYTES // per_key // CACHE_BLOCK * CACHE_BLOCK))
     block = min(s, -(-s // steps // CACHE_BLOCK) * CACHE_BLOCK)
+    tail = min(block, -(-(tq + CACHE_BLOCK) // CACHE_BLOCK) * CACHE_BLOCK)
     q = q.reshape(b, tq, g * qh, d).astype(k1.dtype)
     q_segments = jnp.zeros((b, tq), jnp.int32)
-    unmasked = functools.partial(_unmasked_attend, scale=scale, interpret=interpret)
 
-    def block_at(start):
-        k_blk, v_blk = expand(jax.lax.dynamic_slice_in_dim(keys, start, block, axis=1),
-                              jax.lax.dynamic_slice_in_dim(values, start, block, axis=1))
+    def expanded(start, size):
+        k_blk, v_blk = expand(jax.lax.dynamic_slice_in_dim(keys, start, size, axis=1),
+                              jax.lax.dynamic_slice_in_dim(values, start, size, axis=1))
         return k_blk, v_blk.astype(k_blk.dtype)
 
+    bound = jnp.minimum(jnp.min(q_positions) + 1, jnp.min(kv_length))
+    whole = jnp.clip(bound // CACHE_BLOCK * CACHE_BLOCK, 0, s)  # slots [0, whole) are seen by every query
+
     def whole_step(i, acc):
-        o_j, lse_j = unmasked(q, *block_at(i * block))
+        end = whole - i * block
+        start = jnp.maximum(end - block, 0)
+        o_j, lse_j = _unmasked_attend(q, *expanded(start, block), jnp.full((b,), end - start),
+                                      scale=scale, interpret=interpret)
         return flash_block.merge(*acc, lse_j, o_j)
 
     def masked_step(i, acc):
-        start = jnp.minimum(i * block, s - block)
-        slots = start + jnp.arange(block, dtype=jnp.int32)
-        fresh = (slots[None] >= i * block) & (slots[None] < kv_length[:, None])
-        o_j, lse_j = flash_block.flash_block(q, *block_at(start), q_positions, slots, q_segments,
+        first = whole + i * tail
+        start = jnp.minimum(first, s - tail)
+        slots = start + jnp.arange(tail, dtype=jnp.int32)
+        fresh = (slots[None] >= first) & (slots[None] < kv_length[:, None])
+        o_j, lse_j = flash_block.flash_block(q, *expanded(start, tail), q_positions, slots, q_segments,
                                              jnp.where(fresh, 0, 1), scale=scale, interpret=interpret)
         return flash_block.merge(*acc, lse_j, o_j)
 
     init = (jnp.full((b, g * qh, tq), flash_block.NEG, jnp.float32),
             jnp.zeros((b, tq, g * qh, v1.shape[-1]), jnp.float32))
-    n_blocks = jnp.minimum(-(-jnp.max(kv_length) // block), -(-s // block))
-    n_whole = jnp.minimum(jnp.minimum(jnp.min(q_positions) + 1, jnp.min(kv_length)) // block, n_blocks)
-    acc = jax.lax.fori_loop(0, n_whole, whole_step, init)
-    _, o = jax.lax.fori_loop(n_whole, n_blocks, masked_step, acc)
+    acc = jax.lax.fori_loop(0, -(-whole // block), whole_step, init)
+    _, o = jax.lax.fori_loop(0, -(-(jnp.max(kv_length) - whole) // tail), masked_step, acc)
     return o.reshape(b, tq, g, qh, -1).astype(v1.dtype)
 
 
-def _unmasked_attend(q: Float[Array, "b tq h d"], k: Float[Array, "b tk g d"], v: Float[Array, "b tk g dv"], *,
-                     scale: float, interpret: bool) -> tuple[Float[Array, "b tq h dv"], Float[Array, "b h tq"]]:
-    """(o, lse) of q attending every key: cuDNN's flash attention where it takes the shapes (GPU, 16-bit,
-    head dims <= 128 and multiples of 8), else the flash block kernel with nothing masked."""
-    d, dv = q.shape[-1], v.shape[-1]
+def _unmasked_attend(q: Float[Array, "b tq h d"], k: Float[Array, "b tk g d"], v: Float[Array, "b tk g dv"],
+                     valid: Int[Array, "b"], *, scale: float, interpret: bool
+                     ) -> tuple[Float[Array, "b tq h dv"], Float[Array, "b h tq"]]:
+    """(o, lse) of q attending the first `valid` keys of each row, with no other mask: cuDNN's flash
+    attention where it takes the shapes (GPU, 16-bit, head dims <= 128 and multiples of 8), else the
+    flash block kernel."""
+    b, tq, _, d = q.shape
+    tk, dv = k.shape[1], v.shape[-1]
     if (not interpret and q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and dv % 8 == 0
             and max(d, dv) <= 128):
         width = max(d, dv)
         o, lse = cudnn_attention.dot_product_attention(
-            *(_pad_values(x, width) for x in (q, k, v)), scale=scale, qkv_layout="BTNH", return_residual=True)
+            *(_pad_values(x, width) for x in (q, k, v)), q_seqlen=jnp.full((b,), tq, jnp.int32),
+            kv_seqlen=valid.astype(jnp.int32), scale=scale, mask_type=cudnn_attention.MaskType.PADDING,
+            qkv_layout="BTNH", return_residual=True)
         return o[..., :dv].astype(jnp.float32), lse
-    zeros = lambda n: jnp.zeros((q.shape[0], n), jnp.int32)  # noqa: E731
-    tq, tk = q.shape[1], k.shape[1]
-    return flash_block.flash_block(q, k, v, zeros(tq), zeros(tk), zeros(tq), zeros(tk), scale=scale,
-                                   interpret=interpret)
+    zeros = jnp.zeros((b, tq), jnp.int32)
+    k_segments = (jnp.arange(tk)[None] >= valid[:, None]).astype(jnp.int32)
+    return flash_block.flash_block(q, k, v, zeros, jnp.zeros((b, tk), jnp.int32), zeros, k_segments,
+                                   scale=scale, interpret=interpret)
 
 
 def latent_cached_attention(
