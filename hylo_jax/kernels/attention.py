@@ -3,8 +3,8 @@
 Layout [batch, time, heads, head_dim]; keys/values may have fewer heads (GQA). `attention` is
 causal self-attention over aligned query/key sequences (training, prefill), with optional
 segment ids for packed documents. `cached_attention` lets new queries attend a preallocated
-cache (decode, chunked prefill): on GPU through the flash block kernel (`flash_block`), elsewhere an
-XLA online softmax.
+cache (decode, chunked prefill): on GPU the slots before a chunk through cuDNN (with its log-sum-exp) and
+the chunk's own through the flash block kernel (`flash_block`), elsewhere an XLA online softmax.
 """
 
 from __future__ import annotations
@@ -119,9 +119,10 @@ def cached_attention(
     whatever the cache's size, so a long prompt can be prefilled chunk by chunk and decode cost follows
     the context.
 
-    `impl`: "pallas" visits each step's block with the flash block kernel and merges steps by their
-    log-sum-exp (`_flash_cached`; interpreted off GPU), "xla" the online softmax above, "auto" the kernel
-    on GPU where it takes the shapes (prefill chunks: queries a multiple of 16), else XLA.
+    `impl`: "pallas" visits blocks with flash kernels (cuDNN for slots every query sees, the flash block
+    kernel for the rest) and merges steps by their log-sum-exp (`_flash_cached`; interpreted off GPU),
+    "xla" the online softmax above, "auto" the kernels on GPU where they take the shapes (prefill chunks:
+    queries a multiple of 16), else XLA.
     """
     expand = expand or _as_stored
     b, s = keys.shape[:2]
