@@ -44,8 +44,9 @@ def make_batch(b=2, t=24, seed=0):
                                                positions=pos, loss_mask=mask).items()}
 
 
-@pytest.mark.parametrize("t, chunk", [(24, 8), (24, 7), (5, 16)])
-def test_chunked_kd_equals_dense(t, chunk):
+@pytest.mark.parametrize("t, chunk, temperature, ce_weight", [(24, 8, 2.0, 0.5), (24, 7, 1.0, 0.0), (5, 16, 2.0, 0.0)])
+def test_chunked_kd_equals_dense(t, chunk, temperature, ce_weight):
+    """Values and gradients (through its hand-formed backward) = the dense losses under autodiff."""
     k = jax.random.split(jax.random.key(0), 5)
     ht, hs = jax.random.normal(k[0], (2, t, 16)), jax.random.normal(k[1], (2, t, 12))
     wt, ws = jax.random.normal(k[2], (16, 40)), jax.random.normal(k[3], (12, 40))
@@ -54,19 +55,23 @@ def test_chunked_kd_equals_dense(t, chunk):
 
     def dense(hs, ws):
         logits = hs @ ws
-        kl = forward_kl(ht @ wt, logits, temperature=2.0, mask=mask)
+        kl = forward_kl(ht @ wt, logits, temperature=temperature, mask=mask)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-        return kl, jnp.sum(nll * mask) / jnp.sum(mask)
+        ce = jnp.sum(nll * mask) / jnp.sum(mask)
+        return kl + ce_weight * ce, kl, ce
 
     def chunked(hs, ws):
-        return chunked_kd(ht, wt, hs, ws, targets, mask, chunk=chunk, temperature=2.0)
+        return chunked_kd(ht, wt, hs, ws, targets, mask, chunk=chunk, temperature=temperature, ce_weight=ce_weight)
 
     for a, b in zip(chunked(hs, ws), dense(hs, ws), strict=True):
         assert rel_err(a, b) <= 1e-5
-    g_chunked = jax.grad(lambda h, w: sum(chunked(h, w)), argnums=(0, 1))(hs, ws)
-    g_dense = jax.grad(lambda h, w: sum(dense(h, w)), argnums=(0, 1))(hs, ws)
+    g_chunked = jax.grad(lambda h, w: chunked(h, w)[0], argnums=(0, 1))(hs, ws)
+    g_dense = jax.grad(lambda h, w: dense(h, w)[0], argnums=(0, 1))(hs, ws)
     for a, b in zip(g_chunked, g_dense, strict=True):
         assert rel_err(a, b) <= 1e-5
+    g_jit = jax.jit(jax.grad(lambda h, w: 3.0 * chunked(h, w)[0], argnums=(0, 1)))(hs, ws)
+    for a, b in zip(g_jit, g_dense, strict=True):
+        assert rel_err(a, 3.0 * b) <= 1e-5
 
 
 @pytest.mark.parametrize("loss", ["kd", "ild"])

@@ -1,12 +1,13 @@
 """Distillation losses: forward KL (dense and logit-free chunked), cross-entropy, and ILD.
 
 The chunked KD never materialises [T, vocab] logits: teacher and student final hidden states are
-projected by their LM heads one chunk of tokens at a time inside a rematerialised scan, so the
-backward pass recomputes each chunk's logits instead of storing them (memory O(chunk x vocab)).
+projected by their LM heads one chunk of tokens at a time, and each chunk's gradient is formed in the
+same pass, so nothing of size vocab is stored or recomputed (memory O(chunk x vocab)).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -39,32 +40,84 @@ def token_nll(student_logits: Float[Array, "b t v"], targets: Int[Array, "b t"])
 def chunked_kd(h_teacher: Float[Array, "b t dt"], head_teacher: Float[Array, "dt v"],
                h_student: Float[Array, "b t ds"], head_student: Float[Array, "ds v"],
                targets: Int[Array, "b t"], mask: Float[Array, "b t"], *, chunk: int,
-               temperature: float = 1.0) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """(mean KL(teacher || student), mean student cross-entropy) over masked tokens, computed in
-    token chunks of `chunk` with the LM heads inside a rematerialised scan. T need not divide."""
+               temperature: float = 1.0, ce_weight: float = 0.0
+               ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+    """(kl + ce_weight ce, kl, ce): kl the mean KL(teacher || student), ce the mean student cross-entropy
+    over masked tokens, computed in token chunks of `chunk` (T need not divide).
+
+    Only the first output carries a gradient (kl and ce are for logging), and only into the student's
+    hidden states and head. Each chunk's d loss / d logits is formed while its softmaxes are at hand,
+    dl = m / count ((q_T - p_T) / T + ce_weight (q_1 - onehot(target))), and projected right away
+    (d h = dl W^T, d W += h^T dl, dl in the student's compute dtype as autodiff's bf16 matmuls would
+    take it), so the backward only scales them by the cotangent: four LM-head matmuls per chunk
+    (teacher and student logits, the two projections), where a rematerialised scan takes six."""
+    loss, kl, ce = _chunked_kd(h_teacher, head_teacher, h_student, head_student, targets,
+                               mask.astype(jnp.float32), chunk, temperature, ce_weight)
+    return loss, jax.lax.stop_gradient(kl), jax.lax.stop_gradient(ce)
+
+
+def _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk: int, temperature: float,
+             ce_weight: float):
+    """((loss, kl, ce), (d loss / d h_student, d loss / d head_student)), one chunk of tokens at a time."""
     b, t, _ = h_student.shape
     n = -(-t // chunk)
     pad = n * chunk - t
+    dtype = h_student.dtype
+    w_teacher, w_student = head_teacher.astype(h_teacher.dtype), head_student.astype(dtype)
+    count = jnp.maximum(jnp.sum(mask), 1)
 
     def chunks(x):  # [b, t, ...] -> [n, b, chunk, ...], padded with zeros (mask 0)
         x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint
-    def one(ht, hs, tgt, m):
-        lt = jnp.dot(ht, head_teacher.astype(ht.dtype), preferred_element_type=jnp.float32)
-        ls = jnp.dot(hs, head_student.astype(hs.dtype), preferred_element_type=jnp.float32)
-        return jnp.sum(_token_kl(lt, ls, temperature) * m), jnp.sum(token_nll(ls, tgt) * m)
-
-    def body(acc, xs):
-        kl, ce = one(*xs)
-        return (acc[0] + kl, acc[1] + ce), None
+    def body(carry, xs):
+        kl_sum, ce_sum, d_head = carry
+        ht, hs, tgt, m = xs
+        log_p = jax.nn.log_softmax(jnp.dot(ht, w_teacher, preferred_element_type=jnp.float32) / temperature)
+        logits = jnp.dot(hs, w_student, preferred_element_type=jnp.float32)
+        log_q = jax.nn.log_softmax(logits / temperature)
+        log_q1 = log_q if temperature == 1.0 else jax.nn.log_softmax(logits)
+        p = jnp.exp(log_p)
+        kl = jnp.sum(p * (log_p - log_q), axis=-1)
+        ce = -jnp.take_along_axis(log_q1, tgt[..., None], axis=-1)[..., 0]
+        d_logits = (jnp.exp(log_q) - p) / temperature
+        if ce_weight:
+            onehot = jnp.arange(logits.shape[-1]) == tgt[..., None]
+            d_logits = d_logits + ce_weight * (jnp.exp(log_q1) - onehot)
+        d_logits = (d_logits * (m / count)[..., None]).astype(dtype)
+        d_hs = jnp.dot(d_logits, w_student.T, preferred_element_type=jnp.float32).astype(dtype)
+        d_head = d_head + jnp.einsum("btd,btv->dv", hs, d_logits, preferred_element_type=jnp.float32)
+        return (kl_sum + jnp.sum(kl * m), ce_sum + jnp.sum(ce * m), d_head), d_hs
 
     zero = jnp.zeros((), jnp.float32)
-    m = mask.astype(jnp.float32)
-    (kl, ce), _ = jax.lax.scan(body, (zero, zero), tuple(map(chunks, (h_teacher, h_student, targets, m))))
-    count = jnp.maximum(jnp.sum(m), 1)
-    return kl / count, ce / count
+    init = (zero, zero, jnp.zeros(head_student.shape, jnp.float32))
+    (kl, ce, d_head), d_hs = jax.lax.scan(body, init, tuple(map(chunks, (h_teacher, h_student, targets, mask))))
+    d_hs = jnp.moveaxis(d_hs, 0, 1).reshape(b, n * chunk, -1)[:, :t]
+    kl, ce = kl / count, ce / count
+    return (kl + ce_weight * ce, kl, ce), (d_hs, d_head.astype(head_student.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _chunked_kd(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature, ce_weight):
+    return _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature,
+                    ce_weight)[0]
+
+
+def _chunked_kd_fwd(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature,
+                    ce_weight):
+    losses, grads = _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature,
+                             ce_weight)
+    return losses, (grads, h_teacher, head_teacher, mask)
+
+
+def _chunked_kd_bwd(chunk, temperature, ce_weight, residuals, cotangents):
+    (d_hs, d_head), h_teacher, head_teacher, mask = residuals
+    g = cotangents[0]  # kl and ce leave `chunked_kd` through stop_gradient: their cotangents are zero
+    return (jnp.zeros_like(h_teacher), jnp.zeros_like(head_teacher), (g * d_hs).astype(d_hs.dtype),
+            g * d_head, None, jnp.zeros_like(mask))
+
+
+_chunked_kd.defvjp(_chunked_kd_fwd, _chunked_kd_bwd)
 
 
 def ild_loss(student_out: Sequence[jax.Array], teacher_out: Sequence[jax.Array],

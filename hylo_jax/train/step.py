@@ -70,12 +70,13 @@ def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: Stag
     h_s = student.hidden_states(batch["tokens"], **kw)
     mask = batch["loss_mask"].astype(jnp.float32)
     if stage.kl_chunk:
-        kl, ce = chunked_kd(h_t, jax.lax.stop_gradient(teacher.head_kernel()), h_s, student.head_kernel(),
-                            batch["targets"], mask, chunk=stage.kl_chunk, temperature=stage.temperature)
-    else:
-        s_logits = student.logits(h_s)
-        kl = forward_kl(teacher.logits(h_t), s_logits, temperature=stage.temperature, mask=mask)
-        ce = jnp.sum(token_nll(s_logits, batch["targets"]) * mask) / jnp.maximum(jnp.sum(mask), 1)
+        loss, kl, ce = chunked_kd(h_t, jax.lax.stop_gradient(teacher.head_kernel()), h_s, student.head_kernel(),
+                                  batch["targets"], mask, chunk=stage.kl_chunk, temperature=stage.temperature,
+                                  ce_weight=stage.ce_weight)
+        return loss, {"kl": kl, "ce": ce}
+    s_logits = student.logits(h_s)
+    kl = forward_kl(teacher.logits(h_t), s_logits, temperature=stage.temperature, mask=mask)
+    ce = jnp.sum(token_nll(s_logits, batch["targets"]) * mask) / jnp.maximum(jnp.sum(mask), 1)
     return kl + stage.ce_weight * ce, {"kl": kl, "ce": ce}
 
 
