@@ -110,7 +110,7 @@ def distill_target(args):
 
     t_spec, s_spec = distill_step.specs(args.tiny, args.remat)
     teacher, student = t_spec.build(nnx.Rngs(0)), s_spec.build(nnx.Rngs(0))
-    stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=0, steps=10)
+    stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=2048, steps=10)  # the configs' chunked KL
     distiller = Distiller(student, teacher, stage)
     batch = distill_step.make_batch(1, args.seq, t_spec.model.vocab_size, True)
     held = [distiller.init_state()]

@@ -73,12 +73,18 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
     attention_impl: Literal["auto", "xla", "cudnn", "splash"] = doc(
         "auto", "Attention kernel: auto = cuDNN on GPU, splash on TPU, XLA on CPU.")
+    max_segments: int = doc(
+        0, "Most runs of equal segment ids (packed documents, trailing padding) in a row: cuDNN then takes "
+           "them in its packed layout instead of a dense [T, T] mask. 0: the dense mask. The trainer sets it "
+           "from data.max_docs_per_row and checks every batch.")
     remat: Literal["none", "full", "dots", "dots_no_batch", "save_attention_out"] = doc(
         "none", "Activation checkpointing policy per decoder layer.")
 
     def __post_init__(self) -> None:
         require_positive(self, "model.", ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
                                           "num_heads", "num_kv_heads", "head_dim"))
+        if self.max_segments < 0:
+            raise ConfigError(f"model.max_segments must be >= 0, got {self.max_segments}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.num_heads={self.num_heads} is not a multiple of "
                               f"model.num_kv_heads={self.num_kv_heads}")

@@ -7,7 +7,7 @@ import pytest
 from conftest import rel_err
 
 from hylo_jax.kernels import attention as attention_module
-from hylo_jax.kernels.attention import attention, cached_attention
+from hylo_jax.kernels.attention import attention, cached_attention, count_segments, segment_layout
 
 
 def qkv(b=2, t=37, h=4, hk=2, d=16, dv=16, seed=0):
@@ -116,3 +116,12 @@ def test_cached_attention_flash_kernel_per_device_on_a_mesh():
     with jax.set_mesh(make_mesh(MeshConfig(data=2, fsdp=1, tensor=2), jax.devices()[:4])):
         got = f(q, keys, values)
     assert rel_err(got, want) <= 1e-6
+
+
+def test_segment_layout_of_packed_rows():
+    """Runs of equal ids -> cuDNN's (lengths [b, M], offsets [b, M + 1]), unused entries -1."""
+    ids = jnp.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 4, 4, 0]])
+    lengths, offsets = segment_layout(ids, 5)
+    np.testing.assert_array_equal(lengths, [[2, 3, 2, -1, -1], [7, -1, -1, -1, -1], [1, 1, 1, 3, 1]])
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, 1, 2, 3, 6, -1]])
+    assert count_segments(np.asarray(ids)) == 5

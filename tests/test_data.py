@@ -73,6 +73,16 @@ def test_packing_hand_example():
     assert all(r[k].dtype == np.int32 for r in rows for k in r)
 
 
+def test_packing_bounds_documents_per_row():
+    """`max_docs`: no row holds more pieces than that (the bound packed GPU attention relies on)."""
+    docs = [next_token_pairs(np.arange(3), np.ones(3, bool)) for _ in range(9)]  # 2 pairs each
+    for max_docs, most in ((0, 4), (3, 3)):
+        rows = list(pack(grain.MapDataset.source(docs).to_iter_dataset(), seq_len=8, bins=2, patience=3,
+                         max_docs=max_docs))
+        assert max(int(r["segment_ids"].max()) for r in rows) == most
+        assert sum(int((r["segment_ids"] > 0).sum()) for r in rows) == 18  # every pair packed once
+
+
 def test_jsonl_text_parquet_arrayrecord_sources(tok, tmp_path):
     docs = texts(6)
     cfgs = {"jsonl": write_jsonl(tmp_path / "a.jsonl", [{"text": t, "id": i} for i, t in enumerate(docs)])}

@@ -11,6 +11,7 @@ from flax import nnx
 
 from hylo_jax.config import ModelConfig
 from hylo_jax.convert.upcycle import upcycle
+from hylo_jax.errors import ConfigError
 from hylo_jax.models.gated_deltanet import GDNConfig
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.mla import MLAConfig
@@ -152,6 +153,15 @@ def test_non_finite_loss_is_reported(pair):
         if policy == "skip":  # the update is skipped: parameters unchanged
             for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params), strict=True):
                 np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_batches_beyond_max_segments_are_refused():
+    from hylo_jax.train.trainer import _checked
+
+    batch = {"segment_ids": np.array([[1, 1, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1]])}
+    assert _checked(batch, 4) is batch and _checked(batch, 0) is batch
+    with pytest.raises(ConfigError, match="holds 4 segments.*max_segments=3"):
+        _checked(batch, 3)
 
 
 def test_trainable_regex_must_match(pair):

@@ -118,7 +118,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 # `base_model_type`), `mixer_types` (each layer's kind) and one section per replaced mixer kind,
 # holding that mixer's config without the JAX-only compute fields (MLA's rope as `rope_parameters`).
 HYLO_MODEL_TYPE = "hylo_hybrid"
-COMPUTE_ONLY = ("dtype", "param_dtype", "attention_impl", "decode_impl", "impl")
+COMPUTE_ONLY = ("dtype", "param_dtype", "attention_impl", "max_segments", "decode_impl", "impl")
 MIXER_CONFIGS = {"mla": MLAConfig, "gdn": GDNConfig, "mamba2": Mamba2Config}
 
 

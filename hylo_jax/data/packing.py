@@ -53,13 +53,15 @@ def _row(packed: dict[str, np.ndarray]) -> dict[str, Int[np.ndarray, "t"]]:
     return {k: packed[names.get(k, k)].astype(np.int32) for k in ROW_KEYS}
 
 
-def pack(docs: grain.IterDataset, seq_len: int, bins: int, patience: int) -> grain.IterDataset:
+def pack(docs: grain.IterDataset, seq_len: int, bins: int, patience: int, max_docs: int = 0) -> grain.IterDataset:
     """Rows of `seq_len` (the module docstring's layout) from documents' `next_token_pairs`.
 
     `patience`: how many documents in a row may be empty (< 2 tokens) before it is an error.
+    `max_docs`: most pieces in one row (0: no bound).
     """
     pieces = FlatMapIterDataset(docs, _Pieces(seq_len, patience))
     rows = FirstFitPackIterDataset(
         pieces, length_struct={k: seq_len for k in ("tokens", "targets", "loss_mask")},
-        num_packing_bins=bins, shuffle_bins=False, meta_features=("targets", "loss_mask"))
+        num_packing_bins=bins, shuffle_bins=False, meta_features=("targets", "loss_mask"),
+        max_sequences_per_bin=max_docs or None)
     return rows.map(_row)

@@ -47,6 +47,9 @@ class DataConfig:
     seq_len: int = doc(2048, "Tokens per packed row.")
     global_batch_size: int = doc(8, "Rows per step over all hosts; each host yields its 1/process_count.")
     packing_bins: int = doc(32, "Rows first-fit packing fills at once: more bins, less padding.")
+    max_docs_per_row: int = doc(32, "Documents (pieces) packing puts in one row at most: with the trailing "
+                                    "padding, the bound under which GPU attention takes packed rows without a "
+                                    "[T, T] mask (model.max_segments). 0: no bound (a dense mask).")
     shuffle: bool = doc(True, "Shuffle the documents, with a different permutation each epoch.")
     seed: int = doc(0, "Shuffle seed, in [0, 2**32).")
     add_eos: bool = doc(True, "Append the tokenizer's EOS token to each plain-text document.")
@@ -56,6 +59,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be at least 2, got {self.seq_len}")
+        if self.max_docs_per_row < 0:
+            raise ConfigError(f"data.max_docs_per_row must be >= 0, got {self.max_docs_per_row}")
         for name in ("global_batch_size", "packing_bins", "num_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -110,7 +115,8 @@ def _rows(cfg: DataConfig, tokenizer, docs: grain.MapDataset) -> grain.IterDatas
         docs = docs.shuffle(seed=cfg.seed)
     docs = docs.repeat(cfg.num_epochs).map(functools.partial(encode, tokenizer, add_eos=cfg.add_eos))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=PREFETCH_DOCS)
-    return pack(docs.to_iter_dataset(read), cfg.seq_len, cfg.packing_bins, patience=patience)
+    return pack(docs.to_iter_dataset(read), cfg.seq_len, cfg.packing_bins, patience=patience,
+                max_docs=cfg.max_docs_per_row)
 
 
 def make_dataset(cfg: DataConfig, tokenizer, state: dict | None = None) -> grain.DatasetIterator:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # its lse is not in jax.nn's API
+import numpy as np
+from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention  # fp32 lse (jax.nn rounds it)
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
@@ -57,9 +58,13 @@ def attention(
     segment_ids: Int[Array, "b t"] | None = None,
     scale: float | None = None,
     impl: str = "auto",
+    max_segments: int = 0,
     interpret: bool = False,
 ) -> Float[Array, "b t h dv"]:
-    """softmax(q k^T * scale + causal/segment mask) v, with key/value heads shared by groups."""
+    """softmax(q k^T * scale + causal/segment mask) v, with key/value heads shared by groups.
+
+    Segments are runs of equal ids. With `max_segments` (an upper bound on the runs of any row) cuDNN
+    takes them in its packed layout (`segment_layout`) instead of a dense [T, T] mask."""
     b, t, h, d = q.shape
     if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[-1] != d or k.shape[2] != v.shape[2]:
         raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
@@ -74,6 +79,11 @@ def attention(
     kind = resolve_impl(impl, t, segment_ids)
     if kind == "splash":
         out = _splash(q, k, v, segment_ids, scale, interpret)
+    elif kind == "cudnn" and segment_ids is not None and max_segments:
+        lengths, offsets = segment_layout(segment_ids, max_segments)
+        out = cudnn_attention.dot_product_attention(
+            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+            mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
     else:
         mask = None
         if segment_ids is not None:
@@ -81,6 +91,25 @@ def attention(
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                            implementation=kind)
     return out[..., :dv]
+
+
+def segment_layout(segment_ids: Int[Array, "b t"], max_segments: int
+                   ) -> tuple[Int[Array, "b m"], Int[Array, "b m1"]]:
+    """cuDNN's packed layout of each row's runs of equal segment ids, in order: (lengths [b, M],
+    offsets [b, M + 1]), entries past a row's last run -1. Rows must have at most M runs (the trainer
+    checks its batches; a longer row would lose its tail)."""
+    b, t = segment_ids.shape
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=t)[0])(starts)
+    used = jnp.arange(max_segments + 1) < jnp.sum(starts, axis=1, keepdims=True)
+    lengths = jnp.where(used[:, :-1], first[:, 1:] - first[:, :-1], -1)
+    return lengths.astype(jnp.int32), jnp.where(used, first, -1).astype(jnp.int32)
+
+
+def count_segments(segment_ids) -> int:
+    """The most runs of equal ids in any row (host arrays): what `max_segments` must cover."""
+    segment_ids = np.asarray(segment_ids)
+    return int(np.max(1 + np.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1)))
 
 
 CACHE_BLOCK = 1024  # granularity of cache slots: caches longer than this hold a multiple of it

@@ -80,7 +80,8 @@ class HybridConfig:
         mla = replace_config(
             self.mla, hidden_size=teacher.hidden_size, num_heads=teacher.num_heads,
             num_kv_heads=teacher.num_kv_heads, rms_norm_eps=teacher.rms_norm_eps,
-            rope=self.mla_rope or teacher.rope, attention_impl=teacher.attention_impl, **common)
+            rope=self.mla_rope or teacher.rope, attention_impl=teacher.attention_impl,
+            max_segments=teacher.max_segments, **common)
         gdn = replace_config(self.gdn, hidden_size=teacher.hidden_size, norm_eps=teacher.rms_norm_eps,
                              **common)
         mamba2 = replace_config(

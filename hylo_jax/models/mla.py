@@ -71,6 +71,7 @@ class MLAConfig:
     param_dtype: Literal["float32", "bfloat16"] = doc("float32", "Storage dtype of parameters.")
     attention_impl: Literal["auto", "xla", "cudnn", "splash"] = doc(
         "auto", "Attention kernel of the training/prefill path (see kernels.attention).")
+    max_segments: int = doc(0, "Packed-layout bound of the training attention (ModelConfig.max_segments).")
     decode_impl: Literal["auto", "xla", "pallas"] = doc(
         "auto", "Single-token decode over the latent cache: the Pallas flash-decode kernel that reads each "
                 "cached latent once (kernels.flash_decode; 1.5-4x faster than XLA on an H100, "
@@ -242,7 +243,8 @@ class MLA(nnx.Module):
         q = constrain(jnp.concatenate([q_nope, q_rope], -1),
                       ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k = constrain(k, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
-        return attention(q, k, v, segment_ids=segment_ids, scale=scale, impl=cfg.attention_impl)
+        return attention(q, k, v, segment_ids=segment_ids, scale=scale, impl=cfg.attention_impl,
+                         max_segments=cfg.max_segments)
 
     def _decompressed_blocks(self, q_nope: Float[Array, "b t h dn"], q_rope: Float[Array, "b t h dr"],
                              latent: Float[Array, "b s l"], positions: Int[Array, "b t"],

@@ -101,7 +101,7 @@ class Attention(nnx.Module):
         if cache is None and context.active_mesh() is not None:  # context parallel: K/V travel
             out = context.attention(q, k, v, segment_ids=segment_ids)
         elif cache is None:
-            out = attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl)
+            out = attention(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl, max_segments=cfg.max_segments)
         else:
             cache = cache.write(k, v, positions)
             group = cfg.num_heads // cfg.num_kv_heads

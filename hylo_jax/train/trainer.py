@@ -28,6 +28,7 @@ from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.eval.perplexity import perplexity
+from hylo_jax.kernels.attention import count_segments
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
@@ -101,6 +102,19 @@ def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spe
 # ---------------------------------------------------------------------------------------------
 # One stage.
 
+def _checked(batch: dict[str, np.ndarray], max_segments: int) -> dict[str, np.ndarray]:
+    """The host batch, once its rows are known to hold at most `max_segments` runs of segment ids."""
+    if max_segments and (found := count_segments(batch["segment_ids"])) > max_segments:
+        raise ConfigError(f"a batch row holds {found} segments (documents + padding), more than model.max_segments="
+                          f"{max_segments} that packed attention takes; raise data.max_docs_per_row")
+    return batch
+
+
+def with_max_segments(model: CausalLM, max_segments: int) -> CausalLM:
+    """`model` (a plain transformer) whose attention takes rows of up to `max_segments` segments packed."""
+    return respec(model, ModelSpec(dataclasses.replace(model.cfg, max_segments=max_segments)))
+
+
 def _non_finite(metrics: dict[str, float]) -> list[str]:
     return [k for k, v in metrics.items() if k not in ("finite", "lr") and not np.isfinite(v)]
 
@@ -143,7 +157,8 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
-                batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in next(batches).items()}
+                batch = _checked(next(batches), spec.model.max_segments)
+                batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
                 state, metrics = distiller.run_step(state, batch)
                 if not bool(metrics["finite"]):
                     bad = _non_finite({k: float(v) for k, v in metrics.items()})
@@ -199,6 +214,8 @@ def run(cfg: RunConfig) -> dict[str, float]:
     teacher, tokenizer = load_teacher(cfg.teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
     if tokenizer is None:
         raise ConfigError(f"teacher {cfg.teacher} has no tokenizer; training needs one")
+    max_segments = cfg.data.max_docs_per_row + 1 if cfg.data.max_docs_per_row else 0  # + trailing padding
+    teacher = with_max_segments(teacher, max_segments)
     student_cfg = dataclasses.replace(teacher.cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     cfg = dataclasses.replace(cfg, hybrid=with_energy_ranks(teacher, cfg.hybrid))
     spec = ModelSpec.create(student_cfg, cfg.hybrid)
@@ -229,6 +246,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
     results["student_ppl_before"] = perplexity(respec(upcycled(spec)(), spec), heldout)
     if cfg.kd_teacher:
         teacher, _ = load_teacher(cfg.kd_teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
+        teacher = with_max_segments(teacher, max_segments)
         if teacher.cfg.vocab_size != student_cfg.vocab_size:
             raise ConfigError(f"kd_teacher vocabulary {teacher.cfg.vocab_size} differs from the student's "
                               f"{student_cfg.vocab_size}")
