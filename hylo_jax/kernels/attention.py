@@ -64,7 +64,8 @@ def attention(
     """softmax(q k^T * scale + causal/segment mask) v, with key/value heads shared by groups.
 
     Segments are runs of equal ids. With `max_segments` (an upper bound on the runs of any row) cuDNN
-    takes them in its packed layout (`segment_layout`) instead of a dense [T, T] mask."""
+    takes them in its packed layout (`segment_layout`) instead of a dense [T, T] mask; a row with more
+    runs comes out NaN, never silently wrong."""
     b, t, h, d = q.shape
     if k.shape[:2] != (b, t) or v.shape[:2] != (b, t) or k.shape[-1] != d or k.shape[2] != v.shape[2]:
         raise ValueError(f"attention shapes do not match: q {q.shape}, k {k.shape}, v {v.shape}")
@@ -84,6 +85,8 @@ def attention(
         out = cudnn_attention.dot_product_attention(
             q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
             mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+        overflow = jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1) >= max_segments
+        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
     else:
         mask = None
         if segment_ids is not None:
@@ -97,7 +100,7 @@ def segment_layout(segment_ids: Int[Array, "b t"], max_segments: int
                    ) -> tuple[Int[Array, "b m"], Int[Array, "b m1"]]:
     """cuDNN's packed layout of each row's runs of equal segment ids, in order: (lengths [b, M],
     offsets [b, M + 1]), entries past a row's last run -1. Rows must have at most M runs (the trainer
-    checks its batches; a longer row would lose its tail)."""
+    checks its batches; a longer row would lose its tail: `attention` turns it into NaN)."""
     b, t = segment_ids.shape
     starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     first = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=t)[0])(starts)
