@@ -108,7 +108,7 @@ class Distiller:
             return distill_loss(nnx.merge(self.graphdef, params, frozen), teacher, batch, self.stage)
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
