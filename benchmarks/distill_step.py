@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, time_jax  # noqa: E402
 
-from hylo_jax.config import from_dict, load_yaml  # noqa: E402
+from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, segment_bound  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.models.gated_deltanet import GDNConfig  # noqa: E402
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec  # noqa: E402
@@ -38,7 +38,6 @@ from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E4
 from hylo_jax.train.step import Distiller, TrainState  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-MAX_SEGMENTS = 33  # attention takes packed rows as training does: data.max_docs_per_row (32) + padding
 
 
 def specs(tiny: bool, remat: str = "full") -> tuple[ModelSpec, ModelSpec]:
@@ -54,7 +53,8 @@ def specs(tiny: bool, remat: str = "full") -> tuple[ModelSpec, ModelSpec]:
     else:
         teacher = from_dict(type(specs(True)[0].model), load_yaml(CONFIGS / "teachers/llama-3.2-1b.yaml")["model"])
         plan = from_dict(HybridConfig, load_yaml(CONFIGS / "hylo-llama-1b-8mla8.yaml")["hybrid"])
-    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16", max_segments=MAX_SEGMENTS)
+    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16",
+                             max_segments=segment_bound(MAX_DOCS_PER_ROW))  # packed rows, as in training
     student = replace_config(teacher, param_dtype="float32", remat=remat)
     return ModelSpec(teacher), ModelSpec.create(student, plan)
 

@@ -51,6 +51,15 @@ class RopeConfig:
     truncate: bool = doc(True, "yarn: round the correction range to whole dimensions.")
 
 
+MAX_DOCS_PER_ROW = 32  # data.max_docs_per_row's default (here: model-side code imports it without grain)
+
+
+def segment_bound(max_docs_per_row: int) -> int:
+    """model.max_segments for rows of at most `max_docs_per_row` documents: one more run for the trailing
+    padding; 0 (no bound) stays 0 (a dense mask)."""
+    return max_docs_per_row + 1 if max_docs_per_row else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only Transformer teacher (Llama, Qwen2, Qwen3 families)."""

@@ -121,7 +121,8 @@ def test_cached_attention_flash_kernel_per_device_on_a_mesh():
 def test_segment_layout_of_packed_rows():
     """Runs of equal ids -> cuDNN's (lengths [b, M], offsets [b, M + 1]), unused entries -1."""
     ids = jnp.array([[1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 2, 3, 4, 4, 4, 0]])
-    lengths, offsets = segment_layout(ids, 5)
+    lengths, offsets, runs = segment_layout(ids, 5)
     np.testing.assert_array_equal(lengths, [[2, 3, 2, -1, -1], [7, -1, -1, -1, -1], [1, 1, 1, 3, 1]])
     np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, 1, 2, 3, 6, -1]])
+    np.testing.assert_array_equal(runs, [3, 1, 5])
     assert count_segments(np.asarray(ids)) == 5

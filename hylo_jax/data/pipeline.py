@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jaxtyping import Int
 
-from hylo_jax.config import doc
+from hylo_jax.config import MAX_DOCS_PER_ROW, doc
 from hylo_jax.data.packing import ROW_KEYS, Pairs, next_token_pairs, pack
 from hylo_jax.data.sources import DataError, Document, load_documents
 from hylo_jax.errors import ConfigError
@@ -47,9 +47,10 @@ class DataConfig:
     seq_len: int = doc(2048, "Tokens per packed row.")
     global_batch_size: int = doc(8, "Rows per step over all hosts; each host yields its 1/process_count.")
     packing_bins: int = doc(32, "Rows first-fit packing fills at once: more bins, less padding.")
-    max_docs_per_row: int = doc(32, "Documents (pieces) packing puts in one row at most: with the trailing "
-                                    "padding, the bound under which GPU attention takes packed rows without a "
-                                    "[T, T] mask (model.max_segments). 0: no bound (a dense mask).")
+    max_docs_per_row: int = doc(
+        MAX_DOCS_PER_ROW, "Documents (pieces) packing puts in one row at most: with the trailing padding, the "
+                          "bound under which GPU attention takes packed rows without a [T, T] mask "
+                          "(model.max_segments). 0: no bound (a dense mask).")
     shuffle: bool = doc(True, "Shuffle the documents, with a different permutation each epoch.")
     seed: int = doc(0, "Shuffle seed, in [0, 2**32).")
     add_eos: bool = doc(True, "Append the tokenizer's EOS token to each plain-text document.")

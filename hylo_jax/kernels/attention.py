@@ -81,12 +81,11 @@ def attention(
     if kind == "splash":
         out = _splash(q, k, v, segment_ids, scale, interpret)
     elif kind == "cudnn" and segment_ids is not None and max_segments:
-        lengths, offsets = segment_layout(segment_ids, max_segments)
+        lengths, offsets, runs = segment_layout(segment_ids, max_segments)
         out = cudnn_attention.dot_product_attention(
             q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
             mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-        overflow = jnp.sum(segment_ids[:, 1:] != segment_ids[:, :-1], axis=1) >= max_segments
-        out = jnp.where(overflow[:, None, None, None], jnp.nan, out)
+        out = jnp.where((runs > max_segments)[:, None, None, None], jnp.nan, out)
     else:
         mask = None
         if segment_ids is not None:
@@ -97,16 +96,18 @@ def attention(
 
 
 def segment_layout(segment_ids: Int[Array, "b t"], max_segments: int
-                   ) -> tuple[Int[Array, "b m"], Int[Array, "b m1"]]:
+                   ) -> tuple[Int[Array, "b m"], Int[Array, "b m1"], Int[Array, "b"]]:
     """cuDNN's packed layout of each row's runs of equal segment ids, in order: (lengths [b, M],
-    offsets [b, M + 1]), entries past a row's last run -1. Rows must have at most M runs (the trainer
-    checks its batches; a longer row would lose its tail: `attention` turns it into NaN)."""
+    offsets [b, M + 1]), entries past a row's last run -1, and each row's number of runs. Rows must have
+    at most M runs (the trainer checks its batches; a longer row would lose its tail: `attention` turns
+    it into NaN)."""
     b, t = segment_ids.shape
     starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     first = jax.vmap(lambda row: jnp.nonzero(row, size=max_segments + 1, fill_value=t)[0])(starts)
-    used = jnp.arange(max_segments + 1) < jnp.sum(starts, axis=1, keepdims=True)
+    runs = jnp.sum(starts, axis=1)
+    used = jnp.arange(max_segments + 1) < runs[:, None]
     lengths = jnp.where(used[:, :-1], first[:, 1:] - first[:, :-1], -1)
-    return lengths.astype(jnp.int32), jnp.where(used, first, -1).astype(jnp.int32)
+    return lengths.astype(jnp.int32), jnp.where(used, first, -1).astype(jnp.int32), runs
 
 
 def count_segments(segment_ids) -> int:

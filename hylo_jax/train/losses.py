@@ -28,13 +28,22 @@ def _token_kl(teacher_logits, student_logits, temperature: float):
     """KL(p_t || p_s) per token (fp32), summed over the vocabulary."""
     log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
     log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return _kl_of(log_p, log_q)
+
+
+def _kl_of(log_p, log_q):
+    """sum_v p (log p - log q) from log-probabilities."""
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 def token_nll(student_logits: Float[Array, "b t v"], targets: Int[Array, "b t"]) -> Float[Array, "b t"]:
     """-log p(target) per token (fp32)."""
-    logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return _nll_of(jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1), targets)
+
+
+def _nll_of(log_q, targets):
+    """-log q(target) from log-probabilities."""
+    return -jnp.take_along_axis(log_q, targets[..., None], axis=-1)[..., 0]
 
 
 def chunked_kd(h_teacher: Float[Array, "b t dt"], head_teacher: Float[Array, "dt v"],
@@ -77,10 +86,8 @@ def _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, ch
         logits = jnp.dot(hs, w_student, preferred_element_type=jnp.float32)
         log_q = jax.nn.log_softmax(logits / temperature)
         log_q1 = log_q if temperature == 1.0 else jax.nn.log_softmax(logits)
-        p = jnp.exp(log_p)
-        kl = jnp.sum(p * (log_p - log_q), axis=-1)
-        ce = -jnp.take_along_axis(log_q1, tgt[..., None], axis=-1)[..., 0]
-        d_logits = (jnp.exp(log_q) - p) / temperature
+        kl, ce = _kl_of(log_p, log_q), _nll_of(log_q1, tgt)
+        d_logits = (jnp.exp(log_q) - jnp.exp(log_p)) / temperature
         if ce_weight:
             onehot = jnp.arange(logits.shape[-1]) == tgt[..., None]
             d_logits = d_logits + ce_weight * (jnp.exp(log_q1) - onehot)
@@ -105,16 +112,14 @@ def _chunked_kd(h_teacher, head_teacher, h_student, head_student, targets, mask,
 
 def _chunked_kd_fwd(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature,
                     ce_weight):
-    losses, grads = _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature,
-                             ce_weight)
-    return losses, (grads, h_teacher, head_teacher, mask)
+    return _kd_pass(h_teacher, head_teacher, h_student, head_student, targets, mask, chunk, temperature, ce_weight)
 
 
-def _chunked_kd_bwd(chunk, temperature, ce_weight, residuals, cotangents):
-    (d_hs, d_head), h_teacher, head_teacher, mask = residuals
+def _chunked_kd_bwd(chunk, temperature, ce_weight, grads, cotangents):
+    """Only the student side has a gradient (None: zero for the teacher's states and head, targets, mask)."""
+    d_hs, d_head = grads
     g = cotangents[0]  # kl and ce leave `chunked_kd` through stop_gradient: their cotangents are zero
-    return (jnp.zeros_like(h_teacher), jnp.zeros_like(head_teacher), (g * d_hs).astype(d_hs.dtype),
-            g * d_head, None, jnp.zeros_like(mask))
+    return None, None, (g * d_hs).astype(d_hs.dtype), g * d_head, None, None
 
 
 _chunked_kd.defvjp(_chunked_kd_fwd, _chunked_kd_bwd)

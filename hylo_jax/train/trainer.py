@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from hylo_jax.checkpoint import load_model, load_teacher, save_model
-from hylo_jax.config import MeshConfig, doc, save_yaml
+from hylo_jax.config import MeshConfig, doc, save_yaml, segment_bound
 from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
@@ -214,7 +214,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
     teacher, tokenizer = load_teacher(cfg.teacher, mesh, dtype=cfg.teacher_dtype, param_dtype=cfg.teacher_dtype)
     if tokenizer is None:
         raise ConfigError(f"teacher {cfg.teacher} has no tokenizer; training needs one")
-    max_segments = cfg.data.max_docs_per_row + 1 if cfg.data.max_docs_per_row else 0  # + trailing padding
+    max_segments = segment_bound(cfg.data.max_docs_per_row)
     teacher = with_max_segments(teacher, max_segments)
     student_cfg = dataclasses.replace(teacher.cfg, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     cfg = dataclasses.replace(cfg, hybrid=with_energy_ranks(teacher, cfg.hybrid))
