@@ -93,11 +93,15 @@ def gdn_target(args):
     data, dtypes, _, _ = mixers.gdn_case(rng, b, t, **d)
     q, k, v, g, beta = (jnp.asarray(data[n], dtypes[n]) for n in ("q", "k", "v", "g", "beta"))
 
+    def forward(q, k, v, g, beta):
+        return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl=args.impl)
+
     def loss(q, k, v, g, beta):
-        o, s = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl=args.impl)
+        o, s = forward(q, k, v, g, beta)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))), (q, k, v, g, beta)
+    fn = forward if args.fwd else jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+    return jax.jit(fn), (q, k, v, g, beta)
 
 
 def distill_target(args):
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("target", choices=["gdn", "distill"])
     parser.add_argument("--shape", default="1x16384", help="gdn: B x T")
     parser.add_argument("--impl", default="auto", help="gdn: impl")
+    parser.add_argument("--fwd", action="store_true", help="gdn: forward only (default fwd+bwd)")
     parser.add_argument("--seq", type=int, default=8192, help="distill: tokens")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)

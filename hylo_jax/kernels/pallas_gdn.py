@@ -62,23 +62,35 @@ def _decay_col(decay, c: int):
 
 
 def _run(step, ins: tuple[Arg, ...], outs: tuple[Arg, ...], carry: tuple[str, str], args: dict, shapes: dict,
-         n: int, c: int, vb: int, reverse: bool, backend: str, interpret):
+         n: int, c: int, vb: int, reverse: bool, backend: str, interpret, gpu_kw: dict):
     dv = args[carry[0]].shape[-1]
     plan = Plan(step, ins, outs, carry[0], carry[1], n, c, vb, dv // vb, reverse=reverse)
-    return pc.run(plan, args, shapes, backend, interpret)
+    if backend == "gpu":
+        w = args["w"]
+        gpu_kw = {**gpu_launch(c, w.shape[-1], vb, w.dtype), **gpu_kw}
+    return pc.run(plan, args, shapes, backend, interpret, **(gpu_kw if backend == "gpu" else {}))
 
 
 GPU_MIN_VB = 16  # Triton's smallest dot operand
+GPU_NUM_WARPS, GPU_MAX_STAGES = 4, 3
+GPU_PIPELINE_BYTES = 200 * 1024  # shared memory for the prefetched chunks (Hopper: 227 KiB per block)
+
+
+def gpu_launch(c: int, dk: int, vb: int, dtype: Any) -> dict:
+    """Triton launch settings: num_stages > 1 software-pipelines the loop (the next chunks' w_c, k_c and
+    value-blocked rows load while this chunk computes), as many stages as fit in shared memory."""
+    per_stage = 2 * c * dk * jnp.dtype(dtype).itemsize + 2 * c * vb * 4 + dk * vb * jnp.dtype(dtype).itemsize
+    return dict(num_warps=GPU_NUM_WARPS, num_stages=max(1, min(GPU_MAX_STAGES, GPU_PIPELINE_BYTES // per_stage)))
 
 
 def default_vb(backend: str, dv: int, rows: int | None = None) -> int:
-    """Value block: 128 lanes on TPU; on GPU 64 columns (a 256 x 64 fp32 state block in registers), halved
-    (down to 16) while the rows x value blocks of programs would leave SMs idle: each program is a
-    sequential chain of small matmuls, so at batch 1 the number of programs sets the speed."""
-    want = 128 if backend == "tpu" else 64
+    """Value block: 128 lanes on TPU; on GPU 32 columns, halved (down to 16) while fewer than half the SMs
+    would get a program. Every program re-reads the whole w_c, k_c of its head per chunk, so narrower blocks
+    multiply the bytes; swept on an H200 (`benchmarks/gdn_recurrence.py`), 32 beat 16 even at 96 programs."""
+    want = 128 if backend == "tpu" else 32
     vb = want if dv % want == 0 and dv > want else dv
     if backend == "gpu" and rows:
-        while vb > GPU_MIN_VB and pc.is_pow2(vb) and rows * (dv // vb) < _gpu_cores():
+        while vb > GPU_MIN_VB and pc.is_pow2(vb) and 2 * rows * (dv // vb) < _gpu_cores():
             vb //= 2
     return vb
 
@@ -92,7 +104,7 @@ def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:
     """Why the Pallas kernels cannot take this shape on ``backend`` (None if they can)."""
     if backend == "gpu":
         vb = default_vb(backend, dv)
-        for name, d in (("d_k", dk), ("value block (d_v or 64)", vb), ("chunk_size", chunk)):
+        for name, d in (("d_k", dk), ("value block (d_v or 32)", vb), ("chunk_size", chunk)):
             if not pc.is_pow2(d) or d < 16:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if dk > 256:
@@ -104,9 +116,10 @@ def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:
     return None
 
 
-def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
+def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None, **gpu_kw):
     """(forward, backward) of `gated_delta.chunk_state_recurrence` on the Pallas kernels of ``backend``
     ("gpu": Triton, "tpu": Mosaic TPU), matmul operands in ``dtype``; `gated_delta.make_recurrence` joins them.
+    ``gpu_kw`` (num_warps, num_stages) go to the Triton driver.
 
     forward(u, w, k, decay, state) -> (states, deltas, final state);
     backward(w, k, decay, states_bar, deltas_bar, final_bar) -> (G_0, G_{c+1} per chunk, D per chunk)."""
@@ -122,7 +135,7 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
                              Arg("s0", "state", vblocked=True)),
                  (Arg("states", "cstate", vblocked=True), Arg("deltas", "seq", vblocked=True),
                   Arg("sT", "state", vblocked=True)), ("s0", "sT"), args, shapes, n, c,
-                 vb or default_vb(backend, dv, x), False, backend, interpret)
+                 vb or default_vb(backend, dv, x), False, backend, interpret, gpu_kw)
         return _unrows(r["states"], (b, h, n, dk, dv)), _unrows(r["deltas"], u.shape), r["sT"].reshape(state.shape)
 
     def backward(w, k, decay, states_bar, deltas_bar, final_bar):
@@ -137,7 +150,7 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None):
                              Arg("gT", "state", vblocked=True)),
                  (Arg("g_next", "cstate", vblocked=True), Arg("d_deltas", "seq", vblocked=True),
                   Arg("g0", "state", vblocked=True)), ("gT", "g0"), args, shapes, n, c,
-                 vb or default_vb(backend, dv, x), True, backend, interpret)
+                 vb or default_vb(backend, dv, x), True, backend, interpret, gpu_kw)
         return (r["g0"].reshape(final_bar.shape), _unrows(r["g_next"], states_bar.shape),
                 _unrows(r["d_deltas"], deltas_bar.shape))
 
