@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from . import pallas_common, pallas_gdn, pallas_gdn_local
+from . import pallas_common, pallas_gdn
 
 _L2NORM_EPS = 1e-6
 
@@ -271,38 +271,6 @@ def _per_device(recurrence: Callable) -> Callable:
     return call
 
 
-def _chunk_local(
-    q: Float[Array, "b h n c dk"],
-    k: Float[Array, "b h n c dk"],
-    v: Float[Array, "b h n c dv"],
-    beta: Float[Array, "b h n c"],
-    cum: Float[Array, "b h n c"],
-    seg: Float[Array, "b 1 n c"],
-    dtype: Any = jnp.float32,
-) -> tuple[Array, Array, Array, Array, Array]:
-    """The chunk-local, state-free part of `_chunked` in XLA: (u, w, attn, q_in, k_out) from the chunked
-    inputs, `cum` the chunk-local cumulative log-decay G and `seg` each position's segment index in its chunk
-    (see `_chunked`; `pallas_gdn_local.chunk_local` is the same map as Pallas kernels)."""
-    chunk_size = q.shape[-2]
-    carry_in = seg == 0  # position is still in the segment that the carried state belongs to
-    carry_out = seg == seg[..., -1:]  # position is in the segment that the chunk's final state belongs to
-    same = seg[..., :, None] == seg[..., None, :]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
-    strict = causal & ~jnp.eye(chunk_size, dtype=bool)
-    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
-    decay_in = pallas_common.masked_exp(cum, carry_in)  # e^{G_i}
-    decay_out = pallas_common.masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
-
-    kk = matmul("bhnik,bhnjk->bhnij", k, k, dtype)
-    # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
-    minus_a = beta[..., :, None] * kk * pallas_common.masked_exp(diff, strict & same)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
-    uw = unit_lower_solve(minus_a, rhs, dtype)
-    u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
-    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * pallas_common.masked_exp(diff, causal & same)
-    return u, w, attn, decay_in[..., None] * q, decay_out[..., None] * k
-
-
 def _chunked(
     q: Float[Array, "b t h dk"],
     k: Float[Array, "b t h dk"],
@@ -314,7 +282,6 @@ def _chunked(
     chunk_size: int,
     recurrence: Callable = chunk_state_recurrence,
     dtype: Any = jnp.float32,
-    local: Callable = _chunk_local,
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Chunkwise WY / UT-transform form of the recurrence. Its matmuls take operands in `dtype` (fp32
     accumulation; bf16 for bf16 layers on the Pallas path), decays, gates and the inverse stay fp32.
@@ -325,9 +292,8 @@ def _chunked(
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    `local` computes everything that needs no state (u, w, the masked q k^T, e^G q, e^{G_C - G} k: XLA in
-    `_chunk_local`, or the Pallas kernels of `pallas_gdn_local`); `recurrence` (see `make_recurrence`) runs
-    only delta and S_C over the chunks; then o is two batched matmuls over all chunks at once.
+    Only delta and S_C need the carried state: `recurrence` (see `make_recurrence`) runs just those over the
+    chunks, then o is two batched matmuls over all chunks at once.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -344,10 +310,32 @@ def _chunked(
 
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
-    seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None].astype(jnp.float32)
+    seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
+    carry_in = seg == 0  # position is still in the segment that the carried state belongs to
+    carry_out = seg == seg[..., -1:]  # position is in the segment that the chunk's final state belongs to
+    same = seg[..., :, None] == seg[..., None, :]
+    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
+    strict = causal & ~jnp.eye(chunk_size, dtype=bool)
+
+    def masked_exp(x: Array, mask: Array) -> Array:
+        """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
+        return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    decay_chunk = pallas_common.masked_exp(cum[..., -1], seg[..., -1] == 0)  # e^{G_C}, 0 after a reset in the chunk
-    u, w, attn, q_in, k_out = local(q, k, v, beta, cum, seg)
+    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
+    decay_in = masked_exp(cum, carry_in)  # e^{G_i}
+    decay_out = masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
+    decay_chunk = decay_in[..., -1]  # e^{G_C}
+
+    kk = matmul("bhnik,bhnjk->bhnij", k, k, dtype)
+    # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
+    minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
+    uw = unit_lower_solve(minus_a, rhs, dtype)
+    u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
+    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * masked_exp(diff, causal & same)
+    q_in = decay_in[..., None] * q
+    k_out = decay_out[..., None] * k
     states, deltas, state = recurrence(u, w, k_out, decay_chunk, state)
     o = (matmul("bhnik,bhnkv->bhniv", q_in, states, dtype)
          + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype))
@@ -419,8 +407,7 @@ def gated_delta_rule(
         # and the matmuls read them without a widening and a narrowing in between.
         dtype = jnp.dtype(in_dtype)
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
-                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype,
-                            local=pallas_gdn_local.chunk_local(backend, interpret, dtype))
+                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype)
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state

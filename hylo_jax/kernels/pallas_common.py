@@ -45,18 +45,14 @@ warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated
 
 
 # ----------------------------------------------------------------------------- maths helpers (in-kernel)
-def mm(a, b, ta: bool = False, tb: bool = False, f32_precision: Any = lax.Precision.HIGHEST):
-    """a @ b (with a or b transposed) in fp32 accumulation; fp32 operands get `f32_precision` (default the
-    exact IEEE product; `TF32_X3` gives ~fp32 accuracy on GPU tensor cores)."""
+def mm(a, b, ta: bool = False, tb: bool = False):
+    """a @ b (with a or b transposed) in fp32 accumulation; fp32 operands get the exact (IEEE) product."""
     if a.dtype != b.dtype:  # operands share one dtype (Triton's dot needs it): the narrower one
         low = b.dtype if a.dtype == F32 else a.dtype
         a, b = a.astype(low), b.astype(low)
     dims = (((0,) if ta else (1,), (1,) if tb else (0,)), ((), ()))
-    prec = f32_precision if a.dtype == F32 and b.dtype == F32 else None
+    prec = lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
-
-
-TF32_X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def masked_exp(x, mask):
@@ -409,50 +405,3 @@ def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tupl
 
 def is_pow2(x: int) -> bool:
     return x > 0 and not x & (x - 1)
-
-
-# ----------------------------------------------------------------------------- chunk-parallel driver
-def block_spec(kind: str, shape: tuple[int, ...], c: int) -> pl.BlockSpec:
-    """BlockSpec over a (rows, chunks) grid for the array kinds above: one chunk of one row per program."""
-    if kind == "seq":  # [X, n*C, D] -> (C, D)
-        return pl.BlockSpec((None, c, shape[-1]), lambda i, j: (i, j, 0))
-    if kind in ("col", "row"):  # [X, n, C, 1] / [X, n, 1, C]
-        return pl.BlockSpec((None, None, *shape[-2:]), lambda i, j: (i, j, 0, 0))
-    raise ValueError(f"no chunk-parallel block for kind {kind!r}")
-
-
-def run_parallel(kernel: Callable, ins: dict[str, tuple[str, jax.Array]],
-                 outs: dict[str, tuple[str, jax.ShapeDtypeStruct]], n: int, c: int, backend: str, interpret,
-                 num_warps: int = 4) -> dict[str, jax.Array]:
-    """`kernel(**in_refs, **out_refs)` on a (rows, n chunks) grid, every chunk independent. ``ins`` / ``outs``
-    map names to (kind, array / shape). Triton on "gpu" (``interpret``: bool), Mosaic TPU on "tpu"
-    (``interpret``: None or `pltpu.InterpretParams`)."""
-    in_names, out_names = list(ins), list(outs)
-    shapes = with_vma({nm: s for nm, (_, s) in outs.items()}, {nm: a for nm, (_, a) in ins.items()})
-    grid = (next(iter(ins.values()))[1].shape[0], n)
-
-    def body(*refs):
-        kernel(**dict(zip(in_names + out_names, refs)))
-
-    kw: dict[str, Any] = {}
-    if backend == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        kw["compiler_params"] = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
-        if interpret is not None:
-            kw["interpret"] = interpret
-    else:
-        from jax.experimental.pallas import triton as pltriton
-
-        kw["interpret"] = bool(interpret)
-        if not interpret:
-            kw["compiler_params"] = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-    result = pl.pallas_call(
-        body,
-        out_shape=[shapes[nm] for nm in out_names],
-        grid=grid,
-        in_specs=[block_spec(kind, a.shape, c) for kind, a in ins.values()],
-        out_specs=[block_spec(kind, s.shape, c) for kind, s in outs.values()],
-        **kw,
-    )(*[a for _, a in ins.values()])
-    return dict(zip(out_names, result))
