@@ -126,6 +126,7 @@ class Config:
     backend: str  # "gpu" (Triton) | "tpu" (Mosaic TPU)
     interpret: Any = None  # None / False on device; True (generic) or pltpu.InterpretParams on CPU
     num_warps: int = 4
+    num_stages: int = 1  # Triton software pipelining of the chunk loop's loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,17 @@ class Plan:
 
 def _row(plan: Plan, arg: Arg, i):
     return plan.group_of(i) if arg.grouped else i
+
+
+GPU_SHARED_BYTES = 227 * 1024  # shared memory per block on Hopper
+
+
+def fit_stages(dot_load_bytes: int, scratch_bytes: int = 0, most: int = 3) -> int:
+    """Triton `num_stages` (<= most) for a chunk loop: stages > 1 software-pipeline it (the next chunks'
+    loads overlap this chunk's matmuls). Each stage buffers the loads that feed matmuls directly
+    (``dot_load_bytes`` per chunk) in shared memory, next to ``scratch_bytes`` of layout conversions; a
+    model that matches what the compiler accepted and refused in `benchmarks/scan_launch.py`."""
+    return max(1, min(most, (GPU_SHARED_BYTES - scratch_bytes) // dot_load_bytes))
 
 
 def run_gpu(plan: Plan, args: dict, out_shapes: dict, *, interpret: bool, num_warps: int = 4,

@@ -72,21 +72,20 @@ def _run(step, ins: tuple[Arg, ...], outs: tuple[Arg, ...], carry: tuple[str, st
 
 
 GPU_MIN_VB = 16  # Triton's smallest dot operand
-GPU_NUM_WARPS, GPU_MAX_STAGES = 4, 3
-GPU_PIPELINE_BYTES = 200 * 1024  # shared memory for the prefetched chunks (Hopper: 227 KiB per block)
 
 
 def gpu_launch(c: int, dk: int, vb: int, dtype: Any) -> dict:
-    """Triton launch settings: num_stages > 1 software-pipelines the loop (the next chunks' w_c, k_c and
-    value-blocked rows load while this chunk computes), as many stages as fit in shared memory."""
-    per_stage = 2 * c * dk * jnp.dtype(dtype).itemsize + 2 * c * vb * 4 + dk * vb * jnp.dtype(dtype).itemsize
-    return dict(num_warps=GPU_NUM_WARPS, num_stages=max(1, min(GPU_MAX_STAGES, GPU_PIPELINE_BYTES // per_stage)))
+    """Triton launch settings: 4 warps and as many pipeline stages as fit (the next chunks' w_c, k_c load
+    while this chunk computes; the state and delta blocks convert to matmul operands through shared memory).
+    Swept on an H200 in `benchmarks/scan_launch.py`: vb 32 ran 3 stages, vb 64 only 2."""
+    isz = jnp.dtype(dtype).itemsize
+    return dict(num_warps=4, num_stages=pc.fit_stages(2 * c * dk * isz, (dk + c) * vb * isz))
 
 
 def default_vb(backend: str, dv: int, rows: int | None = None) -> int:
     """Value block: 128 lanes on TPU; on GPU 32 columns, halved (down to 16) while fewer than half the SMs
     would get a program. Every program re-reads the whole w_c, k_c of its head per chunk, so narrower blocks
-    multiply the bytes; swept on an H200 (`benchmarks/gdn_recurrence.py`), 32 beat 16 even at 96 programs."""
+    multiply the bytes; swept on an H200 (`benchmarks/scan_launch.py`), 32 beat 16 even at 96 programs."""
     want = 128 if backend == "tpu" else 32
     vb = want if dv % want == 0 and dv > want else dv
     if backend == "gpu" and rows:

@@ -71,6 +71,10 @@ def _bwd_step(ins, ds):
     return outs, ds0
 
 
+def _launch(cfg: Config) -> dict:
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg.backend == "gpu" else {}
+
+
 def _group_of(h: int, g: int):
     r = h // g
     return lambda i: (i // h) * g + (i % h) // r
@@ -90,7 +94,7 @@ def _forward(cfg: Config, h: int, x, dt, bm, cm, gcum, seg, h0, save_states: boo
                 sc=pc.as_col(seg), sr=pc.as_row(seg), h0=h0)
     sds = jax.ShapeDtypeStruct
     shapes = dict(y=sds((rows, tp, p), x.dtype), hT=sds((rows, nst, p), F32), s0=sds((rows, n, nst, p), F32))
-    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, num_warps=cfg.num_warps)
+    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, **_launch(cfg))
     return r["y"], r["hT"], r.get("s0")
 
 
@@ -121,7 +125,7 @@ def _core_bwd(cfg, h, res, cts):
     nst = bm.shape[-1]
     shapes = dict(dx=sds((rows, tp, p), F32), ddt=sds((rows, n, c, 1), F32), db=sds((rows, tp, nst), F32),
                   dc=sds((rows, tp, nst), F32), dg=sds((rows, n, c, 1), F32), dh0=sds((rows, nst, p), F32))
-    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, num_warps=cfg.num_warps)
+    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, **_launch(cfg))
     b = rows // h
 
     def to_groups(z):  # per-head [b*h, tp, N] -> per-group [b*g, tp, N]
@@ -142,16 +146,20 @@ def unsupported(backend: str, p: int, n: int, chunk: int) -> str | None:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if p * n > 128 * 128:
             return f"state {n} x {p} too large for registers"
-        return ("its fwd+bwd is slower than 'chunked' on the H100 at B=1 (1x16K: 7.8 vs 4.8 ms; 1x64K: 30.1 vs "
-                "21.1 ms), see benchmarks/RESULTS.md; pass impl='pallas' to use it")
+        return ("its fwd+bwd is slower than 'chunked' at B=1 (H200, 1x16K: 5.9 vs 3.8 ms), see "
+                "benchmarks/RESULTS.md; pass impl='pallas' to use it")
     elif chunk % 8:
         return f"chunk_size={chunk} is not a multiple of 8 (TPU sublane tiling)"
     return None
 
 
-def ssd_pallas(x, dt, A, B, C, reset, h0, chunk_size: int, *, backend: str, interpret=None):
+def ssd_pallas(x, dt, A, B, C, reset, h0, chunk_size: int, *, backend: str, interpret=None, num_warps: int = 4,
+               num_stages: int | None = None):
     """Pallas path of `ssd` without the D term: x, B, C in their compute dtype, dt fp32 (discretised),
-    A fp32 [h], reset bool [b, t], h0 fp32 [b, h, p, n]. Returns (y [b, t, h, p] x.dtype, state fp32)."""
+    A fp32 [h], reset bool [b, t], h0 fp32 [b, h, p, n]. Returns (y [b, t, h, p] x.dtype, state fp32).
+    ``num_warps``, ``num_stages``: Triton launch settings (`benchmarks/scan_launch.py` sweeps them; H200,
+    g32n64: 4 warps and 3 stages took 1 x 16K from 1.78 / 8.53 to 1.13 / 6.19 ms fwd / fwd+bwd); by default
+    as many stages (<= 3) as fit (`pallas_common.fit_stages`)."""
     b, t, h, p = x.shape
     g, nst = B.shape[2:]
     c = chunk_size
@@ -167,7 +175,9 @@ def ssd_pallas(x, dt, A, B, C, reset, h0, chunk_size: int, *, backend: str, inte
 
     dt_r = rows(dt).reshape(b * h, n, c)
     gcum = jnp.cumsum(dt_r * jnp.tile(A, b)[:, None, None], axis=-1)
-    cfg = Config(c, p, backend, interpret)
+    if num_stages is None:  # B and C rows feed the matmuls directly; the state converts through shared memory
+        num_stages = pc.fit_stages(2 * c * nst * B.dtype.itemsize, nst * p * 4)
+    cfg = Config(c, p, backend, interpret, num_warps, num_stages)
     y, ht = _core(cfg, h, rows(x), dt_r, rows(B), rows(C), gcum, seg,
                   jnp.swapaxes(h0, -1, -2).reshape(b * h, nst, p))
     y = jnp.moveaxis(y.reshape(b, h, tp, p), 1, 2)[:, :t]
