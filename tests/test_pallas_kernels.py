@@ -258,3 +258,11 @@ def test_gpu_value_block_halves_until_the_programs_fill_the_gpu(monkeypatch):
     assert pallas_gdn.default_vb("gpu", 512, rows=64) == 32
     assert pallas_gdn.default_vb("gpu", 48, rows=1) == 48  # no power-of-two halving below a non-pow2 width
     assert pallas_gdn.default_vb("tpu", 512, rows=1) == 128
+
+
+def test_gpu_pipeline_stages_fit_in_shared_memory():
+    # What the H200 compiler accepted (benchmarks/scan_launch.py): vb 32 with 3 stages, vb 64 with 2.
+    assert pallas_gdn.gpu_launch(64, 256, 32, jnp.bfloat16)["num_stages"] == 3
+    assert pallas_gdn.gpu_launch(64, 256, 64, jnp.bfloat16)["num_stages"] == 2
+    assert pallas_gdn.gpu_launch(128, 256, 32, jnp.bfloat16)["num_stages"] == 1  # never below one
+    assert pallas_common.fit_stages(1) == 3  # at most three
