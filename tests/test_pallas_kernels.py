@@ -251,10 +251,10 @@ def test_model_configs_accept_new_impls():
     GDNConfig(hidden_size=64, impl="pallas")
 
 
-def test_gpu_value_block_halves_until_the_programs_fill_the_gpu(monkeypatch):
+def test_gpu_value_block_halves_until_half_the_sms_get_programs(monkeypatch):
     monkeypatch.setattr(pallas_gdn, "_gpu_cores", lambda: 132)
     assert pallas_gdn.default_vb("gpu", 512, rows=6) == 32  # batch 1 x 6 heads: 96 programs >= 66
-    assert pallas_gdn.default_vb("gpu", 128, rows=4) == 16  # 4 x 4 programs: halved to 32
+    assert pallas_gdn.default_vb("gpu", 128, rows=4) == 16  # 4 x 4 programs < 66: halved (to 4 x 8)
     assert pallas_gdn.default_vb("gpu", 512, rows=64) == 32
     assert pallas_gdn.default_vb("gpu", 48, rows=1) == 48  # no power-of-two halving below a non-pow2 width
     assert pallas_gdn.default_vb("tpu", 512, rows=1) == 128

@@ -65,10 +65,8 @@ def _run(step, ins: tuple[Arg, ...], outs: tuple[Arg, ...], carry: tuple[str, st
          n: int, c: int, vb: int, reverse: bool, backend: str, interpret, gpu_kw: dict):
     dv = args[carry[0]].shape[-1]
     plan = Plan(step, ins, outs, carry[0], carry[1], n, c, vb, dv // vb, reverse=reverse)
-    if backend == "gpu":
-        w = args["w"]
-        gpu_kw = {**gpu_launch(c, w.shape[-1], vb, w.dtype), **gpu_kw}
-    return pc.run(plan, args, shapes, backend, interpret, **(gpu_kw if backend == "gpu" else {}))
+    w = args["w"]  # `pc.run` passes the launch settings to the Triton driver only
+    return pc.run(plan, args, shapes, backend, interpret, **{**gpu_launch(c, w.shape[-1], vb, w.dtype), **gpu_kw})
 
 
 GPU_MIN_VB = 16  # Triton's smallest dot operand

@@ -71,10 +71,6 @@ def _bwd_step(ins, ds):
     return outs, ds0
 
 
-def _launch(cfg: Config) -> dict:
-    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg.backend == "gpu" else {}
-
-
 def _group_of(h: int, g: int):
     r = h // g
     return lambda i: (i // h) * g + (i % h) // r
@@ -94,7 +90,8 @@ def _forward(cfg: Config, h: int, x, dt, bm, cm, gcum, seg, h0, save_states: boo
                 sc=pc.as_col(seg), sr=pc.as_row(seg), h0=h0)
     sds = jax.ShapeDtypeStruct
     shapes = dict(y=sds((rows, tp, p), x.dtype), hT=sds((rows, nst, p), F32), s0=sds((rows, n, nst, p), F32))
-    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, **_launch(cfg))
+    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, num_warps=cfg.num_warps,
+               num_stages=cfg.num_stages)
     return r["y"], r["hT"], r.get("s0")
 
 
@@ -125,7 +122,8 @@ def _core_bwd(cfg, h, res, cts):
     nst = bm.shape[-1]
     shapes = dict(dx=sds((rows, tp, p), F32), ddt=sds((rows, n, c, 1), F32), db=sds((rows, tp, nst), F32),
                   dc=sds((rows, tp, nst), F32), dg=sds((rows, n, c, 1), F32), dh0=sds((rows, nst, p), F32))
-    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, **_launch(cfg))
+    r = pc.run(plan, args, shapes, cfg.backend, cfg.interpret, num_warps=cfg.num_warps,
+               num_stages=cfg.num_stages)
     b = rows // h
 
     def to_groups(z):  # per-head [b*h, tp, N] -> per-group [b*g, tp, N]
