@@ -64,11 +64,12 @@ def add_remat_argument(parser: argparse.ArgumentParser) -> None:
                         help="student remat policy (model.remat); 'none' keeps every activation")
 
 
-def make_batch(batch: int, seq: int, vocab: int, segments: bool) -> dict[str, jax.Array]:
-    """One document per row; `segments` passes its segment ids (the packed-data path) or None."""
+def make_batch(batch: int, seq: int, vocab: int, segments: bool, docs: int = 1) -> dict[str, jax.Array]:
+    """Rows of `docs` equal documents; `segments` passes their segment ids (the packed-data path) or None."""
     tok = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
+    ids = jnp.broadcast_to(1 + jnp.arange(seq, dtype=jnp.int32) * docs // seq, (batch, seq))
     return {"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
-            "segment_ids": jnp.ones((batch, seq), jnp.int32) if segments else None,
+            "segment_ids": ids if segments else None,
             "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
             "loss_mask": jnp.ones((batch, seq), jnp.int32)}
 
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
     parser.add_argument("--no-segments", action="store_true", help="batches without segment ids (no packing mask)")
+    parser.add_argument("--docs", type=int, default=1, help="documents packed in each row (default 1)")
     add_remat_argument(parser)
     args = parser.parse_args()
     t_spec, s_spec = specs(args.tiny, args.remat)
@@ -122,7 +124,7 @@ def main() -> None:
     peak = peak_flops()
     rows = []
     for seq in seqs:
-        batch = make_batch(1, seq, t_spec.model.vocab_size, not args.no_segments)
+        batch = make_batch(1, seq, t_spec.model.vocab_size, not args.no_segments, args.docs)
         flops = seq * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
         for name, chunk in (("dense KL", 0), ("chunked KL", 2048 if not args.tiny else 128)):
             stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
@@ -140,7 +142,8 @@ def main() -> None:
                              "-", "-", "-"])
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
           f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
-          f"teacher {t_spec.model.num_layers} attention layers")
+          f"teacher {t_spec.model.num_layers} attention layers; "
+          + ("no segment ids" if args.no_segments else f"{args.docs} documents per row"))
     print_table(["B x T", "loss", "s/step", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 

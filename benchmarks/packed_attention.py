@@ -3,8 +3,10 @@
 Causal self-attention, bf16, B = 1, rows of T tokens packed with `--docs` documents of random lengths plus
 trailing padding (segment ids), at the HyLo-Llama-1B shapes (MLA expanded: 32 heads, d 64; the Llama
 teacher's GQA: 32 query / 8 kv heads, d 64). Rows: the dense mask (`max_segments=0`), the packed layout
-(`max_segments=docs + 1`) and, for reference, one unmasked document (no segment ids). Prints forward and
-forward+backward ms; first, the packed path's error (output and gradients) against XLA in fp32.
+(`max_segments=docs + 1` and the training default 33), one document through the packed path (bound 33:
+`by_segment_count` takes plain causal attention) and, for reference, one document without segment ids.
+Prints forward and forward+backward ms; first, the packed path's error (output and gradients) against XLA
+in fp32 for rows of 1, 4 and 20 documents at bound 33 (each of the layouts `by_segment_count` picks).
     python benchmarks/packed_attention.py [--tokens 8192,32768] [--docs 8]
 """
 
@@ -20,8 +22,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import print_table, time_jax  # noqa: E402
 
-from hylo_jax.kernels.attention import attention, count_segments  # noqa: E402
+from hylo_jax.config import MAX_DOCS_PER_ROW, segment_bound  # noqa: E402
+from hylo_jax.kernels.attention import attention  # noqa: E402
 
+BOUND = segment_bound(MAX_DOCS_PER_ROW)  # model.max_segments of training runs
 SHAPES = {"MLA (expanded)": (32, 32, 64), "GQA teacher": (32, 8, 64)}  # heads, kv heads, d
 
 
@@ -43,7 +47,7 @@ def _inputs(b, t, heads, kv_heads, d, dtype=jnp.bfloat16):
 
 
 def check(docs: int) -> dict[str, float]:
-    """Max |packed cuDNN (bf16) - XLA (fp32)| / max |XLA| of the output and of dq, dk, dv."""
+    """Max |packed cuDNN (bf16, bound 33) - XLA (fp32)| / max |XLA| of the output and of dq, dk, dv."""
     ids = packed_ids(2, 2048, docs)
     q, k, v = _inputs(2, 2048, *SHAPES["GQA teacher"])
     ct = jax.random.normal(jax.random.key(1), q.shape, jnp.float32)
@@ -54,7 +58,7 @@ def check(docs: int) -> dict[str, float]:
         out = attention(*qkv, segment_ids=ids, impl=impl, max_segments=max_segments)
         return (out, *jax.grad(f, argnums=(0, 1, 2))(*qkv))
 
-    got = jax.jit(lambda *a: run("cudnn", count_segments(ids), *a))(q, k, v)
+    got = jax.jit(lambda *a: run("cudnn", BOUND, *a))(q, k, v)
     want = jax.jit(lambda *a: run("xla", 0, *a))(*(x.astype(jnp.float32) for x in (q, k, v)))
     rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
     return {name: rel(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
@@ -66,17 +70,20 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=8)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
-    errs = check(args.docs)
-    print("check (packed cuDNN bf16 vs XLA fp32, max |err| / max |ref|): "
-          + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()), flush=True)
+    for docs in (1, 4, 20):
+        print(f"check {docs} documents (packed cuDNN bf16 vs XLA fp32, max |err| / max |ref|): "
+              + ", ".join(f"{n} {e:.1e}" for n, e in check(docs).items()), flush=True)
     rows = []
     for t in (int(x) for x in args.tokens.split(",")):
         ids = packed_ids(1, t, args.docs)
         for shape, dims in SHAPES.items():
             q, k, v = _inputs(1, t, *dims)
             ct = jnp.ones(q.shape, jnp.float32)
+            one = jnp.ones_like(ids)
             for name, seg, max_segments in (("dense [T, T] mask", ids, 0), ("packed layout", ids, args.docs + 1),
-                                            ("one document, no mask", None, 0)):
+                                            (f"packed layout, bound {BOUND}", ids, BOUND),
+                                            (f"one document, bound {BOUND}", one, BOUND),
+                                            ("one document, no segment ids", None, 0)):
                 f = lambda q, k, v, seg=seg, m=max_segments: attention(  # noqa: E731
                     q, k, v, segment_ids=seg, max_segments=m, impl="cudnn")
                 both = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v).astype(jnp.float32) * ct),

@@ -2,6 +2,10 @@
 and prints one table of device kernels aggregated by name (total ms per call, share, calls), plus totals
 per kind (matmul libraries, Pallas/Triton kernels, XLA fusions, copies/collectives).
 
+With `--sources`, XLA dumps the optimised HLO and a second table attributes each kernel to the Python
+line that made it (the HLO instruction's `source_file:source_line`, marked bwd when the op name shows a
+transpose): the part of the model a fusion or matmul belongs to.
+
 Targets: `gdn` (Gated DeltaNet fwd+bwd at HyLo-1B shapes, B x T from --shape, impl from --impl) and
 `distill` (the Stage II step of benchmarks/distill_step.py at --seq tokens).
     python benchmarks/profile_ops.py gdn --shape 1x16384 --impl pallas
@@ -15,9 +19,17 @@ import argparse
 import collections
 import gzip
 import json
+import os
+import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+HLO_DUMP = Path(tempfile.mkdtemp(prefix="hlo_dump_")) if "--sources" in sys.argv else None
+if HLO_DUMP:  # before jax starts: XLA reads its flags once. No CUDA graphs: the trace would name the graph, not the op
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={HLO_DUMP} --xla_dump_hlo_as_text"
+                               " --xla_dump_hlo_pass_re=^$ --xla_gpu_enable_command_buffer=")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import distill_step  # noqa: E402  (sets the GPU memory fraction before jax starts)
@@ -65,6 +77,94 @@ def profile(fn, args, calls: int) -> list[dict]:
                 out = fn(*args)
             jax.block_until_ready(out)
         return device_events(Path(d))
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\d+)')
+_TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+
+
+def _frame_tables(lines: list[str]) -> tuple[dict, dict, dict]:
+    """The module's FileNames, FileLocations and StackFrames tables (id -> value) from its header."""
+    tables: dict[str, dict[int, object]] = collections.defaultdict(dict)
+    section = None
+    for line in lines:
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+        elif line.startswith(("%", "ENTRY", "HloModule")):
+            section = None
+        elif section and (m := _TABLE_ROW.match(line)):
+            tables[section][int(m.group(1))] = (m.group(2) if m.group(2) is not None
+                                                else {k: int(v) for k, v in _FIELD.findall(m.group(3))})
+    return tables["FileNames"], tables["FileLocations"], tables["StackFrames"]
+
+
+def _project_frame(frame_id: int, files: dict, locations: dict, frames: dict) -> str:
+    """"file:line" of the innermost frame outside installed packages (the innermost frame if none is)."""
+    first, seen = None, set()
+    while frame_id in frames and frame_id not in seen:
+        seen.add(frame_id)
+        location = locations[frames[frame_id]["file_location_id"]]
+        file = files[location["file_name_id"]]
+        where = f"{Path(file).name}:{location['line']}"
+        first = first or where
+        if "site-packages" not in file and "dist-packages" not in file:
+            return where
+        frame_id = frames[frame_id].get("parent_frame_id", 0)
+    return first or "?"
+
+
+def hlo_sources(dump: Path) -> dict[tuple[str, str], str]:
+    """(module, instruction) -> "file:line [bwd]" from the optimised HLO modules XLA dumped under `dump`."""
+    sources = {}
+    for path in dump.glob("*after_optimizations.txt"):
+        lines = path.read_text().splitlines()
+        module = lines[0].split()[1].rstrip(",") if lines and lines[0].startswith("HloModule") else path.name
+        files, locations, frames = _frame_tables(lines)
+        for line in lines:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            meta = {k: v.strip('"') for k, v in _FIELD.findall(m.group(2))}
+            if "stack_frame_id" in meta:
+                where = _project_frame(int(meta["stack_frame_id"]), files, locations, frames)
+            elif "source_file" in meta:
+                where = f"{Path(meta['source_file']).name}:{meta.get('source_line', '?')}"
+            else:
+                continue
+            if "transpose(" in meta.get("op_name", ""):
+                where += " bwd"
+            sources[module, m.group(1)] = where
+    return sources
+
+
+def source_of(event: dict, sources: dict[tuple[str, str], str]) -> str:
+    """The source line of a trace event's HLO op (args hlo_module / hlo_op), else its op name (args tf_op)."""
+    args = event.get("args", {})
+    key = (args.get("hlo_module", ""), args.get("hlo_op", "").lstrip("%"))
+    if key in sources:
+        return sources[key]
+    op = args.get("tf_op", "")
+    if op:  # the op name's last two scopes, e.g. "transpose(jvp(...))/dot_general"
+        return "op " + "/".join(op.split("/")[-2:])[-60:]
+    return "(no source: " + kind_of(event["name"]) + ")"
+
+
+def report_sources(events: list[dict], calls: int, top: int) -> None:
+    sources = hlo_sources(HLO_DUMP)
+    per_source: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    kernels: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for e in events:
+        where = source_of(e, sources)
+        per_source[where][0] += e["dur"] / 1e3 / calls
+        per_source[where][1] += 1 / calls
+        kernels[where][e["name"][:40]] += e["dur"] / 1e3 / calls
+    total = sum(v[0] for v in per_source.values())
+    rows = sorted(per_source.items(), key=lambda kv: -kv[1][0])[:top]
+    print(f"by source line ({len(sources)} HLO instructions with a source)")
+    print_table(["source", "ms per call", "share", "kernels per call", "largest kernels (ms)"],
+                [[where, ms, ms / total, n, ", ".join(f"{k} {v:.2f}" for k, v in kernels[where].most_common(2))]
+                 for where, (ms, n) in rows])
 
 
 def report(events: list[dict], calls: int, top: int) -> None:
@@ -116,7 +216,7 @@ def distill_target(args):
     teacher, student = t_spec.build(nnx.Rngs(0)), s_spec.build(nnx.Rngs(0))
     stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=2048, steps=10)  # the configs' chunked KL
     distiller = Distiller(student, teacher, stage)
-    batch = distill_step.make_batch(1, args.seq, t_spec.model.vocab_size, True)
+    batch = distill_step.make_batch(1, args.seq, t_spec.model.vocab_size, not args.no_segments)
     held = [distiller.init_state()]
 
     def step():
@@ -133,17 +233,24 @@ def main() -> None:
     parser.add_argument("--impl", default="auto", help="gdn: impl")
     parser.add_argument("--fwd", action="store_true", help="gdn: forward only (default fwd+bwd)")
     parser.add_argument("--seq", type=int, default=8192, help="distill: tokens")
+    parser.add_argument("--no-segments", action="store_true", help="distill: rows without segment ids")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sources", action="store_true", help="also attribute kernels to source lines")
     distill_step.add_remat_argument(parser)
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.seq = "1x128", 256
     fn, fn_args = (gdn_target if args.target == "gdn" else distill_target)(args)
-    print(f"device: {jax.devices()[0].device_kind}; target {args.target} "
-          + (f"{args.shape} impl {args.impl}" if args.target == "gdn" else f"{args.seq} tokens, remat {args.remat}"))
-    report(profile(fn, fn_args, args.calls), args.calls, args.top)
+    what = (f"{args.shape} impl {args.impl}" if args.target == "gdn"
+            else f"{args.seq} tokens, remat {args.remat}, segment ids {not args.no_segments}")
+    print(f"device: {jax.devices()[0].device_kind}; target {args.target} {what}")
+    events = profile(fn, fn_args, args.calls)
+    report(events, args.calls, args.top)
+    if args.sources:
+        report_sources(events, args.calls, 2 * args.top)
+        shutil.rmtree(HLO_DUMP, ignore_errors=True)
 
 
 if __name__ == "__main__":
