@@ -35,7 +35,7 @@ from hylo_jax.models.mla import MLAConfig  # noqa: E402
 from hylo_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from hylo_jax.train.config import StageConfig  # noqa: E402
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E402
-from hylo_jax.train.step import Distiller, TrainState  # noqa: E402
+from hylo_jax.train.step import Distiller, TrainState, without_single_segments  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -64,14 +64,15 @@ def add_remat_argument(parser: argparse.ArgumentParser) -> None:
                         help="student remat policy (model.remat); 'none' keeps every activation")
 
 
-def make_batch(batch: int, seq: int, vocab: int, segments: bool, docs: int = 1) -> dict[str, jax.Array]:
-    """Rows of `docs` equal documents; `segments` passes their segment ids (the packed-data path) or None."""
+def make_batch(batch: int, seq: int, vocab: int, docs: int = 1) -> dict[str, jax.Array]:
+    """Rows of `docs` equal documents with their segment ids, as the trainer sends them (none for one document
+    per row: `without_single_segments`)."""
     tok = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
-    ids = jnp.broadcast_to(1 + jnp.arange(seq, dtype=jnp.int32) * docs // seq, (batch, seq))
-    return {"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:]),
-            "segment_ids": ids if segments else None,
-            "positions": jnp.broadcast_to(jnp.arange(seq), (batch, seq)),
-            "loss_mask": jnp.ones((batch, seq), jnp.int32)}
+    ids = np.broadcast_to(1 + np.arange(seq, dtype=np.int32) * docs // seq, (batch, seq))
+    positions = np.broadcast_to(np.arange(seq) - np.searchsorted(ids[0], ids[0]), (batch, seq))
+    host = {"tokens": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": ids, "positions": positions,
+            "loss_mask": np.ones((batch, seq), np.int32)}
+    return {k: None if v is None else jnp.asarray(v) for k, v in without_single_segments(host).items()}
 
 
 def compiled_peak_gib(compiled) -> float:
@@ -112,7 +113,6 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
-    parser.add_argument("--no-segments", action="store_true", help="batches without segment ids (no packing mask)")
     parser.add_argument("--docs", type=int, default=1, help="documents packed in each row (default 1)")
     add_remat_argument(parser)
     args = parser.parse_args()
@@ -124,7 +124,7 @@ def main() -> None:
     peak = peak_flops()
     rows = []
     for seq in seqs:
-        batch = make_batch(1, seq, t_spec.model.vocab_size, not args.no_segments, args.docs)
+        batch = make_batch(1, seq, t_spec.model.vocab_size, args.docs)
         flops = seq * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
         for name, chunk in (("dense KL", 0), ("chunked KL", 2048 if not args.tiny else 128)):
             stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
           f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
           f"teacher {t_spec.model.num_layers} attention layers; "
-          + ("no segment ids" if args.no_segments else f"{args.docs} documents per row"))
+          + f"{args.docs} documents per row")
     print_table(["B x T", "loss", "s/step", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 

@@ -3,10 +3,10 @@
 Causal self-attention, bf16, B = 1, rows of T tokens packed with `--docs` documents of random lengths plus
 trailing padding (segment ids), at the HyLo-Llama-1B shapes (MLA expanded: 32 heads, d 64; the Llama
 teacher's GQA: 32 query / 8 kv heads, d 64). Rows: the dense mask (`max_segments=0`), the packed layout
-(`max_segments=docs + 1` and the training default 33), one document through the packed path (bound 33:
-`by_segment_count` takes plain causal attention) and, for reference, one document without segment ids.
-Prints forward and forward+backward ms; first, the packed path's error (output and gradients) against XLA
-in fp32 for rows of 1, 4 and 20 documents at bound 33 (each of the layouts `by_segment_count` picks).
+(`max_segments=docs + 1` and the training default 33), one document in the packed layout (bound 33) and
+one document without segment ids (what the trainer sends when every row is one document). Prints forward
+and forward+backward ms; first, the packed path's error (output and gradients) against XLA in fp32 for
+rows of 1, 4 and 20 documents at bound 33.
     python benchmarks/packed_attention.py [--tokens 8192,32768] [--docs 8]
 """
 

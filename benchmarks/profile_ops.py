@@ -216,7 +216,7 @@ def distill_target(args):
     teacher, student = t_spec.build(nnx.Rngs(0)), s_spec.build(nnx.Rngs(0))
     stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=2048, steps=10)  # the configs' chunked KL
     distiller = Distiller(student, teacher, stage)
-    batch = distill_step.make_batch(1, args.seq, t_spec.model.vocab_size, not args.no_segments)
+    batch = distill_step.make_batch(1, args.seq, t_spec.model.vocab_size, args.docs)
     held = [distiller.init_state()]
 
     def step():
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--impl", default="auto", help="gdn: impl")
     parser.add_argument("--fwd", action="store_true", help="gdn: forward only (default fwd+bwd)")
     parser.add_argument("--seq", type=int, default=8192, help="distill: tokens")
-    parser.add_argument("--no-segments", action="store_true", help="distill: rows without segment ids")
+    parser.add_argument("--docs", type=int, default=1, help="distill: documents per row")
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tiny", action="store_true")
@@ -244,7 +244,7 @@ def main() -> None:
         args.shape, args.seq = "1x128", 256
     fn, fn_args = (gdn_target if args.target == "gdn" else distill_target)(args)
     what = (f"{args.shape} impl {args.impl}" if args.target == "gdn"
-            else f"{args.seq} tokens, remat {args.remat}, segment ids {not args.no_segments}")
+            else f"{args.seq} tokens, remat {args.remat}, {args.docs} documents per row")
     print(f"device: {jax.devices()[0].device_kind}; target {args.target} {what}")
     events = profile(fn, fn_args, args.calls)
     report(events, args.calls, args.top)

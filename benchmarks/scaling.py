@@ -85,7 +85,7 @@ def run_one(run: Run, t_spec, s_spec, *, memory_only: bool, kl_chunk: int, iters
     models = [build(spec) for spec in (t_spec, s_spec)]
     teacher, student = models
     stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=kl_chunk, steps=10)
-    batch = make_batch(run.batch, run.seq, t_spec.model.vocab_size, segments=True)
+    batch = make_batch(run.batch, run.seq, t_spec.model.vocab_size)
     rows = jax.NamedSharding(mesh, jax.P(("data", "fsdp"), "sequence"))
     batch = {k: v if v is None else jax.device_put(v, rows) for k, v in batch.items()}
     with jax.set_mesh(mesh), context.settings(mode, load_balance, cp_attention):

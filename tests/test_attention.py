@@ -7,14 +7,7 @@ import pytest
 from conftest import rel_err
 
 from hylo_jax.kernels import attention as attention_module
-from hylo_jax.kernels.attention import (
-    attention,
-    by_segment_count,
-    cached_attention,
-    count_segments,
-    packed_bounds,
-    segment_layout,
-)
+from hylo_jax.kernels.attention import attention, cached_attention, count_segments, segment_layout
 
 
 def qkv(b=2, t=37, h=4, hk=2, d=16, dv=16, seed=0):
@@ -133,32 +126,3 @@ def test_segment_layout_of_packed_rows():
     np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1, -1], [0, -1, -1, -1, -1, -1], [0, 1, 2, 3, 6, -1]])
     np.testing.assert_array_equal(runs, [3, 1, 5])
     assert count_segments(np.asarray(ids)) == 5
-
-
-@pytest.mark.parametrize("max_segments, bounds", [(1, (1,)), (8, (1, 8)), (33, (1, 8, 33)), (100, (1, 8, 64, 100))])
-def test_packed_bounds(max_segments, bounds):
-    assert packed_bounds(max_segments) == bounds
-
-
-@pytest.mark.parametrize("docs, bound", [(1, 1), (2, 8), (8, 8), (9, 33), (40, 33)])
-def test_packed_attention_takes_the_smallest_layout_that_holds_every_row(docs, bound):
-    """The layout `by_segment_count` runs is the smallest bound >= the most runs of any row (the last one
-    when no bound holds them: it turns such rows into NaN), and only bound 1 drops the segment ids."""
-    t = 64
-    ids = np.stack([np.ones(t, np.int32), np.minimum(np.arange(t), docs - 1)])  # 1 and `docs` runs
-    q = jnp.ones((2, t, 2, 4))
-
-    def attend(segment_ids, b):
-        assert (segment_ids is None) == (b == 1 < 33)
-        return lambda q, k, v: jnp.full(q.shape, float(b))
-
-    out = by_segment_count(jnp.asarray(ids), 33, attend)(q, q, q)
-    assert float(out[0, 0, 0, 0]) == bound
-
-
-def test_packed_attention_of_one_bound_keeps_segments():
-    """With max_segments 1 the only layout keeps the segment ids: rows of more runs must not become plain
-    causal attention."""
-    seen = []
-    by_segment_count(jnp.ones((1, 8), jnp.int32), 1, lambda ids, b: seen.append(ids) or (lambda q, k, v: q))
-    assert seen[0] is not None

@@ -18,7 +18,7 @@ from hylo_jax.models.mla import MLAConfig
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss
-from hylo_jax.train.step import Distiller, distill_loss, split_student
+from hylo_jax.train.step import Distiller, distill_loss, split_student, without_single_segments
 
 TEACHER = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=8)
@@ -162,6 +162,29 @@ def test_batches_beyond_max_segments_are_refused():
     assert _checked(batch, 4) is batch and _checked(batch, 0) is batch
     with pytest.raises(ConfigError, match="holds 4 segments.*max_segments=3"):
         _checked(batch, 3)
+
+
+def test_one_document_rows_drop_their_segment_ids():
+    """Segment ids go only when every row is one run of a document id (> 0): padding and packed rows keep them."""
+    one = {"tokens": np.zeros((2, 4)), "segment_ids": np.array([[3, 3, 3, 3], [1, 1, 1, 1]])}
+    assert without_single_segments(one)["segment_ids"] is None and one["segment_ids"] is not None
+    for ids in ([[1, 1, 1, 1], [1, 1, 2, 2]], [[1, 1, 1, 1], [0, 0, 0, 0]]):
+        batch = {"segment_ids": np.array(ids)}
+        assert without_single_segments(batch) is batch
+    assert without_single_segments({"segment_ids": None})["segment_ids"] is None
+
+
+@pytest.mark.parametrize("loss", ["ild", "kd"])
+def test_step_without_segment_ids_equals_one_segment(pair, loss):
+    """A batch of one-document rows gives the same loss with its segment ids as without them."""
+    teacher, student = pair
+    stage = dataclasses.replace(StageConfig(), loss=loss)
+    batch = make_batch()
+    batch = {**batch, "segment_ids": jnp.ones_like(batch["segment_ids"]),
+             "positions": jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1]), batch["tokens"].shape)}
+    with_ids, _ = distill_loss(student, teacher, batch, stage)
+    without, _ = distill_loss(student, teacher, without_single_segments(batch), stage)
+    assert rel_err(without, with_ids) <= 1e-6
 
 
 def test_trainable_regex_must_match(pair):

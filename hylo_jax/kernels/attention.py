@@ -81,7 +81,11 @@ def attention(
     if kind == "splash":
         out = _splash(q, k, v, segment_ids, scale, interpret)
     elif kind == "cudnn" and segment_ids is not None and max_segments:
-        out = by_segment_count(segment_ids, max_segments, functools.partial(_cudnn_packed, scale=scale))(q, k, v)
+        lengths, offsets, runs = segment_layout(segment_ids, max_segments)
+        out = cudnn_attention.dot_product_attention(
+            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
+            mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
+        out = jnp.where((runs > max_segments)[:, None, None, None], jnp.nan, out)
     else:
         mask = None
         if segment_ids is not None:
@@ -89,48 +93,6 @@ def attention(
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=True,
                                            implementation=kind)
     return out[..., :dv]
-
-
-PACKED_BOUND_STEP = 8  # each packed layout `by_segment_count` compiles holds 8x the runs of the one before
-
-
-def packed_bounds(max_segments: int) -> tuple[int, ...]:
-    """The segment bounds of the packed layouts compiled for rows of up to `max_segments` runs, smallest
-    first: 1 (one document), then x8 steps, then `max_segments`."""
-    bounds = [1]
-    while bounds[-1] * PACKED_BOUND_STEP < max_segments:
-        bounds.append(bounds[-1] * PACKED_BOUND_STEP)
-    return tuple(bounds + [max_segments] if max_segments > 1 else bounds)
-
-
-def by_segment_count(segment_ids: Int[Array, "b t"], max_segments: int,
-                     attend: Callable[[Int[Array, "b t"] | None, int], Callable]) -> Callable:
-    """(q, k, v) -> attention through the smallest packed layout (`packed_bounds`) that holds every row's
-    runs, picked on the device per call (`lax.switch`); `attend(segment_ids, bound)` makes the attention of
-    one layout (segment ids None for bound 1). Why: cuDNN's packed backward clears a float32 workspace of
-    bound x T rows per call (8 ms of a 228 ms HyLo-1B distillation step at bound 33 and 8K tokens), so a
-    row of one document should not pay for 33."""
-    bounds = packed_bounds(max_segments)
-    starts = segment_ids[:, 1:] != segment_ids[:, :-1]
-    most_runs = 1 + jnp.max(jnp.sum(starts, axis=1))
-    index = jnp.sum(most_runs > jnp.asarray(bounds[:-1]))
-    # bound 1 is plain causal attention only below a larger bound: with max_segments 1, longer rows must be NaN
-    branches = [attend(None if bound == 1 < max_segments else segment_ids, bound) for bound in bounds]
-    return lambda q, k, v: jax.lax.switch(index, branches, q, k, v)
-
-
-def _cudnn_packed(segment_ids: Int[Array, "b t"] | None, bound: int, *, scale: float) -> Callable:
-    """cuDNN causal attention over rows of at most `bound` runs of segment ids in its packed layout (plain
-    causal without segment ids); a row with more runs comes out NaN."""
-    def attend(q, k, v):
-        if segment_ids is None:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-        lengths, offsets, runs = segment_layout(segment_ids, bound)
-        out = cudnn_attention.dot_product_attention(
-            q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets, scale=scale,
-            mask_type=cudnn_attention.MaskType.PADDING_CAUSAL, qkv_layout="BTNH")
-        return jnp.where((runs > bound)[:, None, None, None], jnp.nan, out)
-    return attend
 
 
 def segment_layout(segment_ids: Int[Array, "b t"], max_segments: int

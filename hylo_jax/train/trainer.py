@@ -36,7 +36,7 @@ from hylo_jax.sharding import check_divides, make_mesh, path_keys, place
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
-from hylo_jax.train.step import Distiller, TrainState
+from hylo_jax.train.step import Distiller, TrainState, without_single_segments
 
 log = logging.getLogger(__name__)
 DTYPE = Literal["float32", "bfloat16"]
@@ -157,8 +157,9 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
-                batch = _checked(next(batches), spec.model.max_segments)
-                batch = {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+                batch = without_single_segments(_checked(next(batches), spec.model.max_segments))
+                batch = {k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
+                         for k, v in batch.items()}
                 state, metrics = distiller.run_step(state, batch)
                 if not bool(metrics["finite"]):
                     bad = _non_finite({k: float(v) for k, v in metrics.items()})
