@@ -2,7 +2,8 @@
 
 One table like `mixers.py` (whose peer loading, inputs, timing and FLOP formulas it imports): forward and
 forward+backward ms, tokens/s, TFLOP/s and its fraction of the bf16 matmul ceiling measured in the same run,
-for ours `impl="pallas"`, ours `impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
+for ours `impl="pallas"`, ours `impl="auto"` (SSD: the Pallas forward, the chunked path under differentiation),
+ours `impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
 
     python benchmarks/kernels.py [--only gdn,ssd] [--shapes 4x4096,1x16384,1x65536] [--skip "jla chunked"]
     python benchmarks/kernels.py --check [--check-shape 2x1000]   # pallas vs chunked, outputs and grads
@@ -38,10 +39,11 @@ def gdn_impls(peers, dk, skip):
 
 
 def ssd_impls(peers, skip):
-    def pallas(x, dt, A, B, C, dt_bias):
-        return ssd(x, dt, A, B, C, dt_bias=dt_bias, chunk_size=mixers.CHUNK, impl="pallas")[0]
+    def ours_ssd(impl):
+        return lambda x, dt, A, B, C, dt_bias: ssd(x, dt, A, B, C, dt_bias=dt_bias, chunk_size=mixers.CHUNK,
+                                                   impl=impl)[0]
 
-    ours = [("ours pallas", "jax", pallas)]
+    ours = [("ours pallas", "jax", ours_ssd("pallas")), ("ours auto", "jax", ours_ssd("auto"))]
     return [i for i in ours + mixers.ssd_impls(peers) if not any(s and s in i[0] for s in skip)]
 
 

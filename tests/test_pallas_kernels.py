@@ -15,7 +15,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from hylo_jax.config import MeshConfig
-from hylo_jax.kernels import pallas_common, pallas_gdn
+from hylo_jax.kernels import pallas_common, pallas_gdn, pallas_ssd
 from hylo_jax.kernels.gated_delta import chunk_state_recurrence, gated_delta_rule, make_recurrence
 from hylo_jax.kernels.ssd import ssd
 from hylo_jax.sharding import make_mesh
@@ -231,6 +231,27 @@ def test_auto_is_chunked_on_cpu_and_falls_back_with_one_log(monkeypatch, caplog)
     msgs = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert len(msgs) == 1 and "chunk_size=4" in msgs[0]
     assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "tpu")
+
+
+def test_ssd_auto_on_gpu_runs_the_kernel_forward_only(monkeypatch):
+    """On GPU, ssd(impl="auto") runs the Pallas forward where nothing differentiates (inference) and, under
+    jax.grad, the chunked path's forward and VJP (the kernel's fwd+bwd is the slower one at B = 1)."""
+    args, seg, rng = ssd_inputs(13, 2, 37, 2, 16, 1, 16)
+    kernel, calls = pallas_ssd.ssd_pallas, []
+
+    def interpreted(*a, chunk_size, backend, interpret):
+        calls.append(backend)
+        return kernel(*a, chunk_size=chunk_size, backend=backend, interpret=True)
+
+    with pallas_common.force_backend("gpu", True):
+        y_pallas, h_pallas = ssd_fn("pallas", seg, 16)(*args.values())
+    monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
+    monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda: (True, ""))
+    monkeypatch.setattr(pallas_ssd, "ssd_pallas", interpreted)
+    y_auto, h_auto = jax.jit(ssd_fn("auto", seg, 16))(*args.values())
+    assert calls == ["gpu"]
+    assert rel_err(y_auto, y_pallas) <= 1e-6 and rel_err(h_auto, h_pallas) <= 1e-6  # jit vs eager rounding
+    compare(ssd_fn("chunked", seg, 16), ssd_fn("auto", seg, 16), list(args.values()), rng, tol=1e-6)
 
 
 def test_unknown_impl_raises():

@@ -144,8 +144,6 @@ def unsupported(backend: str, p: int, n: int, chunk: int) -> str | None:
                 return f"{name}={d} is not a power of two >= 16 (Triton block shapes)"
         if p * n > 128 * 128:
             return f"state {n} x {p} too large for registers"
-        return ("its fwd+bwd is slower than 'chunked' at B=1 (H200, 1x16K: 5.9 vs 3.8 ms), see "
-                "benchmarks/RESULTS.md; pass impl='pallas' to use it")
     elif chunk % 8:
         return f"chunk_size={chunk} is not a multiple of 8 (TPU sublane tiling)"
     return None
