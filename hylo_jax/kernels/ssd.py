@@ -167,28 +167,25 @@ def _ssd_chunked(x, dt, A, B, C, reset, initial_state, chunk_size):
 _IMPLS: dict[str, Callable] = {"reference": _ssd_reference, "chunked": _ssd_chunked}
 
 
-def _chunked_of_operands(x, dt, A, B, C, reset, h0, *, chunk_size: int):
-    """`_ssd_chunked` on the Pallas path's operands (x, B, C in their compute dtype), y in x's dtype."""
-    y, final = _ssd_chunked(x.astype(_F32), dt, A, B.astype(_F32), C.astype(_F32), reset, h0, chunk_size)
-    return y.astype(x.dtype), final
+def _kernel_forward_chunked_vjp(kernel: Callable, chunk_size: int) -> Callable:
+    """The SSD `kernel` (Pallas path: x, B, C in their compute dtype) where nothing differentiates (inference,
+    prefill); under differentiation the chunked path's forward and VJP on the same operands. y comes out
+    fp32 either way. On the GPU the kernel's forward is 1.3-3.8x faster than the chunked one and its
+    forward + backward slower at B = 1 (H200, benchmarks/RESULTS.md). Forward-mode (jvp) is not defined."""
+    def chunked(x, dt, A, B, C, reset, h0):
+        return _ssd_chunked(x.astype(_F32), dt, A, B.astype(_F32), C.astype(_F32), reset, h0, chunk_size)
 
-
-def _forward_by(kernel: Callable, differentiable: Callable) -> Callable:
-    """`kernel` where nothing differentiates (inference, prefill); under differentiation the forward and VJP
-    of `differentiable` (same arguments and outputs). The GPU SSD kernel's forward is 1.3-3.8x faster than
-    the chunked path's, its forward + backward slower at B = 1 (H200, benchmarks/RESULTS.md). The last
-    four arguments' cotangents pass through; reset (bool) has none. Forward-mode (jvp) is not defined."""
     @jax.custom_vjp
     def run(x, dt, A, B, C, reset, h0):
-        return kernel(x, dt, A, B, C, reset, h0)
+        y, final = kernel(x, dt, A, B, C, reset, h0)
+        return y.astype(_F32), final
 
     def forward(x, dt, A, B, C, reset, h0):
-        out, vjp = jax.vjp(lambda x, dt, A, B, C, h0: differentiable(x, dt, A, B, C, reset, h0), x, dt, A, B, C, h0)
-        return out, vjp
+        return jax.vjp(lambda x, dt, A, B, C, h0: chunked(x, dt, A, B, C, reset, h0), x, dt, A, B, C, h0)
 
     def backward(vjp, cotangents):
         dx, ddt, dA, dB, dC, dh0 = vjp(cotangents)
-        return dx, ddt, dA, dB, dC, None, dh0
+        return dx, ddt, dA, dB, dC, None, dh0  # reset (bool) has no cotangent
 
     run.defvjp(forward, backward)
     return run
@@ -218,7 +215,7 @@ def ssd(
     (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, matmul operands in x/B/C's dtype) or
     "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
     on CPU; on GPU the Pallas forward only where nothing differentiates, "chunked" under `jax.grad`: see
-    `_forward_by`). The final state is the state after the last token.
+    `_kernel_forward_chunked_vjp`). The final state is the state after the last token.
     """
     if impl not in pallas_common.IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(pallas_common.IMPLS)}")
@@ -253,7 +250,7 @@ def ssd(
                             P(r, None), P(r, hd, None, None)), (P(r, None, hd, None), P(r, hd, None, None))),
             b, h, B.shape[2])
         if requested == "auto" and backend == "gpu":
-            run = _forward_by(run, functools.partial(_chunked_of_operands, chunk_size=chunk_size))
+            run = _kernel_forward_chunked_vjp(run, chunk_size)
         y, final = run(x, dt32, A.astype(_F32), B, C, reset, h0)
         if D is not None:
             y = y.astype(_F32) + D.astype(_F32)[:, None] * x32
