@@ -136,6 +136,7 @@ def main() -> None:
                     continue
                 mfu = flops / seconds / peak if peak else float("nan")
                 rows.append([f"1x{seq}", name, seconds, seq / seconds, mfu, peak_gib])
+                print("row:", rows[-1], file=sys.stderr, flush=True)
             except Exception as e:  # OOM at long context is a result, not a crash
                 print(f"1x{seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
                 rows.append([f"1x{seq}", name, "OOM" if "memory" in str(e).lower() else type(e).__name__,
