@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, time_jax  # noqa: E402
 
-from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, segment_bound  # noqa: E402
+from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, packed_bounds, segment_bound  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.models.gated_deltanet import GDNConfig  # noqa: E402
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec  # noqa: E402
@@ -40,8 +40,9 @@ from hylo_jax.train.step import Distiller, TrainState, without_single_segments  
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def specs(tiny: bool, remat: str = "full") -> tuple[ModelSpec, ModelSpec]:
-    """(teacher, student) specs in bf16; the student (fp32 parameters) rematerialised per `remat`."""
+def specs(tiny: bool, remat: str = "full", docs: int = 1) -> tuple[ModelSpec, ModelSpec]:
+    """(teacher, student) specs in bf16; the student (fp32 parameters) rematerialised per `remat`; attention
+    takes rows of `docs` documents in the smallest packed layout that holds them, as the trainer picks it."""
     if tiny:
         from hylo_jax.config import ModelConfig
 
@@ -53,8 +54,8 @@ def specs(tiny: bool, remat: str = "full") -> tuple[ModelSpec, ModelSpec]:
     else:
         teacher = from_dict(type(specs(True)[0].model), load_yaml(CONFIGS / "teachers/llama-3.2-1b.yaml")["model"])
         plan = from_dict(HybridConfig, load_yaml(CONFIGS / "hylo-llama-1b-8mla8.yaml")["hybrid"])
-    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16",
-                             max_segments=segment_bound(MAX_DOCS_PER_ROW))  # packed rows, as in training
+    bound = next(b for b in packed_bounds(segment_bound(MAX_DOCS_PER_ROW)) if b >= docs)
+    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16", max_segments=bound)
     student = replace_config(teacher, param_dtype="float32", remat=remat)
     return ModelSpec(teacher), ModelSpec.create(student, plan)
 
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=1, help="documents packed in each row (default 1)")
     add_remat_argument(parser)
     args = parser.parse_args()
-    t_spec, s_spec = specs(args.tiny, args.remat)
+    t_spec, s_spec = specs(args.tiny, args.remat, args.docs)
     seqs = [int(s) for s in (args.seq or ("256,512" if args.tiny else "8192,32768")).split(",")]
     build = (lambda spec: nnx.eval_shape(lambda: spec.build(nnx.Rngs(0)))) if args.memory_only else (
         lambda spec: spec.build(nnx.Rngs(0)))

@@ -212,7 +212,7 @@ def distill_target(args):
     from hylo_jax.train.config import StageConfig
     from hylo_jax.train.step import Distiller
 
-    t_spec, s_spec = distill_step.specs(args.tiny, args.remat)
+    t_spec, s_spec = distill_step.specs(args.tiny, args.remat, args.docs)
     teacher, student = t_spec.build(nnx.Rngs(0)), s_spec.build(nnx.Rngs(0))
     stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=2048, steps=10)  # the configs' chunked KL
     distiller = Distiller(student, teacher, stage)

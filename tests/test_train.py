@@ -9,7 +9,7 @@ import pytest
 from conftest import rel_err
 from flax import nnx
 
-from hylo_jax.config import ModelConfig
+from hylo_jax.config import ModelConfig, packed_bounds
 from hylo_jax.convert.upcycle import upcycle
 from hylo_jax.errors import ConfigError
 from hylo_jax.models.gated_deltanet import GDNConfig
@@ -162,6 +162,52 @@ def test_batches_beyond_max_segments_are_refused():
     assert _checked(batch, 4) is batch and _checked(batch, 0) is batch
     with pytest.raises(ConfigError, match="holds 4 segments.*max_segments=3"):
         _checked(batch, 3)
+
+
+@pytest.mark.parametrize("max_segments, bounds", [(33, (3, 9, 33)), (5, (2, 5)), (2, (2,)), (1, (1,)), (0, (0,))])
+def test_packed_bounds(max_segments, bounds):
+    assert packed_bounds(max_segments) == bounds
+
+
+def test_each_batch_takes_the_smallest_packed_bound_that_holds_its_rows():
+    """A Distiller per bound in use, built once; batches without segment ids (and every batch where attention
+    is not cuDNN's packed layout) take the stage's own."""
+    from hylo_jax.train.trainer import DistillersByBound
+
+    made = []
+
+    def make(bound):
+        made.append(bound)
+        return f"bound {bound}"
+
+    def rows(runs):  # one row of `runs` runs, one of a single run
+        return np.stack([np.minimum(np.arange(40), runs - 1), np.ones(40, int)])
+
+    by_bound = DistillersByBound("main", 33, make, enabled=True)
+    picked = [by_bound.for_batch(rows(r)) for r in (2, 3, 4, 9, 2, 10, 33)] + [by_bound.for_batch(None)]
+    assert picked == ["bound 3"] * 2 + ["bound 9"] * 2 + ["bound 3"] + ["main"] * 3
+    assert made == [3, 9]
+    off = DistillersByBound("main", 33, make, enabled=False)
+    assert off.for_batch(rows(2)) == "main" and made == [3, 9]
+
+
+def test_a_distiller_of_another_bound_steps_the_same_state(pair):
+    """The per-bound Distillers share one train state: here (XLA attention, where the bound changes nothing)
+    one step of each from the same state gives the same loss and parameters."""
+    from hylo_jax.train.trainer import respec, with_max_segments
+
+    teacher, student = pair
+    spec = ModelSpec.create(TEACHER, PLAN)
+    stage = dataclasses.replace(StageConfig(), loss="kd", steps=4)
+    main = Distiller(student, teacher, stage)
+    other = Distiller(respec(student, spec.with_overrides(max_segments=3)), with_max_segments(teacher, 3), stage)
+    assert other.graphdef != main.graphdef
+    state = main.init_state()
+    copy = jax.tree.map(jnp.copy, state)
+    (s1, m1), (s2, m2) = main.run_step(state, make_batch()), other.run_step(copy, make_batch())
+    assert float(m1["loss"]) == float(m2["loss"])
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_one_document_rows_drop_their_segment_ids():

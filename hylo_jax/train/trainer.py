@@ -19,16 +19,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from hylo_jax.checkpoint import load_model, load_teacher, save_model
-from hylo_jax.config import MeshConfig, doc, save_yaml, segment_bound
+from hylo_jax.config import MeshConfig, doc, packed_bounds, save_yaml, segment_bound
 from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.eval.perplexity import perplexity
-from hylo_jax.kernels.attention import count_segments
+from hylo_jax.kernels.attention import count_segments, resolve_impl
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
@@ -110,6 +111,28 @@ def _checked(batch: dict[str, np.ndarray], max_segments: int) -> dict[str, np.nd
     return batch
 
 
+class DistillersByBound:
+    """The stage's Distiller for each bound of `packed_bounds` that its batches need (built on first use, one
+    compiled step each; they share the parameters and the train state). Only where attention takes cuDNN's
+    packed layout (`enabled`); elsewhere, and for batches without segment ids, the stage's own Distiller."""
+
+    def __init__(self, main: Distiller, max_segments: int, make: Callable[[int], Distiller], enabled: bool):
+        self.by_bound, self.max_segments, self.make = {max_segments: main}, max_segments, make
+        self.enabled = enabled and max_segments > 1
+
+    def for_batch(self, segment_ids: np.ndarray | None) -> Distiller:
+        if not self.enabled or segment_ids is None:
+            return self.by_bound[self.max_segments]
+        runs = count_segments(segment_ids)
+        if jax.process_count() > 1:  # every process must run the same program
+            runs = int(np.max(multihost_utils.process_allgather(np.asarray(runs))))
+        bound = next((b for b in packed_bounds(self.max_segments) if b >= runs), self.max_segments)
+        if bound not in self.by_bound:
+            log.info("compiling the step for rows of up to %d segments", bound)
+            self.by_bound[bound] = self.make(bound)
+        return self.by_bound[bound]
+
+
 def with_max_segments(model: CausalLM, max_segments: int) -> CausalLM:
     """`model` (a plain transformer) whose attention takes rows of up to `max_segments` segments packed."""
     return respec(model, ModelSpec(dataclasses.replace(model.cfg, max_segments=max_segments)))
@@ -135,6 +158,10 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     spec = ModelSpec.create(dataclasses.replace(spec.model, remat=stage.remat or run.remat), hybrid)
     student = respec(init(), spec)
     distiller = Distiller(student, teacher, stage)
+    cudnn_packed = resolve_impl(spec.model.attention_impl, stage.seq_len, None) == "cudnn" and run.mesh.sequence == 1
+    distillers = DistillersByBound(distiller, spec.model.max_segments, lambda bound: Distiller(
+        respec(student, spec.with_overrides(max_segments=bound)), with_max_segments(teacher, bound), stage),
+        enabled=cudnn_packed)
     state, data_state = distiller.init_state(), None
     manager = ocp.CheckpointManager(
         (directory / "ckpt").absolute(),
@@ -158,9 +185,10 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
                 batch = without_single_segments(_checked(next(batches), spec.model.max_segments))
+                step_of = distillers.for_batch(batch["segment_ids"])
                 batch = {k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
                          for k, v in batch.items()}
-                state, metrics = distiller.run_step(state, batch)
+                state, metrics = step_of.run_step(state, batch)
                 if not bool(metrics["finite"]):
                     bad = _non_finite({k: float(v) for k, v in metrics.items()})
                     if stage.nan_policy == "stop":
