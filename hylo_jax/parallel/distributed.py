@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from hylo_jax.errors import ConfigError
 
@@ -87,3 +89,11 @@ def initialize(**kwargs) -> bool:
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def largest_over_processes(value: int) -> int:
+    """The largest of every process's `value` (host side; each process must call it at the same point):
+    what a host decision that picks the compiled program needs, so that all processes run the same one."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value))))

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
-from jax.experimental import multihost_utils
 
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
+from hylo_jax.parallel.distributed import largest_over_processes
 from hylo_jax.sharding import path_str
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss, token_nll
@@ -34,10 +34,8 @@ def without_single_segments(batch: dict) -> dict:
     if ids is None:
         return batch
     ids = np.asarray(ids)
-    single = bool(np.all(ids == ids[:, :1]) and np.all(ids > 0))
-    if jax.process_count() > 1:
-        single = bool(np.all(multihost_utils.process_allgather(np.asarray(single))))
-    return {**batch, "segment_ids": None} if single else batch
+    packed = int(not (np.all(ids == ids[:, :1]) and np.all(ids > 0)))
+    return {**batch, "segment_ids": None} if not largest_over_processes(packed) else batch
 
 
 @struct.dataclass

@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from hylo_jax.kernels.attention import count_segments, resolve_impl
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
+from hylo_jax.parallel.distributed import largest_over_processes
 from hylo_jax.sharding import check_divides, make_mesh, path_keys, place
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
@@ -123,9 +123,7 @@ class DistillersByBound:
     def for_batch(self, segment_ids: np.ndarray | None) -> Distiller:
         if not self.enabled or segment_ids is None:
             return self.by_bound[self.max_segments]
-        runs = count_segments(segment_ids)
-        if jax.process_count() > 1:  # every process must run the same program
-            runs = int(np.max(multihost_utils.process_allgather(np.asarray(runs))))
+        runs = largest_over_processes(count_segments(segment_ids))
         bound = next((b for b in packed_bounds(self.max_segments) if b >= runs), self.max_segments)
         if bound not in self.by_bound:
             log.info("compiling the step for rows of up to %d segments", bound)
