@@ -236,7 +236,7 @@ def test_auto_is_chunked_on_cpu_and_falls_back_with_one_log(monkeypatch, caplog)
 def test_ssd_auto_on_gpu_runs_the_kernel_forward_only(monkeypatch):
     """On GPU, ssd(impl="auto") runs the Pallas forward where nothing differentiates (inference) and, under
     jax.grad, the chunked path's forward and VJP (the kernel's fwd+bwd is the slower one at B = 1)."""
-    args, seg, rng = ssd_inputs(13, 2, 37, 2, 16, 1, 16)
+    args, seg, rng = ssd_inputs(13, 1, 24, 2, 16, 1, 16)
     kernel, calls = pallas_ssd.ssd_pallas, []
 
     def interpreted(*a, chunk_size, backend, interpret):
