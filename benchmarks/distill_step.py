@@ -27,7 +27,7 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, time_jax  # noqa: E402
 
-from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, packed_bounds, segment_bound  # noqa: E402
+from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, packed_bound, segment_bound  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
 from hylo_jax.models.gated_deltanet import GDNConfig  # noqa: E402
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec  # noqa: E402
@@ -35,7 +35,7 @@ from hylo_jax.models.mla import MLAConfig  # noqa: E402
 from hylo_jax.models.transformer import REMAT_POLICIES  # noqa: E402
 from hylo_jax.train.config import StageConfig  # noqa: E402
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops  # noqa: E402
-from hylo_jax.train.step import Distiller, TrainState, without_single_segments  # noqa: E402
+from hylo_jax.train.step import Distiller, TrainState, host_packing  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -54,8 +54,8 @@ def specs(tiny: bool, remat: str = "full", docs: int = 1) -> tuple[ModelSpec, Mo
     else:
         teacher = from_dict(type(specs(True)[0].model), load_yaml(CONFIGS / "teachers/llama-3.2-1b.yaml")["model"])
         plan = from_dict(HybridConfig, load_yaml(CONFIGS / "hylo-llama-1b-8mla8.yaml")["hybrid"])
-    bound = next(b for b in packed_bounds(segment_bound(MAX_DOCS_PER_ROW)) if b >= docs)
-    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16", max_segments=bound)
+    teacher = replace_config(teacher, dtype="bfloat16", param_dtype="bfloat16",
+                             max_segments=packed_bound(docs, segment_bound(MAX_DOCS_PER_ROW)))
     student = replace_config(teacher, param_dtype="float32", remat=remat)
     return ModelSpec(teacher), ModelSpec.create(student, plan)
 
@@ -67,13 +67,13 @@ def add_remat_argument(parser: argparse.ArgumentParser) -> None:
 
 def make_batch(batch: int, seq: int, vocab: int, docs: int = 1) -> dict[str, jax.Array]:
     """Rows of `docs` equal documents with their segment ids, as the trainer sends them (none for one document
-    per row: `without_single_segments`)."""
+    per row: `host_packing`)."""
     tok = np.random.default_rng(0).integers(0, vocab, (batch, seq + 1))
     ids = np.broadcast_to(1 + np.arange(seq, dtype=np.int32) * docs // seq, (batch, seq))
     positions = np.broadcast_to(np.arange(seq) - np.searchsorted(ids[0], ids[0]), (batch, seq))
     host = {"tokens": tok[:, :-1], "targets": tok[:, 1:], "segment_ids": ids, "positions": positions,
             "loss_mask": np.ones((batch, seq), np.int32)}
-    return {k: None if v is None else jnp.asarray(v) for k, v in without_single_segments(host).items()}
+    return {k: None if v is None else jnp.asarray(v) for k, v in host_packing(host)[0].items()}
 
 
 def compiled_peak_gib(compiled) -> float:

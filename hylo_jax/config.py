@@ -72,6 +72,11 @@ def packed_bounds(max_segments: int) -> tuple[int, ...]:
     return tuple(reversed(bounds)) or (max_segments,)
 
 
+def packed_bound(runs: int, max_segments: int) -> int:
+    """The smallest of `packed_bounds(max_segments)` that holds rows of `runs` runs (the largest if none does)."""
+    return next((b for b in packed_bounds(max_segments) if b >= runs), max_segments)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only Transformer teacher (Llama, Qwen2, Qwen3 families)."""

@@ -18,7 +18,7 @@ from hylo_jax.models.mla import MLAConfig
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss
-from hylo_jax.train.step import Distiller, distill_loss, split_student, without_single_segments
+from hylo_jax.train.step import Distiller, distill_loss, host_packing, split_student
 
 TEACHER = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=8)
@@ -155,23 +155,14 @@ def test_non_finite_loss_is_reported(pair):
                 np.testing.assert_array_equal(a, np.asarray(b))
 
 
-def test_batches_beyond_max_segments_are_refused():
-    from hylo_jax.train.trainer import _checked
-
-    batch = {"segment_ids": np.array([[1, 1, 2, 3, 0, 0], [1, 1, 1, 1, 1, 1]])}
-    assert _checked(batch, 4) is batch and _checked(batch, 0) is batch
-    with pytest.raises(ConfigError, match="holds 4 segments.*max_segments=3"):
-        _checked(batch, 3)
-
-
 @pytest.mark.parametrize("max_segments, bounds", [(33, (3, 9, 33)), (5, (2, 5)), (2, (2,)), (1, (1,)), (0, (0,))])
 def test_packed_bounds(max_segments, bounds):
     assert packed_bounds(max_segments) == bounds
 
 
 def test_each_batch_takes_the_smallest_packed_bound_that_holds_its_rows():
-    """A Distiller per bound in use, built once; batches without segment ids (and every batch where attention
-    is not cuDNN's packed layout) take the stage's own."""
+    """A Distiller per bound in use, built once; batches without segment ids (runs 0) and every batch where
+    attention is not cuDNN's packed layout take the stage's own; more runs than the bound are refused."""
     from hylo_jax.train.trainer import DistillersByBound
 
     made = []
@@ -180,15 +171,28 @@ def test_each_batch_takes_the_smallest_packed_bound_that_holds_its_rows():
         made.append(bound)
         return f"bound {bound}"
 
-    def rows(runs):  # one row of `runs` runs, one of a single run
-        return np.stack([np.minimum(np.arange(40), runs - 1), np.ones(40, int)])
-
     by_bound = DistillersByBound("main", 33, make, enabled=True)
-    picked = [by_bound.for_batch(rows(r)) for r in (2, 3, 4, 9, 2, 10, 33)] + [by_bound.for_batch(None)]
+    picked = [by_bound.for_runs(r) for r in (2, 3, 4, 9, 2, 10, 33, 0)]
     assert picked == ["bound 3"] * 2 + ["bound 9"] * 2 + ["bound 3"] + ["main"] * 3
     assert made == [3, 9]
     off = DistillersByBound("main", 33, make, enabled=False)
-    assert off.for_batch(rows(2)) == "main" and made == [3, 9]
+    assert off.for_runs(2) == "main" and made == [3, 9]
+    with pytest.raises(ConfigError, match="holds 34 segments.*max_segments=33"):
+        off.for_runs(34)
+    assert DistillersByBound("main", 0, make, enabled=True).for_runs(50) == "main"  # 0: a dense mask, no bound
+
+
+def test_host_packing_counts_runs_over_rows():
+    """The most runs of any row; segment ids go (runs 0) only when every row is one run of a document id
+    (> 0): padding and packed rows keep them."""
+    one = {"tokens": np.zeros((2, 4)), "segment_ids": np.array([[3, 3, 3, 3], [1, 1, 1, 1]])}
+    batch, runs = host_packing(one)
+    assert batch["segment_ids"] is None and runs == 0 and one["segment_ids"] is not None
+    for ids, want in (([[1, 1, 1, 1], [1, 1, 2, 2]], 2), ([[1, 1, 1, 1], [0, 0, 0, 0]], 1),
+                      ([[1, 2, 3, 0], [1, 1, 1, 1]], 4)):
+        batch = {"segment_ids": np.array(ids)}
+        assert host_packing(batch) == (batch, want)
+    assert host_packing({"segment_ids": None}) == ({"segment_ids": None}, 0)
 
 
 def test_a_distiller_of_another_bound_steps_the_same_state(pair):
@@ -210,16 +214,6 @@ def test_a_distiller_of_another_bound_steps_the_same_state(pair):
         np.testing.assert_array_equal(a, b)
 
 
-def test_one_document_rows_drop_their_segment_ids():
-    """Segment ids go only when every row is one run of a document id (> 0): padding and packed rows keep them."""
-    one = {"tokens": np.zeros((2, 4)), "segment_ids": np.array([[3, 3, 3, 3], [1, 1, 1, 1]])}
-    assert without_single_segments(one)["segment_ids"] is None and one["segment_ids"] is not None
-    for ids in ([[1, 1, 1, 1], [1, 1, 2, 2]], [[1, 1, 1, 1], [0, 0, 0, 0]]):
-        batch = {"segment_ids": np.array(ids)}
-        assert without_single_segments(batch) is batch
-    assert without_single_segments({"segment_ids": None})["segment_ids"] is None
-
-
 @pytest.mark.parametrize("loss", ["ild", "kd"])
 def test_step_without_segment_ids_equals_one_segment(pair, loss):
     """A batch of one-document rows gives the same loss with its segment ids as without them."""
@@ -229,7 +223,7 @@ def test_step_without_segment_ids_equals_one_segment(pair, loss):
     batch = {**batch, "segment_ids": jnp.ones_like(batch["segment_ids"]),
              "positions": jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1]), batch["tokens"].shape)}
     with_ids, _ = distill_loss(student, teacher, batch, stage)
-    without, _ = distill_loss(student, teacher, without_single_segments(batch), stage)
+    without, _ = distill_loss(student, teacher, host_packing(batch)[0], stage)
     assert rel_err(without, with_ids) <= 1e-6
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from hylo_jax.kernels.attention import count_segments
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
 from hylo_jax.parallel.distributed import largest_over_processes
@@ -25,17 +26,19 @@ from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss, token_nll
 Batch = dict[str, jax.Array]  # tokens, targets, segment_ids (or None), positions, loss_mask: [b, t] int32
 
 
-def without_single_segments(batch: dict) -> dict:
-    """The host batch without segment ids when every row, on every process, is one document (one run of ids
-    > 0): the models then take plain causal attention and no GDN resets, the same result without cuDNN's
-    packed layout, whose backward clears a float32 workspace of max_segments x T rows per attention layer
-    (13 of 228 ms in a HyLo-1B distillation step at 8K tokens). All processes agree, so all run one program."""
+def host_packing(batch: dict) -> tuple[dict, int]:
+    """(batch, runs): `runs` is the most runs of equal segment ids in any row of any process (every process gets
+    the same answer, so all compile and run the same program). When every row is one document (one run of ids
+    > 0) the batch comes back without segment ids and runs 0: the models then take plain causal attention and
+    no GDN resets, the same result without cuDNN's packed layout, whose backward clears a float32 workspace of
+    max_segments x T rows per attention layer (13 of 228 ms in a HyLo-1B distillation step at 8K tokens)."""
     ids = batch.get("segment_ids")
     if ids is None:
-        return batch
+        return batch, 0
     ids = np.asarray(ids)
-    packed = int(not (np.all(ids == ids[:, :1]) and np.all(ids > 0)))
-    return {**batch, "segment_ids": None} if not largest_over_processes(packed) else batch
+    runs = count_segments(ids)
+    runs = largest_over_processes(0 if runs == 1 and np.all(ids[:, 0] > 0) else runs)
+    return ({**batch, "segment_ids": None} if runs == 0 else batch), runs
 
 
 @struct.dataclass

@@ -23,21 +23,20 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from hylo_jax.checkpoint import load_model, load_teacher, save_model
-from hylo_jax.config import MeshConfig, doc, packed_bounds, save_yaml, segment_bound
+from hylo_jax.config import MeshConfig, doc, packed_bound, save_yaml, segment_bound
 from hylo_jax.convert.upcycle import upcycle, with_energy_ranks
 from hylo_jax.data.pipeline import DataConfig, make_dataset
 from hylo_jax.errors import CheckpointError, ConfigError, HyloError
 from hylo_jax.eval.perplexity import perplexity
-from hylo_jax.kernels.attention import count_segments, resolve_impl
+from hylo_jax.kernels.attention import resolve_impl
 from hylo_jax.models.hybrid import HybridConfig, ModelSpec
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
-from hylo_jax.parallel.distributed import largest_over_processes
 from hylo_jax.sharding import check_divides, make_mesh, path_keys, place
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
-from hylo_jax.train.step import Distiller, TrainState, without_single_segments
+from hylo_jax.train.step import Distiller, TrainState, host_packing
 
 log = logging.getLogger(__name__)
 DTYPE = Literal["float32", "bfloat16"]
@@ -103,28 +102,24 @@ def assemble(mla_model: CausalLM, linear_model: CausalLM, teacher: CausalLM, spe
 # ---------------------------------------------------------------------------------------------
 # One stage.
 
-def _checked(batch: dict[str, np.ndarray], max_segments: int) -> dict[str, np.ndarray]:
-    """The host batch, once its rows are known to hold at most `max_segments` runs of segment ids."""
-    if max_segments and (found := count_segments(batch["segment_ids"])) > max_segments:
-        raise ConfigError(f"a batch row holds {found} segments (documents + padding), more than model.max_segments="
-                          f"{max_segments} that packed attention takes; raise data.max_docs_per_row")
-    return batch
-
-
 class DistillersByBound:
-    """The stage's Distiller for each bound of `packed_bounds` that its batches need (built on first use, one
-    compiled step each; they share the parameters and the train state). Only where attention takes cuDNN's
+    """The stage's Distiller for each packed bound (`config.packed_bound`) its batches need: built on first use,
+    one compiled step each, sharing the parameters and the train state. Only where attention takes cuDNN's
     packed layout (`enabled`); elsewhere, and for batches without segment ids, the stage's own Distiller."""
 
     def __init__(self, main: Distiller, max_segments: int, make: Callable[[int], Distiller], enabled: bool):
         self.by_bound, self.max_segments, self.make = {max_segments: main}, max_segments, make
         self.enabled = enabled and max_segments > 1
 
-    def for_batch(self, segment_ids: np.ndarray | None) -> Distiller:
-        if not self.enabled or segment_ids is None:
+    def for_runs(self, runs: int) -> Distiller:
+        """The Distiller for a batch of at most `runs` runs per row (`step.host_packing`; 0: no segment ids)."""
+        if self.max_segments and runs > self.max_segments:
+            raise ConfigError(f"a batch row holds {runs} segments (documents + padding), more than "
+                              f"model.max_segments={self.max_segments} that packed attention takes; raise "
+                              "data.max_docs_per_row")
+        if not self.enabled or runs == 0:
             return self.by_bound[self.max_segments]
-        runs = largest_over_processes(count_segments(segment_ids))
-        bound = next((b for b in packed_bounds(self.max_segments) if b >= runs), self.max_segments)
+        bound = packed_bound(runs, self.max_segments)
         if bound not in self.by_bound:
             log.info("compiling the step for rows of up to %d segments", bound)
             self.by_bound[bound] = self.make(bound)
@@ -182,8 +177,8 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
         with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
             for step in range(start + 1, stage.steps + 1):
-                batch = without_single_segments(_checked(next(batches), spec.model.max_segments))
-                step_of = distillers.for_batch(batch["segment_ids"])
+                batch, runs = host_packing(next(batches))
+                step_of = distillers.for_runs(runs)
                 batch = {k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
                          for k, v in batch.items()}
                 state, metrics = step_of.run_step(state, batch)
