@@ -89,6 +89,27 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in rows}
 
 
+LARGEST = """
+import sys, jax
+from hylo_jax.parallel.distributed import largest_over_processes
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2]))
+me = jax.process_index()
+print([largest_over_processes(value) for value in ([5, 0, 7, 2] if me == 0 else [1, 9, 7, 3])])
+"""
+
+
+def test_largest_over_processes_through_the_coordinator():
+    """Four rounds between two real processes (the key-value store, no device collective), each its own max."""
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", LARGEST, str(port), str(i)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "[5, 9, 7, 3]"
+
+
 @pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path):
     from test_resume import tiny_teacher

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL resumes from its last checkpoint with the same losses, step for step."""
 
+import itertools
 import json
 import os
 import signal
@@ -7,7 +8,9 @@ import subprocess
 import sys
 import time
 
+import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 import yaml
@@ -82,3 +85,40 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
     want, got = losses(whole), losses(killed)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
+
+
+def test_non_finite_step_stops_the_run_at_that_step(tmp_path, monkeypatch):
+    """The trainer checks step n after queueing step n + 1 (a save step at once): a NaN at a save step (4) or
+    between saves (5) stops at that step and keeps only the checkpoints before it; nan_policy=skip goes on."""
+    from hylo_jax.config import from_dict, load_yaml
+    from hylo_jax.train import trainer
+    from hylo_jax.train.step import Distiller
+
+    tiny_teacher(tmp_path / "teacher")
+    run_step = Distiller.run_step
+
+    def poisoned_at(bad_step: int):
+        calls = itertools.count(1)
+
+        def poisoned(self, state, batch):
+            state, metrics = run_step(self, state, batch)
+            if next(calls) == bad_step:
+                metrics = {**metrics, "loss": jnp.float32(np.nan), "finite": jnp.bool_(False)}
+            return state, metrics
+        return poisoned
+
+    for policy, bad_step, saved in (("stop", 4, ["2"]), ("stop", 5, ["2", "4"]), ("skip", 5, None)):
+        monkeypatch.setattr(Distiller, "run_step", poisoned_at(bad_step))
+        out = tmp_path / f"{policy}{bad_step}"
+        cfg = load_yaml(run_config(tmp_path, out))
+        cfg["stage2"][0]["nan_policy"] = policy
+        cfg["mesh"] = {"fsdp": 2, "sequence": 4}  # the 8 CPU devices of the in-process tests
+        cfg = from_dict(trainer.RunConfig, cfg)
+        if policy == "stop":
+            with pytest.raises(trainer.TrainingError, match=rf"\[kd\] step {bad_step}: non-finite \['loss'\]"):
+                trainer.run(cfg)
+            assert sorted(p.name for p in (out / "kd" / "ckpt").iterdir()) == saved
+            assert sorted(losses(out)) == list(range(1, bad_step))
+        else:
+            trainer.run(cfg)
+            assert sorted(losses(out)) == list(range(1, STEPS + 1)) and np.isnan(losses(out)[5])

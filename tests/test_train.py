@@ -18,7 +18,7 @@ from hylo_jax.models.mla import MLAConfig
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss
-from hylo_jax.train.step import Distiller, distill_loss, host_packing, split_student
+from hylo_jax.train.step import Distiller, distill_loss, host_packing, make_optimizer, split_student
 
 TEACHER = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=8)
@@ -231,3 +231,18 @@ def test_trainable_regex_must_match(pair):
     teacher, student = pair
     with pytest.raises(ValueError, match="matches no parameter"):
         Distiller(student, teacher, dataclasses.replace(StageConfig(), trainable="nothing_like_this"))
+
+
+def test_adam_first_moment_in_bfloat16():
+    """adam_mu_dtype=bfloat16 stores mu in bf16 (nu stays fp32); the first update matches fp32 moments up to
+    bf16 rounding of mu (at step 1 the update is lr * mu_hat / sqrt(nu_hat) = lr * sign(g))."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32).reshape(8, 8)}
+    grads = {"w": jnp.cos(jnp.arange(64, dtype=jnp.float32)).reshape(8, 8)}
+    updates = {}
+    for dtype in ("float32", "bfloat16"):
+        tx, _ = make_optimizer(StageConfig(steps=10, warmup_ratio=0.0, lr=1e-2, adam_mu_dtype=dtype))
+        state = tx.init(params)
+        adam = state[1][0]  # chain(clip, adamw(scale_by_adam, ...)): ScaleByAdamState
+        assert adam.mu["w"].dtype == jnp.dtype(dtype) and adam.nu["w"].dtype == jnp.float32
+        updates[dtype], _ = tx.update(grads, state, params)
+    np.testing.assert_allclose(updates["bfloat16"]["w"], updates["float32"]["w"], rtol=1e-2, atol=0)

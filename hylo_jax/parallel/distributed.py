@@ -17,13 +17,13 @@ files, and orbax writes checkpoints collectively (every process takes part).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Mapping
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as ocp_multihost
 
 from hylo_jax.errors import ConfigError
 
@@ -91,9 +91,22 @@ def initialize(**kwargs) -> bool:
     return True
 
 
-def largest_over_processes(value: int) -> int:
-    """The largest of every process's `value` (host side; each process must call it at the same point):
-    what a host decision that picks the compiled program needs, so that all processes run the same one."""
+_rounds = itertools.count()  # numbers the host-side exchanges: their keys in the coordinator's store stay unique
+
+
+def largest_over_processes(value: int, timeout_s: float = 600.0) -> int:
+    """The largest of every process's `value` (each process must call it at the same point): what a host decision
+    that picks the compiled program needs, so that all processes run the same one.
+
+    Through the coordinator's key-value store, not a device collective: a collective would queue behind the
+    step in flight and stall the host until it ends, so the next batch could not be prepared meanwhile."""
     if jax.process_count() == 1:
         return value
-    return int(np.max(multihost_utils.process_allgather(np.asarray(value))))
+    client = ocp_multihost.get_jax_distributed_client()
+    n, me = next(_rounds), jax.process_index()
+    client.key_value_set(f"hylo/largest/{n}/{me}", str(int(value)))
+    values = [int(client.blocking_key_value_get(f"hylo/largest/{n}/{p}", int(timeout_s * 1000)))
+              for p in range(jax.process_count())]
+    if n >= 2:  # every process has read round n - 2: it reached round n - 1 only after
+        client.key_value_delete(f"hylo/largest/{n - 2}/{me}")
+    return max(values)

@@ -24,6 +24,9 @@ class StageConfig:
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.")
     betas: tuple[float, float] = doc((0.9, 0.95), "AdamW (b1, b2).")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay.")
+    adam_mu_dtype: Literal["float32", "bfloat16"] = doc(
+        "float32", "Storage dtype of AdamW's first moment (bfloat16: 2 fewer bytes per parameter read and written "
+                   "by the update, which is bound by memory bandwidth; the second moment stays float32).")
     clip_norm: float = doc(1.0, "Global gradient-norm clip (0 = off).")
     trainable: str = doc(r".*", "Regex on parameter paths (e.g. 'model.layers.3.self_attn.q_proj.kernel'); "
                                "parameters that do not match are frozen.")

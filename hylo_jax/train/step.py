@@ -61,7 +61,8 @@ def make_optimizer(stage: StageConfig) -> tuple[optax.GradientTransformation, op
         0.0, stage.lr, warmup_steps=warmup, decay_steps=max(stage.steps, warmup + 1),
         end_value=stage.lr * stage.min_lr_ratio)
     parts = [optax.clip_by_global_norm(stage.clip_norm)] if stage.clip_norm else []
-    parts.append(optax.adamw(schedule, b1=stage.betas[0], b2=stage.betas[1], weight_decay=stage.weight_decay))
+    parts.append(optax.adamw(schedule, b1=stage.betas[0], b2=stage.betas[1], weight_decay=stage.weight_decay,
+                             mu_dtype=jnp.dtype(stage.adam_mu_dtype)))
     return optax.chain(*parts), schedule
 
 

@@ -172,28 +172,40 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
                            peak_flops=peak_flops(), tensorboard=run.tensorboard)
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
     start = int(state.step)
+
+    def check(step: int, metrics: dict) -> None:
+        """Stops (or warns) on a non-finite step, logs, advances the bar: the host's only wait on the device."""
+        if not bool(metrics["finite"]):
+            bad = _non_finite({k: float(v) for k, v in metrics.items()})
+            if stage.nan_policy == "stop":
+                raise TrainingError(f"[{directory.name}] step {step}: non-finite {bad}; "
+                                    "the update was not saved (nan_policy=skip skips such steps)")
+            log.warning("[%s] step %d: non-finite %s, update skipped", directory.name, step, bad)
+        if step % stage.log_every == 0 or step == stage.steps:
+            bar.write(logger.log(step, {k: float(v) for k, v in metrics.items()}))
+        bar.update(1)
+
     try:
         cp = context.settings(run.mesh.context_parallel, run.mesh.load_balance, run.mesh.cp_attention)
         with jax.set_mesh(mesh), cp, tqdm(total=stage.steps, initial=start, desc=directory.name,
                                            disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+            # step n is checked after step n + 1 is queued, so the host prepares the next batch while the device
+            # runs; a save step is checked at once (its state is saved before the next step donates it)
+            unchecked = None
             for step in range(start + 1, stage.steps + 1):
                 batch, runs = host_packing(next(batches))
                 step_of = distillers.for_runs(runs)
                 batch = {k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
                          for k, v in batch.items()}
                 state, metrics = step_of.run_step(state, batch)
-                if not bool(metrics["finite"]):
-                    bad = _non_finite({k: float(v) for k, v in metrics.items()})
-                    if stage.nan_policy == "stop":
-                        raise TrainingError(f"[{directory.name}] step {step}: non-finite {bad}; "
-                                            "the update was not saved (nan_policy=skip skips such steps)")
-                    log.warning("[%s] step %d: non-finite %s, update skipped", directory.name, step, bad)
-                if step % stage.log_every == 0 or step == stage.steps:
-                    bar.write(logger.log(step, {k: float(v) for k, v in metrics.items()}))
+                if unchecked is not None:
+                    check(*unchecked)
+                unchecked = (step, metrics)
                 if step % stage.save_every == 0 or step == stage.steps:
+                    check(*unchecked)
+                    unchecked = None
                     manager.save(step, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.get_state())))
-                bar.update(1)
         manager.wait_until_finished()
     finally:
         manager.close()
