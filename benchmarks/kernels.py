@@ -18,6 +18,7 @@ operands, accumulating in fp32; the chunked path computes in fp32), and prints t
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ import numpy as np  # noqa: E402
 from common import matmul_ceiling_tflops, print_table  # noqa: E402
 
 from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
-from hylo_jax.kernels.ssd import ssd  # noqa: E402
+from hylo_jax.kernels.mosaic_ssd import ssd_forward_mosaic  # noqa: E402
+from hylo_jax.kernels.ssd import _kernel_forward_chunked_vjp, discretize_dt, ssd  # noqa: E402
 
 
 def gdn_impls(peers, dk, skip):
@@ -43,8 +45,22 @@ def ssd_impls(peers, skip):
         return lambda x, dt, A, B, C, dt_bias: ssd(x, dt, A, B, C, dt_bias=dt_bias, chunk_size=mixers.CHUNK,
                                                    impl=impl)[0]
 
-    ours = [("ours pallas", "jax", ours_ssd("pallas")), ("ours auto", "jax", ours_ssd("auto"))]
+    ours = [("ours pallas", "jax", ours_ssd("pallas")), ("ours auto", "jax", ours_ssd("auto")),
+            ("ours mosaic fwd", "jax", ssd_mosaic)]
     return [i for i in ours + mixers.ssd_impls(peers) if not any(s and s in i[0] for s in skip)]
+
+
+def ssd_mosaic(x, dt, A, B, C, dt_bias, reset=None, h0=None, D=None):
+    """The Mosaic GPU SSD forward (`mosaic_ssd`, Hopper only), differentiated through the chunked path (as
+    impl="auto" does with the Triton forward), with the D term added as `ssd` does."""
+    b, t, h, p = x.shape
+    reset = jnp.zeros((b, t), bool) if reset is None else reset
+    h0 = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32) if h0 is None else h0
+    run = _kernel_forward_chunked_vjp(functools.partial(ssd_forward_mosaic, chunk_size=mixers.CHUNK), mixers.CHUNK)
+    y, final = run(x, discretize_dt(dt, dt_bias, True, (0.0, float("inf"))), A, B, C, reset, h0)
+    if D is not None:
+        y = y + D[:, None] * x.astype(jnp.float32)
+    return y.astype(x.dtype), final
 
 
 # ---------------------------------------------------------------- --check
@@ -102,6 +118,14 @@ def _check_ssd(dims, b, t, rng):
                 return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
                            chunk_size=mixers.CHUNK, impl=impl)
             rows += _compare(f"ssd {variant}", dtype, f, args, names, rng)
+            if dtype == "bfloat16" and jax.default_backend() == "gpu":  # Hopper's Mosaic forward as "pallas"
+                reset = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+
+                def mosaic(*a, impl, f=f):
+                    if impl == "chunked":
+                        return f(*a, impl=impl)
+                    return ssd_mosaic(*a[:6], reset=reset, h0=a[7], D=a[6])
+                rows += _compare(f"ssd {variant} mosaic fwd", dtype, mosaic, args, names, rng)
     return rows
 
 

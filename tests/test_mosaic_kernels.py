@@ -1,0 +1,81 @@
+"""The Mosaic GPU (Hopper) SSD forward kernel on CPU: in the GPU interpreter against the sequential reference,
+and lowered for CUDA (the Mosaic GPU lowering checks layouts, wgmma operands and transfers in Python).
+
+Tolerances (max |a - b| / max |b|): fp32 operands 1e-5 (the interpreter multiplies exactly, so this checks the
+algorithm: masks, segments, states, padding, groups, the slots of the pipeline); bf16 operands 2e-2 (M, the
+state and the scaled x are rounded to bf16 before their wgmmas, as on the device).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hylo_jax.kernels import mosaic_ssd
+from hylo_jax.kernels.ssd import _ssd_reference
+
+F32 = jnp.float32
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def ssd_inputs(seed, b, t, h, g, p, n, dtype, resets=True):
+    rng = np.random.default_rng(seed)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    x, B, C = (jnp.asarray(z, dtype) for z in (r(b, t, h, p), 0.3 * r(b, t, g, n), 0.3 * r(b, t, g, n)))
+    dt = jnp.asarray(0.5 * np.logaddexp(0.0, r(b, t, h)))
+    A = jnp.asarray(-np.exp(r(h)))
+    reset = jnp.asarray(rng.random((b, t)) < (0.02 if resets else 0.0))
+    return x, dt, A, B, C, reset, jnp.asarray(r(b, h, p, n))
+
+
+CASES = [  # b, t, h, g, p, n, chunk, stages, spans: odd lengths, groups, two slots and three, chunk 128,
+    (2, 200, 4, 2, 64, 64, 64, 2, 1),  # the sequence cut into spans run side by side
+    (1, 300, 2, 1, 64, 128, 64, 3, 2),
+    (2, 700, 2, 1, 64, 64, 64, 2, 3),
+    (1, 260, 2, 2, 128, 64, 128, 2, None),
+]
+
+
+@pytest.mark.parametrize("b, t, h, g, p, n, chunk, stages, spans", CASES)
+@pytest.mark.parametrize("dtype, tol", [(F32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_forward_matches_the_sequential_reference(b, t, h, g, p, n, chunk, stages, spans, dtype, tol):
+    x, dt, A, B, C, reset, h0 = ssd_inputs(0, b, t, h, g, p, n, dtype)
+    y, final = mosaic_ssd.ssd_forward_mosaic(x, dt, A, B, C, reset, h0, chunk, stages=stages, spans=spans,
+                                             interpret=mosaic_ssd.interpret_params())
+    y_ref, final_ref = _ssd_reference(x.astype(F32), dt, A, B.astype(F32), C.astype(F32), reset, h0, chunk)
+    assert y.dtype == dtype and final.dtype == F32
+    assert rel_err(y.astype(F32), y_ref) < tol
+    assert rel_err(final, final_ref) < tol
+
+
+@pytest.mark.parametrize("b, t, h, g, p, n, chunk, stages, spans", CASES)
+def test_lowers_for_cuda(b, t, h, g, p, n, chunk, stages, spans):
+    args = ssd_inputs(1, b, t, h, g, p, n, jnp.bfloat16)
+    run = jax.jit(functools.partial(mosaic_ssd.ssd_forward_mosaic, chunk_size=chunk, stages=stages, spans=spans))
+    text = run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("p, n, chunk, dtype, reason", [
+    (32, 64, 64, jnp.bfloat16, "head_dim=32 is not a multiple of 64"),
+    (64, 64, 32, jnp.bfloat16, "chunk_size=32"),
+    (128, 256, 64, jnp.bfloat16, "too large"),
+    (64, 64, 64, jnp.float32, "not bf16/fp16"),
+])
+def test_unsupported_shapes_are_refused(p, n, chunk, dtype, reason):
+    args = ssd_inputs(2, 1, 64, 1, 1, p, n, dtype)
+    with pytest.raises(ValueError, match=reason):
+        mosaic_ssd.ssd_forward_mosaic(*args, chunk)
+
+
+def test_spans_fill_the_gpu_but_stay_long():
+    assert mosaic_ssd.spans_for(batch_heads=128, n_chunks=64, cores=132) == 1  # 4 x 32 heads fill an H100
+    assert mosaic_ssd.spans_for(batch_heads=32, n_chunks=256, cores=132) == 4  # 1 x 16K: 128 CTAs, one wave
+    assert mosaic_ssd.spans_for(batch_heads=32, n_chunks=16, cores=132) == 2  # spans of >= 8 chunks
+    assert mosaic_ssd.spans_for(batch_heads=2, n_chunks=3, cores=132) == 1
