@@ -3,7 +3,8 @@
 One table like `mixers.py` (whose peer loading, inputs, timing and FLOP formulas it imports): forward and
 forward+backward ms, tokens/s, TFLOP/s and its fraction of the bf16 matmul ceiling measured in the same run,
 for ours `impl="pallas"`, ours `impl="auto"` (SSD: the Pallas forward, the chunked path under differentiation),
-ours `impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
+ours Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper; "ours mosaic"), ours `impl="chunked"`, jax-linear-attention
+(and fla / mamba_ssm if installed).
 
     python benchmarks/kernels.py [--only gdn,ssd] [--shapes 4x4096,1x16384,1x65536] [--skip "jla chunked"]
     python benchmarks/kernels.py --check [--check-shape 2x1000]   # pallas vs chunked, outputs and grads
@@ -11,14 +12,14 @@ ours `impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
 
 `--check` runs both paths on the same random inputs (odd length, packed segments, initial state) in fp32
 (both exact: the kernels use IEEE fp32 products for fp32 operands) and in bf16 (the kernels multiply bf16
-operands, accumulating in fp32; the chunked path computes in fp32), and prints the max relative error
-(max |a - b| / max |b|) of the output, the final state and every input cotangent.
+operands, accumulating in fp32; the chunked path computes in fp32), on a GPU also the Mosaic SSD kernels vs
+chunked in bf16, and prints the max relative error (max |a - b| / max |b|) of the output, the final state and
+every input cotangent.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -29,9 +30,9 @@ import mixers  # noqa: E402  (sets the allocator environment before a JAX backen
 import numpy as np  # noqa: E402
 from common import matmul_ceiling_tflops, print_table  # noqa: E402
 
+from hylo_jax.kernels import mosaic_ssd  # noqa: E402
 from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
-from hylo_jax.kernels.mosaic_ssd import ssd_forward_mosaic  # noqa: E402
-from hylo_jax.kernels.ssd import _kernel_forward_chunked_vjp, discretize_dt, ssd  # noqa: E402
+from hylo_jax.kernels.ssd import discretize_dt, ssd  # noqa: E402
 
 
 def gdn_impls(peers, dk, skip):
@@ -46,20 +47,20 @@ def ssd_impls(peers, skip):
                                                    impl=impl)[0]
 
     ours = [("ours pallas", "jax", ours_ssd("pallas")), ("ours auto", "jax", ours_ssd("auto")),
-            ("ours mosaic fwd", "jax", ssd_mosaic)]
+            ("ours mosaic", "jax", ssd_mosaic)]
     return [i for i in ours + mixers.ssd_impls(peers) if not any(s and s in i[0] for s in skip)]
 
 
 def ssd_mosaic(x, dt, A, B, C, dt_bias, reset=None, h0=None, D=None):
-    """The Mosaic GPU SSD forward (`mosaic_ssd`, Hopper only), differentiated through the chunked path (as
-    impl="auto" does with the Triton forward), with the D term added as `ssd` does."""
+    """Our Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper only: forward and backward), with dt discretised and
+    the D term added as `ssd` does."""
     b, t, h, p = x.shape
     reset = jnp.zeros((b, t), bool) if reset is None else reset
     h0 = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32) if h0 is None else h0
-    run = _kernel_forward_chunked_vjp(functools.partial(ssd_forward_mosaic, chunk_size=mixers.CHUNK), mixers.CHUNK)
-    y, final = run(x, discretize_dt(dt, dt_bias, True, (0.0, float("inf"))), A, B, C, reset, h0)
+    y, final = mosaic_ssd.ssd_mosaic(x, discretize_dt(dt, dt_bias, True, (0.0, float("inf"))), A, B, C, reset, h0,
+                                     mixers.CHUNK)
     if D is not None:
-        y = y + D[:, None] * x.astype(jnp.float32)
+        y = y.astype(jnp.float32) + D[:, None] * x.astype(jnp.float32)
     return y.astype(x.dtype), final
 
 
@@ -118,14 +119,14 @@ def _check_ssd(dims, b, t, rng):
                 return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
                            chunk_size=mixers.CHUNK, impl=impl)
             rows += _compare(f"ssd {variant}", dtype, f, args, names, rng)
-            if dtype == "bfloat16" and jax.default_backend() == "gpu":  # Hopper's Mosaic forward as "pallas"
+            if dtype == "bfloat16" and jax.default_backend() == "gpu":  # Hopper's Mosaic kernels as "pallas"
                 reset = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
 
                 def mosaic(*a, impl, f=f):
                     if impl == "chunked":
                         return f(*a, impl=impl)
                     return ssd_mosaic(*a[:6], reset=reset, h0=a[7], D=a[6])
-                rows += _compare(f"ssd {variant} mosaic fwd", dtype, mosaic, args, names, rng)
+                rows += _compare(f"ssd {variant} mosaic", dtype, mosaic, args, names, rng)
     return rows
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +43,8 @@ _BY_ROW, _BY_COL = _WGMMA.reduce(1), _WGMMA.reduce(0)  # [C] vectors indexed by 
 SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (opt-in)
 
 
-def _smem_bytes(chunk: int, p: int, n: int, itemsize: int, stages: int) -> int:
-    """Shared memory of the kernel: per slot x, B, C, y tiles and three fp32 vectors; once the state in the
-    operand dtype, the scaled x and the fp32 state (h0 in, final state out)."""
-    per_slot = chunk * (2 * p + 2 * n) * itemsize + 3 * chunk * 4
-    return stages * per_slot + (n * p + chunk * p) * itemsize + n * p * 4
-
-
-def fit_stages(chunk: int, p: int, n: int, itemsize: int, most: int) -> int:
-    """The most slots (<= `most`, >= 1) whose buffers fit in shared memory."""
-    return max([s for s in range(1, most + 1) if _smem_bytes(chunk, p, n, itemsize, s) <= SMEM_BYTES] or [1])
-
-
 def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
-    """Why the kernel cannot take this shape (None if it can): wgmma tiles and 128-byte swizzled rows."""
+    """Why the kernels cannot take this shape (None if they can): wgmma tiles and 128-byte swizzled rows."""
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"x dtype {jnp.dtype(dtype)} is not bf16/fp16 (wgmma operands)"
     for name, d in (("head_dim", p), ("d_state", n), ("chunk_size", chunk)):
@@ -63,8 +52,10 @@ def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
             return f"{name}={d} is not a multiple of 64 (wgmma tiles, 128-byte swizzle)"
     if n * p > 128 * 128:
         return f"state {n} x {p} too large for one warpgroup's registers"
-    if _smem_bytes(chunk, p, n, jnp.dtype(dtype).itemsize, 1) > SMEM_BYTES:
-        return f"chunk {chunk} with head_dim {p}, d_state {n} does not fit in shared memory"
+    if chunk > 128:
+        return f"chunk_size={chunk} > 128 ([C, C] fp32 blocks in registers)"
+    if (need := _smem_need(chunk, p, n, dtype)) > SMEM_BYTES:
+        return f"chunk {chunk}, head_dim {p}, d_state {n}: the backward needs {need} B of shared memory > {SMEM_BYTES}"
     return None
 
 
@@ -108,104 +99,352 @@ def _tiled(dtype) -> tuple:
     return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
 
 
-def _scan(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, with_y: bool, interpret):
-    """The kernel over the inputs' own layouts: x [Bt, T, H, P], b/c [Bt, T, G, N] (c unused without y),
-    dt/g [Bt, H, T] fp32, seg [Bt, T] fp32, h0 [Bt, H, P, N] fp32; T a multiple of `chunk`. Returns (y
-    [Bt, T, H, P] in x's dtype, final state [Bt, H, P, N] fp32), or the final state alone (`with_y` False).
-    The state is held transposed, S^T [P, N], as h0 and the final state are laid out."""
+def _smem(shape, dtype):
+    """A shared-memory buffer of matrices (wgmma / TMA operands: tiled and swizzled)."""
+    return plgpu.SMEM(shape, dtype, transforms=_tiled(dtype))
+
+
+def _vectors(shape):
+    """A shared-memory buffer of fp32 vectors (the last axis), plain."""
+    return plgpu.SMEM(shape, F32)
+
+
+def _bytes(buffers) -> int:
+    return sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
+
+
+def _fit(slot_buffers, fixed_buffers, most: int, n_chunks: int, what: str, interpret) -> int:
+    """The most TMA slots (<= `most`, <= n_chunks) whose buffers fit in shared memory, or a ValueError (the
+    interpreter has no limit: its fp32 operands take twice the device's bytes)."""
+    for stages in range(min(most, n_chunks), 0, -1):
+        if interpret or _bytes(slot_buffers(stages) + fixed_buffers) <= SMEM_BYTES:
+            return stages
+    raise ValueError(f"Mosaic GPU SSD {what} kernel: its buffers do not fit in shared memory")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    """One chunk's gates in registers: G (chunk-local cumulative log-decay), the segment index and dt as
+    vectors by row (i) and by column (j), and the decays of `pallas_common.decays`."""
+
+    ops: _Ops
+    g_i: jax.Array
+    s_i: jax.Array
+    dt_i: jax.Array
+    g_last: jax.Array
+    s_last: jax.Array
+
+    @classmethod
+    def load(cls, ops: _Ops, g_sm, seg_sm, dt_sm, slot) -> _Chunk:
+        g_i, s_i, dt_i = (ops.load(v.at[slot], _BY_ROW) for v in (g_sm, seg_sm, dt_sm))
+        return cls(ops, g_i, s_i, dt_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
+
+    def columns(self, g_sm, seg_sm, dt_sm, slot):
+        return tuple(self.ops.load(v.at[slot], _BY_COL) for v in (g_sm, seg_sm, dt_sm))
+
+    def square(self, v, dim):
+        """A [C] vector spread over [C, C] along `dim` (0: v indexed by row)."""
+        return lax.broadcast_in_dim(v, (self.ops.chunk, self.ops.chunk), [dim])
+
+    def rows_of(self, v, width: int):
+        """A [C] vector indexed by row, spread over [C, width]."""
+        return lax.broadcast_in_dim(v, (self.ops.chunk, width), [0])
+
+    def decay(self, g_j, s_j, transposed: bool = False):
+        """E [i, j] = e^{G_i - G_j} for j <= i in the same segment, else 0; E^T [j, i] if `transposed`. G and
+        the segment index by row (loaded with the row layout) and by column (`g_j`, `s_j`: the column layout)."""
+        rows, cols = self.ops.iota(0), self.ops.iota(1)
+        same = self.square(self.s_i, 0) == self.square(s_j, 1)
+        if transposed:  # row r = j, column c = i: e^{G_c - G_r} for c >= r
+            live, exponent = (cols >= rows) & same, self.square(g_j, 1) - self.square(self.g_i, 0)
+        else:
+            live, exponent = (rows >= cols) & same, self.square(self.g_i, 0) - self.square(g_j, 1)
+        return jnp.exp(jnp.where(live, exponent, -jnp.inf))
+
+    @property
+    def d_in(self):  # e^{G_i} while in the carried-in segment
+        return jnp.where(self.s_i == 0, jnp.exp(self.g_i), 0.0)
+
+    @property
+    def d_out(self):  # e^{G_last - G_j} in the last segment
+        return jnp.where(self.s_i == self.s_last, jnp.exp(self.g_last - self.g_i), 0.0)
+
+    @property
+    def d_chunk(self):  # e^{G_last} when the chunk has no reset
+        return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
+
+
+def _chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):
+    """carry = step(i, slot, carry) over the chunks i (last to first if `reverse`), each chunk's slices of the
+    `sources` (gmem ref, smem slots, index of chunk i) brought by TMA into slot i % stages, `stages` ahead."""
+    def chunk_of(k):
+        return n_chunks - 1 - k if reverse else k
+
+    def fetch(k, slot):
+        for src, dst, index in sources:
+            plgpu.copy_gmem_to_smem(src.at[index(chunk_of(k))], dst.at[slot], ready.at[slot])
+
+    for k in range(stages):
+        fetch(k, k)
+
+    def body(k, carry):
+        slot = lax.rem(k, stages)
+        plgpu.barrier_wait(ready.at[slot])
+        carry = step(chunk_of(k), slot, carry)
+
+        @pl.when(k + stages < n_chunks)
+        def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
+            fetch(k + stages, slot)
+        return carry
+
+    return lax.fori_loop(0, n_chunks, body, carry)
+
+
+def _store(slots: int, *outputs) -> None:
+    """Writes (value, smem slot, gmem destination) triples and sends them as one TMA group, once the group of
+    `slots` steps ago has left these slots."""
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+    for value, slot_ref, _ in outputs:
+        slot_ref[...] = value.astype(slot_ref.dtype)
+    plgpu.commit_smem()
+    for _, slot_ref, dst in outputs:
+        plgpu.copy_smem_to_gmem(slot_ref, dst, commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+
+
+def _final(state, state_sm, dst) -> None:
+    state_sm[...] = state
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state_sm, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _initial(ops: _Ops, src, state_sm, barrier):
+    plgpu.copy_gmem_to_smem(src, state_sm, barrier)
+    plgpu.barrier_wait(barrier)
+    return ops.load(state_sm, _WGMMA)
+
+
+# ---------------------------------------------------------------------------------------------- buffers
+def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
+    """The forward's shared memory per TMA slot: x, B, dt, G, segment index; C and y with outputs; the
+    entering state saved for the backward."""
+    buffers = [_smem((stages, chunk, p), cdt), _smem((stages, chunk, n), cdt), *[_vectors((stages, chunk))] * 3]
+    if mode != "state":
+        buffers += [_smem((stages, chunk, n), cdt), _smem((stages, chunk, p), cdt)]
+    if mode == "train":
+        buffers += [_smem((stages, p, n), cdt)]
+    return buffers
+
+
+def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
+    """The scaled x, the state in and out (fp32) and, with outputs, the state as an operand."""
+    return [_smem((chunk, p), cdt), _smem((p, n), F32)] + ([_smem((p, n), cdt)] if mode != "state" else [])
+
+
+def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
+    """The backward's inputs per TMA slot: C, dy, dt, G, segment index; for gradients x, B and the entering
+    state S^T (the forward's, in the operand dtype)."""
+    buffers = [_smem((stages, chunk, n), cdt), _smem((stages, chunk, p), cdt), *[_vectors((stages, chunk))] * 3]
+    if mode == "grads":
+        buffers += [_smem((stages, chunk, p), cdt), _smem((stages, chunk, n), cdt), _smem((stages, p, n), cdt)]
+    return buffers
+
+
+def _backward_fixed(chunk, p, n, cdt, mode: str) -> list:
+    """d_in o C, the cotangent in and out (fp32); for gradients dS'^T as an operand and the outputs, one slot
+    each (a chunk's stores have the next chunk's compute to leave): dx, dB, dC, d(dt), dG, out, chunk-end."""
+    buffers = [_smem((chunk, n), cdt), _smem((p, n), F32)]
+    if mode == "grads":
+        buffers += [_smem((p, n), cdt), _smem((chunk, p), cdt), _smem((chunk, n), F32), _smem((chunk, n), F32),
+                    *[_vectors((chunk,))] * 3, _vectors((p,))]
+    return buffers
+
+
+def _smem_need(chunk: int, p: int, n: int, dtype) -> int:
+    """Shared memory of the larger kernel (forward with saved states, or the backward) at one slot."""
+    return max(_bytes(_forward_slots(chunk, p, n, dtype, "train", 1) + _forward_fixed(chunk, p, n, dtype, "train")),
+               _bytes(_backward_slots(chunk, p, n, dtype, "grads", 1) + _backward_fixed(chunk, p, n, dtype, "grads")))
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, interpret):
+    """The forward kernel over the inputs' own layouts: x [Bt, T, H, P], b/c [Bt, T, G, N], dt/g [Bt, H, T]
+    fp32, seg [Bt, T] fp32, h0 [Bt, H, P, N] fp32 (S^T); T a multiple of `chunk`. `mode`:
+      "state"  the final state only (c unused): a span's state pass;
+      "y"      (y [Bt, T, H, P] in x's dtype, final state);
+      "train"  (y, final state, the state entering every chunk [Bt, H, T/C, P, N] in x's dtype: the
+               backward's wgmma operand, half the bytes of fp32)."""
     batch_size, tp, heads, p = x.shape
     groups, n = b.shape[2:]
-    n_chunks = tp // chunk
-    cdt = x.dtype
-    stages = min(fit_stages(chunk, p, n, jnp.dtype(cdt).itemsize, stages), n_chunks)
-    ops = _Ops(bool(interpret), chunk)
-    per_group = heads // groups
+    n_chunks, cdt = tp // chunk, x.dtype
+    ops, per_group = _Ops(bool(interpret), chunk), heads // groups
+    with_y, save = mode != "state", mode == "train"
+
+    slot_buffers = functools.partial(_forward_slots, chunk, p, n, cdt, mode)
+    fixed = _forward_fixed(chunk, p, n, cdt, mode)
+    stages = _fit(slot_buffers, fixed, stages, n_chunks, "forward", interpret)
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, h0_ref, *refs):
-        y_ref, ht_ref, *scratch = refs if with_y else (None, *refs)
-        x_sm, b_sm, c_sm, dt_sm, g_sm, seg_sm, y_sm, s_sm, xs_sm, state_sm, ready, state_ready = scratch
+        n_out = 1 + with_y + save
+        outs, scratch = refs[:n_out], refs[n_out:]
+        y_ref, ht_ref, states_ref = (outs[0], outs[1], outs[2] if save else None) if with_y else (None, outs[0], None)
+        x_sm, b_sm, dt_sm, g_sm, seg_sm, *rest = scratch
+        c_sm, y_sm, *rest = rest if with_y else (None, None, *rest)
+        states_sm, *rest = rest if save else (None, *rest)
+        xs_sm, state_sm, *rest = rest
+        s_sm, ready, state_ready = rest if with_y else (None, *rest)
         bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
         gi = hi // per_group
-        sources = [(x_ref, x_sm, lambda t: (bi, t, hi)), (b_ref, b_sm, lambda t: (bi, t, gi)),
-                   (dt_ref, dt_sm, lambda t: (bi, hi, t)), (g_ref, g_sm, lambda t: (bi, hi, t)),
-                   (seg_ref, seg_sm, lambda t: (bi, t))]
+        tokens = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
+        sources = [(x_ref, x_sm, lambda i: (bi, tokens(i), hi)), (b_ref, b_sm, lambda i: (bi, tokens(i), gi)),
+                   (dt_ref, dt_sm, lambda i: (bi, hi, tokens(i))), (g_ref, g_sm, lambda i: (bi, hi, tokens(i))),
+                   (seg_ref, seg_sm, lambda i: (bi, tokens(i)))]
         if with_y:
-            sources.append((c_ref, c_sm, lambda t: (bi, t, gi)))
+            sources.append((c_ref, c_sm, lambda i: (bi, tokens(i), gi)))
 
-        def fetch(i, slot):
-            tokens = pl.ds(i * chunk, chunk)
-            for src, dst, index in sources:
-                plgpu.copy_gmem_to_smem(src.at[index(tokens)], dst.at[slot], ready.at[slot])
-
-        for i in range(stages):
-            fetch(i, i)
-        plgpu.copy_gmem_to_smem(h0_ref.at[bi, hi], state_sm, state_ready)
-        plgpu.barrier_wait(state_ready)
-        state = ops.load(state_sm, _WGMMA)  # S^T [P, N]
-
-        def step(i, state):
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(ready.at[slot])
+        def step(i, slot, state):
             x_s, b_s = x_sm.at[slot], b_sm.at[slot]
-            g_i, s_i, dt_i = (ops.load(v.at[slot], _BY_ROW) for v in (g_sm, seg_sm, dt_sm))
-            g_last, s_last = g_sm[slot, chunk - 1], seg_sm[slot, chunk - 1]
-
-            def rows_of(v, width):  # a [C] vector indexed by row, spread over [C, width]
-                return lax.broadcast_in_dim(v, (chunk, width), [0])
-
-            d_out = jnp.where(s_i == s_last, jnp.exp(g_last - g_i), 0.0) * dt_i
-            xs_sm[...] = (ops.load(x_s, _WGMMA).astype(F32) * rows_of(d_out, p)).astype(cdt)
+            ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+            xs_sm[...] = (ops.load(x_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
             if with_y:
                 s_sm[...] = state.astype(cdt)
             plgpu.commit_smem()
             if with_y:
                 c_s = c_sm.at[slot]
-                g_j, s_j, dt_j = (ops.load(v.at[slot], _BY_COL) for v in (g_sm, seg_sm, dt_sm))
-
-                def square(v, dim):  # a [C] vector spread over [C, C] along `dim`
-                    return lax.broadcast_in_dim(v, (chunk, chunk), [dim])
-
-                cb = ops.matmul((chunk, chunk), (c_s, ("T", b_s)))
-                live = (ops.iota(0) >= ops.iota(1)) & (square(s_i, 0) == square(s_j, 1))
-                decay = jnp.exp(jnp.where(live, square(g_i, 0) - square(g_j, 1), -jnp.inf))
-                m = cb * decay * square(dt_j, 1)
-                d_in = jnp.where(s_i == 0, jnp.exp(g_i), 0.0)
-                c_in = ops.load(c_s, _WGMMA).astype(F32) * rows_of(d_in, n)
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ch.square(dt_j, 1)
+                c_in = ops.load(c_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
                 y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_sm)))
-                plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)  # y_sm[slot]'s last store has left
-                y_sm[slot] = y.astype(cdt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(y_sm.at[slot], y_ref.at[bi, pl.ds(i * chunk, chunk), hi])
-            d_chunk = jnp.where(s_last == 0, jnp.exp(g_last), 0.0)
-            state = state * d_chunk + ops.matmul((p, n), (("T", xs_sm), b_s))
+                outputs = [(y, y_sm.at[slot], y_ref.at[bi, tokens(i), hi])]
+                if save:
+                    outputs.append((state, states_sm.at[slot], states_ref.at[bi, hi, i]))
+                _store(stages, *outputs)
+            return state * ch.d_chunk + ops.matmul((p, n), (("T", xs_sm), b_s))
 
-            @pl.when(i + stages < n_chunks)
-            def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
-                fetch(i + stages, slot)
-            return state
+        state = _initial(ops, h0_ref.at[bi, hi], state_sm, state_ready)
+        state = _chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                            reverse=False)
+        _final(state, state_sm, ht_ref.at[bi, hi])
 
-        state = lax.fori_loop(0, n_chunks, step, state)
-        state_sm[...] = state
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(state_sm, ht_ref.at[bi, hi])
-        plgpu.wait_smem_to_gmem(0)
-
-    vec = plgpu.SMEM((stages, chunk), F32)
-    tile = lambda rows, d, dtype=cdt: plgpu.SMEM((*rows, d), dtype, transforms=_tiled(dtype))  # noqa: E731
     final = jax.ShapeDtypeStruct((batch_size, heads, p, n), F32)
+    out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
+    if save:
+        out_type.append(jax.ShapeDtypeStruct((batch_size, heads, n_chunks, p, n), cdt))
     call = plgpu.kernel(
-        kernel,
-        out_type=(jax.ShapeDtypeStruct(x.shape, cdt), final) if with_y else final,
-        grid=(batch_size, heads), grid_names=("batch", "heads"),
-        scratch_types=[tile((stages, chunk), p), tile((stages, chunk), n), tile((stages, chunk), n), vec, vec, vec,
-                       tile((stages, chunk), p), tile((p,), n), tile((chunk,), p), tile((p,), n, F32),
-                       plgpu.Barrier(num_arrivals=6 if with_y else 5, num_barriers=stages), plgpu.Barrier()],
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret,
-    )
-    return call(x, b, c, dt, g, seg, h0)
+        kernel, out_type=tuple(out_type), grid=(batch_size, heads), grid_names=("batch", "heads"),
+        scratch_types=[*slot_buffers(stages), *fixed,
+                       plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - with_y - save, num_barriers=stages),
+                       plgpu.Barrier()],
+        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+    outs = call(x, b, c, dt, g, seg, h0)
+    return outs if with_y else outs[0]
 
 
+# ---------------------------------------------------------------------------------------------- backward
+def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, mode: str, interpret):
+    """The backward kernel, chunks in reverse, carrying dS^T [P, N] from `dht` [Bt, H, P, N] (the final
+    state's cotangent). Inputs as `_forward`'s plus the entering states of mode "train" and dy [Bt, T, H, P]
+    in x's dtype. `mode`:
+      "state"  dS^T at the first token only (x, b, states unused): a span's state pass;
+      "grads"  (dx [Bt, T, H, P] in x's dtype, dB, dC per head [Bt, T, H, N] fp32, d(dt) [Bt, H, T],
+               dG without the chunk-end terms [Bt, H, T], the d_out terms dd_out * d_out [Bt, H, T],
+               dd_chunk * d_chunk by state row [Bt, H, T/C, P], dS^T at the first token), all fp32.
+
+    Per chunk, with v = dt o x, M' = (C B^T) o E (y = M' v + (d_in o C) S) and dS' the carried cotangent:
+      dv = M'^T dy + (d_out o B) dS'          dS^T = dy^T (d_in o C) + d_chunk dS'^T
+      dP = dy v^T, dCB = dP o E               dC = dCB B + d_in o (dy S^T),  dB = dCB^T C + d_out o (v dS'^T)
+      dG_k = sum_j z_kj - sum_i z_ik + dd_in_k d_in_k - dd_out_k d_out_k (+ chunk-end terms), z = dCB o C B^T
+    """
+    batch_size, tp, heads, p = x.shape
+    groups, n = b.shape[2:]
+    n_chunks, cdt = tp // chunk, x.dtype
+    ops, per_group = _Ops(bool(interpret), chunk), heads // groups
+    grads = mode == "grads"
+
+    slot_buffers = functools.partial(_backward_slots, chunk, p, n, cdt, mode)
+    fixed = _backward_fixed(chunk, p, n, cdt, mode)
+    stages = _fit(slot_buffers, fixed, stages, n_chunks, "backward", interpret)
+    n_in = len(slot_buffers(1))
+
+    def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *refs):
+        n_out = 8 if grads else 1
+        outs, scratch = refs[:n_out], refs[n_out:]
+        c_sm, dy_sm, dt_sm, g_sm, seg_sm, *rest = scratch
+        if grads:
+            x_sm, b_sm, st_sm, *rest = rest
+        cin_sm, state_sm, *rest = rest
+        if grads:
+            dst_sm, dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm, *rest = rest
+        ready, state_ready = rest
+        bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
+        gi = hi // per_group
+        tokens = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
+        sources = [(c_ref, c_sm, lambda i: (bi, tokens(i), gi)), (dy_ref, dy_sm, lambda i: (bi, tokens(i), hi)),
+                   (dt_ref, dt_sm, lambda i: (bi, hi, tokens(i))), (g_ref, g_sm, lambda i: (bi, hi, tokens(i))),
+                   (seg_ref, seg_sm, lambda i: (bi, tokens(i)))]
+        if grads:
+            sources += [(x_ref, x_sm, lambda i: (bi, tokens(i), hi)), (b_ref, b_sm, lambda i: (bi, tokens(i), gi)),
+                        (states_ref, st_sm, lambda i: (bi, hi, i))]
+
+        def step(i, slot, dst):
+            c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
+            ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+            c_f32 = ops.load(c_s, _WGMMA).astype(F32)
+            cin_sm[...] = (c_f32 * ch.rows_of(ch.d_in, n)).astype(cdt)
+            if grads:
+                dst_sm[...] = dst.astype(cdt)
+            plgpu.commit_smem()
+            if not grads:
+                return ops.matmul((p, n), (("T", dy_s), cin_sm)) + ch.d_chunk * dst
+            x_s, b_s, s_s = x_sm.at[slot], b_sm.at[slot], st_sm.at[slot]
+            g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+            x_f32, b_f32 = ops.load(x_s, _WGMMA).astype(F32), ops.load(b_s, _WGMMA).astype(F32)
+            v = x_f32 * ch.rows_of(ch.dt_i, p)
+            cb = ops.matmul((chunk, chunk), (c_s, ("T", b_s)))
+            cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
+            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ch.square(dt_j, 1) * ch.decay(g_j, s_j)
+            d_cb_t = (ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ch.square(ch.dt_i, 0)
+                      * ch.decay(g_j, s_j, transposed=True))
+            e_t = ch.decay(g_j, s_j, transposed=True)
+            dv = ops.matmul((chunk, p), ((cb_t * e_t).astype(cdt), dy_s),
+                            ((b_f32 * ch.rows_of(ch.d_out, n)).astype(cdt), ("T", dst_sm)))
+            dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
+            v_ds = ops.matmul((chunk, n), (v.astype(cdt), dst_sm))  # v dS'^T
+            dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s)) + ch.rows_of(ch.d_in, n) * dy_s_t
+            db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + ch.rows_of(ch.d_out, n) * v_ds
+            dd_in = jnp.sum(dy_s_t * c_f32, axis=1)
+            dd_out = jnp.sum(v_ds * b_f32, axis=1)
+            z_rows, z_cols = jnp.sum(d_cb * cb, axis=1), jnp.sum(d_cb_t * cb_t, axis=1)
+            out = dd_out * ch.d_out
+            s_t = ops.load(s_s, _WGMMA).astype(F32)
+            _store(1, (dv * ch.rows_of(ch.dt_i, p), dx_sm, outs[0].at[bi, tokens(i), hi]),
+                   (db, db_sm, outs[1].at[bi, tokens(i), hi]), (dc, dc_sm, outs[2].at[bi, tokens(i), hi]),
+                   (jnp.sum(dv * x_f32, axis=1), ddt_sm, outs[3].at[bi, hi, tokens(i)]),
+                   (z_rows - z_cols + dd_in * ch.d_in - out, dg_sm, outs[4].at[bi, hi, tokens(i)]),
+                   (out, out_sm, outs[5].at[bi, hi, tokens(i)]),
+                   (jnp.sum(s_t * dst * ch.d_chunk, axis=1), dch_sm, outs[6].at[bi, hi, i]))
+            return ops.matmul((p, n), (("T", dy_s), cin_sm)) + ch.d_chunk * dst
+
+        dst = _initial(ops, dht_ref.at[bi, hi], state_sm, state_ready)
+        dst = _chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
+        _final(dst, state_sm, outs[-1].at[bi, hi])
+
+    sds = jax.ShapeDtypeStruct
+    d0 = sds((batch_size, heads, p, n), F32)
+    vec = sds((batch_size, heads, tp), F32)
+    out_type = (sds(x.shape, cdt), sds((batch_size, tp, heads, n), F32), sds((batch_size, tp, heads, n), F32),
+                vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32), d0) if grads else (d0,)
+    call = plgpu.kernel(
+        kernel, out_type=out_type, grid=(batch_size, heads), grid_names=("batch", "heads"),
+        scratch_types=[*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages),
+                       plgpu.Barrier()],
+        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+    outs = call(x, b, c, dt, g, seg, states, dy, dht)
+    return outs if grads else outs[0]
+
+
+# ---------------------------------------------------------------------------------------------- the op
 def spans_for(batch_heads: int, n_chunks: int, cores: int, min_chunks: int = 8) -> int:
     """Sequence spans per row: as many as keep batch x heads x spans CTAs within one wave over the `cores` SMs
     (one CTA per SM: its shared memory), each span >= `min_chunks` chunks (a span's state pass and the carry
@@ -213,7 +452,116 @@ def spans_for(batch_heads: int, n_chunks: int, cores: int, min_chunks: int = 8) 
     return max(1, min(cores // max(batch_heads, 1), n_chunks // min_chunks))
 
 
-def ssd_forward_mosaic(
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """The static arguments of one call (`t`: its sequence length before padding)."""
+
+    t: int
+    chunk: int
+    spans: int
+    stages: int
+    interpret: object
+
+    def kernel(self, fn, *args, mode: str):
+        return fn(*args, chunk=self.chunk, stages=self.stages, mode=mode, interpret=self.interpret)
+
+
+def _split(s: _Settings, x, dt, A, B, C, reset):
+    """The inputs cut into spans: x, B, C [b*spans, span, ...]; dt and G [b*spans, h, span] fp32; the segment
+    index [b*spans, span] fp32; and each span's decay end to end [b, spans, h] (0 across a reset)."""
+    b, t, h, _ = x.shape
+    span = -(-t // (s.chunk * s.spans)) * s.chunk
+
+    def cut(z):  # zero-padded: dt = 0 makes padded steps identities
+        z = jnp.pad(z, [(0, 0), (0, span * s.spans - t)] + [(0, 0)] * (z.ndim - 2))
+        return z.reshape(b * s.spans, span, *z.shape[2:])
+
+    x, B, C, reset = (cut(z) for z in (x, B, C, reset))
+    dt = jnp.swapaxes(cut(dt.astype(F32)), 1, 2)
+    log_decay = dt * A.astype(F32)[:, None]
+    g_cum = jnp.cumsum(log_decay.reshape(b * s.spans, h, span // s.chunk, s.chunk), axis=-1)
+    seg = jnp.cumsum(reset.reshape(-1, span // s.chunk, s.chunk).astype(jnp.int32), axis=-1)
+    through = jnp.where(jnp.any(reset, axis=1)[:, None], 0.0, jnp.exp(jnp.sum(log_decay, axis=-1)))
+    return (x, B, C, dt, g_cum.reshape(dt.shape), seg.reshape(reset.shape).astype(F32),
+            through.reshape(b, s.spans, h))
+
+
+def _across_spans(through, local, first, reverse: bool):
+    """The state at each span's start (forward: state_s = through_{s-1} state_{s-1} + local_{s-1}, from
+    `first`), or the cotangent at each span's end (reverse: d_s = through_{s+1} d_{s+1} + local_{s+1}, from
+    `first` at the last span). through [b, spans, h], local [b, spans, h, P, N] -> [b * spans, h, P, N]."""
+    through, local = jnp.moveaxis(through, 1, 0), jnp.moveaxis(local, 1, 0)
+
+    def carry(state, span):
+        decay, own = span
+        state = decay[..., None, None] * state + own
+        return state, state
+
+    if reverse:
+        _, ends = lax.scan(carry, first, (through[1:], local[1:]), reverse=True)
+        states = jnp.concatenate([ends, first[None]], axis=0)
+    else:
+        _, starts = lax.scan(carry, first, (through[:-1], local[:-1]))
+        states = jnp.concatenate([first[None], starts], axis=0)
+    return jnp.moveaxis(states, 0, 1).reshape(-1, *states.shape[2:])
+
+
+def _ssd_forward(s: _Settings, x, dt, A, B, C, reset, h0, mode: str):
+    b, t, h, p = x.shape
+    n = B.shape[-1]
+    xs, bs, cs, dts, gs, segs, through = parts = _split(s, x, dt, A, B, C, reset)
+    h0 = h0.astype(F32)
+    starts = h0
+    if s.spans > 1:
+        local = s.kernel(_forward, xs, bs, cs, dts, gs, segs, jnp.zeros((b * s.spans, h, p, n), F32), mode="state")
+        starts = _across_spans(through, local.reshape(b, s.spans, h, p, n), h0, reverse=False)
+    y, final, *states = s.kernel(_forward, xs, bs, cs, dts, gs, segs, starts, mode=mode)
+    y = y.reshape(b, -1, h, p)[:, :t]
+    return (y, final.reshape(b, s.spans, h, p, n)[:, -1]), (parts, states, A)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ssd(s: _Settings, x, dt, A, B, C, reset, h0):
+    return _ssd_forward(s, x, dt, A, B, C, reset, h0, mode="y")[0]
+
+
+def _ssd_fwd(s: _Settings, x, dt, A, B, C, reset, h0):
+    outs, (parts, states, A) = _ssd_forward(s, x, dt, A, B, C, reset, h0, mode="train")
+    return outs, (parts, states[0], A)
+
+
+def _ssd_bwd(s: _Settings, residuals, cotangents):
+    (xs, bs, cs, dts, gs, segs, through), states, A = residuals
+    dy, dfinal = cotangents
+    b, t, (span, h, p), (g, n) = xs.shape[0] // s.spans, s.t, xs.shape[1:], bs.shape[2:]
+    dy = jnp.pad(dy.astype(xs.dtype), [(0, 0), (0, span * s.spans - t), (0, 0), (0, 0)]).reshape(xs.shape)
+    ends = jnp.zeros((b, s.spans, h, p, n), F32).at[:, -1].set(dfinal.astype(F32)).reshape(-1, h, p, n)
+    if s.spans > 1:
+        local = s.kernel(_backward, xs, bs, cs, dts, gs, segs, states, dy, jnp.zeros_like(ends), mode="state")
+        ends = _across_spans(through, local.reshape(b, s.spans, h, p, n), dfinal.astype(F32), reverse=True)
+    dx, db, dc, ddt, dg, out, d_chunk, dstart = s.kernel(_backward, xs, bs, cs, dts, gs, segs, states, dy, ends,
+                                                         mode="grads")
+    n_chunks = span // s.chunk
+    chunk_end = (jnp.sum(out.reshape(b * s.spans, h, n_chunks, s.chunk), axis=-1) + jnp.sum(d_chunk, axis=-1))
+    dg = dg.reshape(b * s.spans, h, n_chunks, s.chunk).at[..., -1].add(chunk_end)
+    d_log_decay = jnp.flip(jnp.cumsum(jnp.flip(dg, -1), axis=-1), -1).reshape(dts.shape)  # G = cumsum(dt A)
+    d_dt = ddt + d_log_decay * A.astype(F32)[:, None]
+    d_a = jnp.sum(d_log_decay * dts, axis=(0, 2))
+
+    def whole(z):  # [b * spans, span, ...] -> [b, t, ...]
+        return z.reshape(b, s.spans * span, *z.shape[2:])[:, :t]
+
+    def to_groups(z):  # per-head [.., h, N] -> per-group [.., g, N]
+        return whole(z).reshape(b, t, g, h // g, n).sum(3).astype(bs.dtype)
+
+    return (whole(dx), whole(jnp.swapaxes(d_dt, 1, 2)), d_a.astype(A.dtype), to_groups(db), to_groups(dc), None,
+            dstart.reshape(b, s.spans, h, p, n)[:, 0])
+
+
+_ssd.defvjp(_ssd_fwd, _ssd_bwd)
+
+
+def ssd_mosaic(
     x: Float[Array, "b t h p"],
     dt: Float[Array, "b t h"],
     A: Float[Array, " h"],
@@ -227,54 +575,26 @@ def ssd_forward_mosaic(
     stages: int = 3,
     interpret=None,
 ) -> tuple[Float[Array, "b t h p"], Float[Array, "b h p n"]]:
-    """The SSD forward without the D term on Hopper: x, B, C bf16/fp16, dt discretised fp32, A fp32, reset
-    at the first token of every segment, h0 fp32. Returns (y in x's dtype, final state fp32). Not
-    differentiable (inference / prefill).
+    """The SSD scan without the D term on Hopper, differentiable (`jax.custom_vjp` with its own backward
+    kernel): x, B, C bf16/fp16, dt discretised fp32, A fp32, reset at the first token of every segment, h0
+    fp32. Returns (y in x's dtype, final state fp32).
 
     ``spans``: each sequence is cut into this many spans run side by side (None: enough to fill the GPU's
-    SMs, `spans_for`). A first kernel pass gives each span's final state from zero, a scan over spans
-    (XLA, tiny) the state entering each span, H_s = e^{sum of dt A over span s-1} H_{s-1} + local_{s-1}
-    (0 decay across a reset), and the second pass the outputs from it. ``stages``: the most chunks in
-    flight (TMA slots; fewer where shared memory is short). ``interpret``: an `InterpretGPUParams` (CPU)."""
+    SMs, `spans_for`). Forward: a first kernel pass gives each span's final state from zero, a scan over the
+    spans (XLA, tiny) the state entering each, H_s = e^{sum of dt A over span s-1} H_{s-1} + local_{s-1}
+    (0 across a reset), and the second pass the outputs from it. The backward does the same in reverse for
+    the state's cotangent, then every span's gradients from its true entering state (saved by the forward)
+    and its true end cotangent, which are the sequential recurrence's. ``stages``: the most chunks in flight
+    (TMA slots; fewer where shared memory is short). ``interpret``: an `InterpretGPUParams` (CPU)."""
     b, t, h, p = x.shape
-    g, n = B.shape[2:]
+    n = B.shape[-1]
     reason = unsupported(p, n, chunk_size, jnp.bfloat16 if interpret and x.dtype == F32 else x.dtype)
     if reason:  # (the interpreter also takes fp32 operands: the exact check of the algorithm)
         raise ValueError(f"Mosaic GPU SSD kernel: {reason}")
     if spans is None:
         cores = 132 if interpret else getattr(jax.devices()[0], "core_count", 132)
         spans = spans_for(b * h, -(-t // chunk_size), cores)
-    span = -(-t // (chunk_size * spans)) * chunk_size
-    pad = span * spans - t
-
-    def split(z):  # [b, t, ...] -> [b * spans, span, ...], zero-padded (dt = 0: padded steps are identities)
-        z = jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2))
-        return z.reshape(b * spans, span, *z.shape[2:])
-
-    x, B, C, reset = (split(z) for z in (x, B, C, reset))
-    dt = jnp.swapaxes(split(dt.astype(F32)), 1, 2)  # [b * spans, h, span]
-    log_decay = dt * A.astype(F32)[:, None]
-    g_cum = jnp.cumsum(log_decay.reshape(b * spans, h, span // chunk_size, chunk_size), axis=-1)
-    seg = jnp.cumsum(reset.reshape(-1, span // chunk_size, chunk_size).astype(jnp.int32), axis=-1)
-    seg = seg.reshape(b * spans, span).astype(F32)
-    run = functools.partial(_scan, x, B, C, dt, g_cum.reshape(b * spans, h, span), seg, chunk=chunk_size,
-                            stages=stages, interpret=interpret)
-    h0 = h0.astype(F32)
-    if spans > 1:
-        local = run(jnp.zeros((b * spans, h, p, n), F32), with_y=False).reshape(b, spans, h, p, n)
-        through = jnp.where(jnp.any(reset, axis=1)[:, None], 0.0, jnp.exp(jnp.sum(log_decay, axis=-1)))
-
-        def carry(state, span_in):  # the state entering the next span
-            decay, final = span_in
-            state = decay[..., None, None] * state + final
-            return state, state
-
-        _, entering = lax.scan(carry, h0, (jnp.moveaxis(through.reshape(b, spans, h), 1, 0)[:-1],
-                                           jnp.moveaxis(local, 1, 0)[:-1]))
-        h0 = jnp.concatenate([h0[:, None], jnp.moveaxis(entering, 0, 1)], axis=1).reshape(b * spans, h, p, n)
-    y, final = run(h0, with_y=True)
-    return y.reshape(b, spans * span, h, p)[:, :t], final.reshape(b, spans, h, p, n)[:, -1]
-
+    return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt, A, B, C, reset, h0)
 
 @functools.cache
 def interpret_params():
