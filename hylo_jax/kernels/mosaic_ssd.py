@@ -1,22 +1,22 @@
-"""Mosaic GPU (Hopper: wgmma, TMA) kernel for the forward of the chunked Mamba2 SSD scan.
+"""Mosaic GPU (Hopper: wgmma, TMA) kernels for the chunked Mamba2 SSD scan, forward and backward.
 
-One CTA of one warpgroup per (sequence, head) walks the chunks in order with the fp32 state, held transposed
-as S^T [P, N] (the layout of the initial and final states), in registers. Per chunk of C tokens (G the
-chunk-local cumulative log-decay, masked at segment resets as in `pallas_common.decays`; matmul operands in
-the inputs' bf16/fp16, fp32 accumulation):
+One CTA of one warpgroup per (sequence, head) walks the chunks with the fp32 state, held transposed as S^T
+[P, N] (the layout of the initial and final states), in registers. Per chunk of C tokens (G the chunk-local
+cumulative log-decay, masked at segment resets as in `pallas_common.decays`; matmul operands in the inputs'
+bf16/fp16, fp32 accumulation):
 
     M    = (C B^T) o E o dt_j                     E_ij = e^{G_i - G_j} for j <= i in the same segment
     y    = M x + (d_in o C) S                     d_in_i = e^{G_i} while still in the carried-in segment
     S^T' = d_chunk S^T + (d_out o dt o x)^T B     d_out_j = e^{G_last - G_j} in the last segment
 
-x, B, C are read in their own [b, t, heads or groups, dim] layout (TMA boxes of C rows, no transposing
-copies), dt and G as [b, h, t] vectors; TMA brings them ``stages`` chunks ahead into tiled, 128-byte-swizzled
-shared memory (one barrier per slot), and y leaves by TMA from shared memory. The four products are wgmmas:
-C B^T, M x with M from registers, (d_in o C) S with S^T stored in the operand dtype and read transposed,
-(...)^T B with the scaled x read transposed. Sequences too few to fill the GPU are cut into spans run side
-by side (`ssd_forward_mosaic`).
+The forward's products are 4 wgmmas (M from registers, S^T and the scaled x stored in the operand dtype and
+read transposed); the backward walks the chunks in reverse carrying dS^T, from the entering states the
+forward saved, in 11 (`_backward`). x, B, C, dy are read in their own [b, t, heads or groups, dim] layout (TMA
+boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors; TMA brings them ``stages`` chunks ahead
+into tiled, 128-byte-swizzled shared memory (one barrier per slot), outputs leave by TMA from shared memory.
+Batches of fewer sequence-heads than SMs are cut into spans run side by side (`ssd_mosaic`).
 
-On CPU the kernel runs in the GPU interpreter (`InterpretGPUParams`), which has no rules for `plgpu.load`,
+On CPU the kernels run in the GPU interpreter (`InterpretGPUParams`), which has no rules for `plgpu.load`,
 `plgpu.broadcasted_iota` or transposed wgmma operands: there the same program reads refs plainly and
 multiplies with `jnp.dot` (`_Ops`), so the interpreter checks the pipeline (slots, barriers, copies,
 indexing) and the maths, and a lowering for CUDA (`lowering_platforms=("cuda",)`) checks the layouts.
@@ -161,17 +161,55 @@ class _Chunk:
             live, exponent = (rows >= cols) & same, self.square(self.g_i, 0) - self.square(g_j, 1)
         return jnp.exp(jnp.where(live, exponent, -jnp.inf))
 
-    @property
+    # cached: each use would otherwise emit its exps again (the kernel is traced op by op)
+    @functools.cached_property
     def d_in(self):  # e^{G_i} while in the carried-in segment
         return jnp.where(self.s_i == 0, jnp.exp(self.g_i), 0.0)
 
-    @property
+    @functools.cached_property
     def d_out(self):  # e^{G_last - G_j} in the last segment
         return jnp.where(self.s_i == self.s_last, jnp.exp(self.g_last - self.g_i), 0.0)
 
-    @property
+    @functools.cached_property
     def d_chunk(self):  # e^{G_last} when the chunk has no reset
         return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Where:
+    """Where this CTA's (sequence, head) reads and writes chunk i in each kind of array."""
+
+    batch: jax.Array
+    head: jax.Array
+    group: jax.Array
+    chunk: int
+
+    @classmethod
+    def here(cls, per_group: int, chunk: int) -> _Where:
+        head = lax.axis_index("heads")
+        return cls(lax.axis_index("batch"), head, head // per_group, chunk)
+
+    def tokens(self, i):
+        return pl.ds(i * self.chunk, self.chunk)
+
+    def by_head(self, i):  # [Bt, T, H, D]: x, y, dy, dx, per-head dB / dC
+        return self.batch, self.tokens(i), self.head
+
+    def by_group(self, i):  # [Bt, T, G, N]: B, C
+        return self.batch, self.tokens(i), self.group
+
+    def gates(self, i):  # [Bt, H, T]: dt, G and their cotangents
+        return self.batch, self.head, self.tokens(i)
+
+    def segments(self, i):  # [Bt, T]
+        return self.batch, self.tokens(i)
+
+    def per_chunk(self, i):  # [Bt, H, T/C, ...]: saved states, chunk-end terms
+        return self.batch, self.head, i
+
+    @property
+    def state(self):  # [Bt, H, P, N]: initial and final states, their cotangents
+        return self.batch, self.head
 
 
 def _chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):
@@ -294,14 +332,11 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         states_sm, *rest = rest if save else (None, *rest)
         xs_sm, state_sm, *rest = rest
         s_sm, ready, state_ready = rest if with_y else (None, *rest)
-        bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
-        gi = hi // per_group
-        tokens = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
-        sources = [(x_ref, x_sm, lambda i: (bi, tokens(i), hi)), (b_ref, b_sm, lambda i: (bi, tokens(i), gi)),
-                   (dt_ref, dt_sm, lambda i: (bi, hi, tokens(i))), (g_ref, g_sm, lambda i: (bi, hi, tokens(i))),
-                   (seg_ref, seg_sm, lambda i: (bi, tokens(i)))]
+        at = _Where.here(per_group, chunk)
+        sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
+                   (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
         if with_y:
-            sources.append((c_ref, c_sm, lambda i: (bi, tokens(i), gi)))
+            sources.append((c_ref, c_sm, at.by_group))
 
         def step(i, slot, state):
             x_s, b_s = x_sm.at[slot], b_sm.at[slot]
@@ -316,16 +351,16 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ch.square(dt_j, 1)
                 c_in = ops.load(c_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
                 y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_sm)))
-                outputs = [(y, y_sm.at[slot], y_ref.at[bi, tokens(i), hi])]
+                outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
                 if save:
-                    outputs.append((state, states_sm.at[slot], states_ref.at[bi, hi, i]))
+                    outputs.append((state, states_sm.at[slot], states_ref.at[at.per_chunk(i)]))
                 _store(stages, *outputs)
             return state * ch.d_chunk + ops.matmul((p, n), (("T", xs_sm), b_s))
 
-        state = _initial(ops, h0_ref.at[bi, hi], state_sm, state_ready)
+        state = _initial(ops, h0_ref.at[at.state], state_sm, state_ready)
         state = _chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                             reverse=False)
-        _final(state, state_sm, ht_ref.at[bi, hi])
+        _final(state, state_sm, ht_ref.at[at.state])
 
     final = jax.ShapeDtypeStruct((batch_size, heads, p, n), F32)
     out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
@@ -377,58 +412,65 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
         if grads:
             dst_sm, dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm, *rest = rest
         ready, state_ready = rest
-        bi, hi = lax.axis_index("batch"), lax.axis_index("heads")
-        gi = hi // per_group
-        tokens = lambda i: pl.ds(i * chunk, chunk)  # noqa: E731
-        sources = [(c_ref, c_sm, lambda i: (bi, tokens(i), gi)), (dy_ref, dy_sm, lambda i: (bi, tokens(i), hi)),
-                   (dt_ref, dt_sm, lambda i: (bi, hi, tokens(i))), (g_ref, g_sm, lambda i: (bi, hi, tokens(i))),
-                   (seg_ref, seg_sm, lambda i: (bi, tokens(i)))]
+        at = _Where.here(per_group, chunk)
+        sources = [(c_ref, c_sm, at.by_group), (dy_ref, dy_sm, at.by_head), (dt_ref, dt_sm, at.gates),
+                   (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
         if grads:
-            sources += [(x_ref, x_sm, lambda i: (bi, tokens(i), hi)), (b_ref, b_sm, lambda i: (bi, tokens(i), gi)),
-                        (states_ref, st_sm, lambda i: (bi, hi, i))]
+            sources += [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (states_ref, st_sm, at.per_chunk)]
 
         def step(i, slot, dst):
             c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
             ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-            c_f32 = ops.load(c_s, _WGMMA).astype(F32)
-            cin_sm[...] = (c_f32 * ch.rows_of(ch.d_in, n)).astype(cdt)
+            cin_sm[...] = (ops.load(c_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
             if grads:
                 dst_sm[...] = dst.astype(cdt)
             plgpu.commit_smem()
-            if not grads:
-                return ops.matmul((p, n), (("T", dy_s), cin_sm)) + ch.d_chunk * dst
-            x_s, b_s, s_s = x_sm.at[slot], b_sm.at[slot], st_sm.at[slot]
-            g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-            x_f32, b_f32 = ops.load(x_s, _WGMMA).astype(F32), ops.load(b_s, _WGMMA).astype(F32)
-            v = x_f32 * ch.rows_of(ch.dt_i, p)
-            cb = ops.matmul((chunk, chunk), (c_s, ("T", b_s)))
-            cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
-            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ch.square(dt_j, 1) * ch.decay(g_j, s_j)
-            d_cb_t = (ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ch.square(ch.dt_i, 0)
-                      * ch.decay(g_j, s_j, transposed=True))
-            e_t = ch.decay(g_j, s_j, transposed=True)
-            dv = ops.matmul((chunk, p), ((cb_t * e_t).astype(cdt), dy_s),
-                            ((b_f32 * ch.rows_of(ch.d_out, n)).astype(cdt), ("T", dst_sm)))
-            dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
-            v_ds = ops.matmul((chunk, n), (v.astype(cdt), dst_sm))  # v dS'^T
-            dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s)) + ch.rows_of(ch.d_in, n) * dy_s_t
-            db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + ch.rows_of(ch.d_out, n) * v_ds
-            dd_in = jnp.sum(dy_s_t * c_f32, axis=1)
-            dd_out = jnp.sum(v_ds * b_f32, axis=1)
-            z_rows, z_cols = jnp.sum(d_cb * cb, axis=1), jnp.sum(d_cb_t * cb_t, axis=1)
-            out = dd_out * ch.d_out
-            s_t = ops.load(s_s, _WGMMA).astype(F32)
-            _store(1, (dv * ch.rows_of(ch.dt_i, p), dx_sm, outs[0].at[bi, tokens(i), hi]),
-                   (db, db_sm, outs[1].at[bi, tokens(i), hi]), (dc, dc_sm, outs[2].at[bi, tokens(i), hi]),
-                   (jnp.sum(dv * x_f32, axis=1), ddt_sm, outs[3].at[bi, hi, tokens(i)]),
-                   (z_rows - z_cols + dd_in * ch.d_in - out, dg_sm, outs[4].at[bi, hi, tokens(i)]),
-                   (out, out_sm, outs[5].at[bi, hi, tokens(i)]),
-                   (jnp.sum(s_t * dst * ch.d_chunk, axis=1), dch_sm, outs[6].at[bi, hi, i]))
+            if grads:
+                _chunk_grads(i, slot, ch, dst)
             return ops.matmul((p, n), (("T", dy_s), cin_sm)) + ch.d_chunk * dst
 
-        dst = _initial(ops, dht_ref.at[bi, hi], state_sm, state_ready)
+        def _chunk_grads(i, slot, ch, dst):
+            """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
+            to shared memory when ready and all leave as one TMA group at the end."""
+            x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
+            g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+            rows_of = ch.rows_of
+            # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
+            e_t = ch.decay(g_j, s_j, transposed=True)
+            d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ch.square(ch.dt_i, 0) * e_t
+            cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
+            z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
+            m_t = (cb_t * e_t).astype(cdt)
+            b_out = (ops.load(b_s, _WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
+            dv = ops.matmul((chunk, p), (m_t, dy_s), (b_out, ("T", dst_sm)))
+            x_f32 = ops.load(x_s, _WGMMA).astype(F32)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
+            dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
+            ddt_sm[...] = jnp.sum(dv * x_f32, axis=1)
+            v_ds = ops.matmul((chunk, n), ((x_f32 * rows_of(ch.dt_i, p)).astype(cdt), dst_sm))  # v dS'^T
+            dd_out = jnp.sum(v_ds * ops.load(b_s, _WGMMA).astype(F32), axis=1)
+            db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + rows_of(ch.d_out, n) * v_ds
+            # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
+            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ch.square(dt_j, 1) * ch.decay(g_j, s_j)
+            z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
+            dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
+            dd_in = jnp.sum(dy_s_t * ops.load(c_s, _WGMMA).astype(F32), axis=1)
+            dc_sm[...] = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s)) + rows_of(ch.d_in, n) * dy_s_t
+            # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
+            out = dd_out * ch.d_out
+            out_sm[...] = out
+            dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
+            dch_sm[...] = jnp.sum(ops.load(s_s, _WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
+            plgpu.commit_smem()
+            buffers = (dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm)
+            where = (at.by_head, at.by_head, at.by_head, at.gates, at.gates, at.gates, at.per_chunk)
+            for src, out_ref, index in zip(buffers, outs, where):  # outs[7], dS^T at the first token, comes last
+                plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+
+        dst = _initial(ops, dht_ref.at[at.state], state_sm, state_ready)
         dst = _chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
-        _final(dst, state_sm, outs[-1].at[bi, hi])
+        _final(dst, state_sm, outs[-1].at[at.state])
 
     sds = jax.ShapeDtypeStruct
     d0 = sds((batch_size, heads, p, n), F32)
