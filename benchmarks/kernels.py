@@ -2,7 +2,8 @@
 
 One table like `mixers.py` (whose peer loading, inputs, timing and FLOP formulas it imports): forward and
 forward+backward ms, tokens/s, TFLOP/s and its fraction of the bf16 matmul ceiling measured in the same run,
-for ours `impl="pallas"`, ours `impl="auto"` (SSD: the Pallas forward, the chunked path under differentiation),
+for ours `impl="pallas"`, ours `impl="auto"` (SSD: the Pallas forward, under differentiation the chunked path
+unless batch x heads fills the GPU, `ssd.fills_gpu`),
 ours Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper; "ours mosaic"), ours `impl="chunked"`, jax-linear-attention
 (and fla / mamba_ssm if installed).
 

@@ -35,6 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Bool, Float
 
+from .pallas_common import gpu_cores
+
 F32 = jnp.float32
 _WGMMA = plgpu.Layout.WGMMA
 _BY_ROW, _BY_COL = _WGMMA.reduce(1), _WGMMA.reduce(0)  # [C] vectors indexed by the row i / by the column j
@@ -634,8 +636,7 @@ def ssd_mosaic(
     if reason:  # (the interpreter also takes fp32 operands: the exact check of the algorithm)
         raise ValueError(f"Mosaic GPU SSD kernel: {reason}")
     if spans is None:
-        cores = 132 if interpret else getattr(jax.devices()[0], "core_count", 132)
-        spans = spans_for(b * h, -(-t // chunk_size), cores)
+        spans = spans_for(b * h, -(-t // chunk_size), 132 if interpret else gpu_cores())
     return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt, A, B, C, reset, h0)
 
 @functools.cache

@@ -368,6 +368,11 @@ def gpu_capability_ok() -> tuple[bool, str]:
     return ok, f"GPU compute capability {cap} < 8.0 (Triton Pallas needs sm80+)"
 
 
+def gpu_cores() -> int:
+    """Streaming multiprocessors of the first device (132 on an H100 SXM when it does not say)."""
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
+
+
 _OVERRIDE: list = []  # tests: [(backend, interpret)] forces the Pallas backend and interpret mode
 
 

@@ -87,14 +87,9 @@ def default_vb(backend: str, dv: int, rows: int | None = None) -> int:
     want = 128 if backend == "tpu" else 32
     vb = want if dv % want == 0 and dv > want else dv
     if backend == "gpu" and rows:
-        while vb > GPU_MIN_VB and pc.is_pow2(vb) and 2 * rows * (dv // vb) < _gpu_cores():
+        while vb > GPU_MIN_VB and pc.is_pow2(vb) and 2 * rows * (dv // vb) < pc.gpu_cores():
             vb //= 2
     return vb
-
-
-def _gpu_cores() -> int:
-    """Streaming multiprocessors of the first device (132 on an H100 SXM when it does not say)."""
-    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def unsupported(backend: str, dk: int, dv: int, chunk: int) -> str | None:

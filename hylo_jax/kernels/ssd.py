@@ -167,6 +167,15 @@ def _ssd_chunked(x, dt, A, B, C, reset, initial_state, chunk_size):
 _IMPLS: dict[str, Callable] = {"reference": _ssd_reference, "chunked": _ssd_chunked}
 
 
+def fills_gpu(batch: int, heads: int) -> bool:
+    """Whether the Pallas SSD kernels' one program per (sequence, head) fills >= 3/4 of the GPU's SMs, where
+    their forward + backward beats the chunked path's. The kernels walk each sequence alone, so below that
+    their time is one sequence's, the chunked path's the whole batch's. Measured on the H200 (132 SMs, bf16,
+    32 heads, ms): 4 x 4096 (128 programs) 2.07 vs 3.70 (g32n64), 3.32 vs 4.20 (g1n128); 1 x 16K (32
+    programs) 5.88 vs 3.76, 7.70 vs 4.15 (benchmarks/RESULTS.md, sessions 8-9)."""
+    return 4 * batch * heads >= 3 * pallas_common.gpu_cores()
+
+
 def _kernel_forward_chunked_vjp(kernel: Callable, chunk_size: int) -> Callable:
     """The SSD `kernel` (Pallas path: x, B, C in their compute dtype) where nothing differentiates (inference,
     prefill); under differentiation the chunked path's forward and VJP on the same operands. y comes out
@@ -214,8 +223,9 @@ def ssd(
     segment only. ``impl``: "chunked" (SSD algorithm, chunks of ``chunk_size``), "reference"
     (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, matmul operands in x/B/C's dtype) or
     "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
-    on CPU; on GPU the Pallas forward only where nothing differentiates, "chunked" under `jax.grad`: see
-    `_kernel_forward_chunked_vjp`). The final state is the state after the last token.
+    on CPU; on GPU, unless batch x heads fills the GPU (`fills_gpu`), the Pallas forward only where nothing
+    differentiates and "chunked" under `jax.grad`: see `_kernel_forward_chunked_vjp`). The final state is
+    the state after the last token.
     """
     if impl not in pallas_common.IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(pallas_common.IMPLS)}")
@@ -244,13 +254,18 @@ def ssd(
         "ssd", impl, lambda be: pallas_ssd.unsupported(be, p, B.shape[-1], chunk_size))
     x32 = x.astype(_F32)
     if impl == "pallas":
+        def on_device(x, *args):  # per device under a mesh: its own batch and heads decide
+            run = functools.partial(pallas_ssd.ssd_pallas, chunk_size=chunk_size, backend=backend,
+                                    interpret=interpret)
+            if requested == "auto" and backend == "gpu" and not fills_gpu(x.shape[0], x.shape[2]):
+                run = _kernel_forward_chunked_vjp(run, chunk_size)
+            return run(x, *args)
+
         run = pallas_common.on_mesh(
-            functools.partial(pallas_ssd.ssd_pallas, chunk_size=chunk_size, backend=backend, interpret=interpret),
+            on_device,
             lambda r, hd: ((P(r, None, hd, None), P(r, None, hd), P(hd), P(r, None, hd, None), P(r, None, hd, None),
                             P(r, None), P(r, hd, None, None)), (P(r, None, hd, None), P(r, hd, None, None))),
             b, h, B.shape[2])
-        if requested == "auto" and backend == "gpu":
-            run = _kernel_forward_chunked_vjp(run, chunk_size)
         y, final = run(x, dt32, A.astype(_F32), B, C, reset, h0)
         if D is not None:
             y = y.astype(_F32) + D.astype(_F32)[:, None] * x32
