@@ -637,7 +637,8 @@ def ssd_mosaic(
         raise ValueError(f"Mosaic GPU SSD kernel: {reason}")
     if spans is None:
         spans = spans_for(b * h, -(-t // chunk_size), 132 if interpret else gpu_cores())
-    return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt, A, B, C, reset, h0)
+    return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt.astype(F32), A.astype(F32), B, C, reset,
+                h0.astype(F32))  # (fp32 gates and state: their cotangents come back fp32, cast by astype's VJP)
 
 @functools.cache
 def interpret_params():
