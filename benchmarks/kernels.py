@@ -4,8 +4,8 @@ One table like `mixers.py` (whose peer loading, inputs, timing and FLOP formulas
 forward+backward ms, tokens/s, TFLOP/s and its fraction of the bf16 matmul ceiling measured in the same run,
 for ours `impl="pallas"`, ours `impl="auto"` (SSD: the Pallas forward, under differentiation the chunked path
 unless batch x heads fills the GPU, `ssd.fills_gpu`),
-ours Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper; "ours mosaic"), ours `impl="chunked"`, jax-linear-attention
-(and fla / mamba_ssm if installed).
+ours `impl="pallas"` on the Mosaic GPU kernels (`mosaic_ssd`, `mosaic_gdn`, Hopper; "ours mosaic"), ours
+`impl="chunked"`, jax-linear-attention (and fla / mamba_ssm if installed).
 
     python benchmarks/kernels.py [--only gdn,ssd] [--shapes 4x4096,1x16384,1x65536] [--skip "jla chunked"]
     python benchmarks/kernels.py --check [--check-shape 2x1000]   # pallas vs chunked, outputs and grads
@@ -13,7 +13,7 @@ ours Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper; "ours mosaic"), ours `impl="c
 
 `--check` runs both paths on the same random inputs (odd length, packed segments, initial state) in fp32
 (both exact: the kernels use IEEE fp32 products for fp32 operands) and in bf16 (the kernels multiply bf16
-operands, accumulating in fp32; the chunked path computes in fp32), on a GPU also the Mosaic SSD kernels vs
+operands, accumulating in fp32; the chunked path computes in fp32), on a GPU also the Mosaic kernels vs
 chunked in bf16, and prints the max relative error (max |a - b| / max |b|) of the output, the final state and
 every input cotangent.
 """
@@ -31,14 +31,26 @@ import mixers  # noqa: E402  (sets the allocator environment before a JAX backen
 import numpy as np  # noqa: E402
 from common import matmul_ceiling_tflops, print_table  # noqa: E402
 
-from hylo_jax.kernels import mosaic_ssd  # noqa: E402
+from hylo_jax.kernels import pallas_common  # noqa: E402
 from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
-from hylo_jax.kernels.ssd import discretize_dt, ssd  # noqa: E402
+from hylo_jax.kernels.ssd import ssd  # noqa: E402
+
+
+def with_kernels(fn, kernels: str):
+    """`fn` traced with the GPU Pallas path on these kernels ("triton" or "mosaic": `pallas_common.gpu_kernels`)."""
+    def run(*args, **kwargs):
+        with pallas_common.gpu_kernels(kernels):
+            return fn(*args, **kwargs)
+    return run
+
+
+# (name, impl, GPU kernels) of our rows: the Pallas path on Triton and on Mosaic GPU (Hopper), and "auto"
+OURS = (("ours pallas", "pallas", "triton"), ("ours mosaic", "pallas", "mosaic"))
 
 
 def gdn_impls(peers, dk, skip):
-    ours = [(f"ours {impl}", "jax", lambda q, k, v, g, beta, impl=impl: gated_delta_rule(
-        q, k, v, g, beta, chunk_size=mixers.CHUNK, impl=impl)[0]) for impl in ("pallas",)]
+    ours = [(name, "jax", with_kernels(lambda q, k, v, g, beta, impl=impl: gated_delta_rule(
+        q, k, v, g, beta, chunk_size=mixers.CHUNK, impl=impl)[0], kernels)) for name, impl, kernels in OURS]
     return [i for i in ours + mixers.gdn_impls(peers, dk) if not any(s and s in i[0] for s in skip)]
 
 
@@ -47,22 +59,9 @@ def ssd_impls(peers, skip):
         return lambda x, dt, A, B, C, dt_bias: ssd(x, dt, A, B, C, dt_bias=dt_bias, chunk_size=mixers.CHUNK,
                                                    impl=impl)[0]
 
-    ours = [("ours pallas", "jax", ours_ssd("pallas")), ("ours auto", "jax", ours_ssd("auto")),
-            ("ours mosaic", "jax", ssd_mosaic)]
+    ours = [(name, "jax", with_kernels(ours_ssd(impl), kernels))
+            for name, impl, kernels in (*OURS, ("ours auto", "auto", "triton"))]
     return [i for i in ours + mixers.ssd_impls(peers) if not any(s and s in i[0] for s in skip)]
-
-
-def ssd_mosaic(x, dt, A, B, C, dt_bias, reset=None, h0=None, D=None):
-    """Our Mosaic GPU SSD kernels (`mosaic_ssd`, Hopper only: forward and backward), with dt discretised and
-    the D term added as `ssd` does."""
-    b, t, h, p = x.shape
-    reset = jnp.zeros((b, t), bool) if reset is None else reset
-    h0 = jnp.zeros((b, h, p, B.shape[-1]), jnp.float32) if h0 is None else h0
-    y, final = mosaic_ssd.ssd_mosaic(x, discretize_dt(dt, dt_bias, True, (0.0, float("inf"))), A, B, C, reset, h0,
-                                     mixers.CHUNK)
-    if D is not None:
-        y = y.astype(jnp.float32) + D[:, None] * x.astype(jnp.float32)
-    return y.astype(x.dtype), final
 
 
 # ---------------------------------------------------------------- --check
@@ -100,7 +99,7 @@ def _check_gdn(dims, b, t, rng):
         def f(*a, impl):
             return gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=seg, use_qk_l2norm=True,
                                     chunk_size=mixers.CHUNK, impl=impl)
-        rows += _compare("gdn", dtype, f, args, names, rng)
+        rows += _compare_kernels("gdn", dtype, f, args, names, rng)
     return rows
 
 
@@ -119,15 +118,15 @@ def _check_ssd(dims, b, t, rng):
             def f(*a, impl):
                 return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
                            chunk_size=mixers.CHUNK, impl=impl)
-            rows += _compare(f"ssd {variant}", dtype, f, args, names, rng)
-            if dtype == "bfloat16" and jax.default_backend() == "gpu":  # Hopper's Mosaic kernels as "pallas"
-                reset = jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+            rows += _compare_kernels(f"ssd {variant}", dtype, f, args, names, rng)
+    return rows
 
-                def mosaic(*a, impl, f=f):
-                    if impl == "chunked":
-                        return f(*a, impl=impl)
-                    return ssd_mosaic(*a[:6], reset=reset, h0=a[7], D=a[6])
-                rows += _compare(f"ssd {variant} mosaic", dtype, mosaic, args, names, rng)
+
+def _compare_kernels(op, dtype, f, args, names, rng):
+    """pallas vs chunked on the Triton kernels and, on a GPU with bf16 inputs, on the Mosaic GPU kernels."""
+    rows = _compare(op, dtype, with_kernels(f, "triton"), args, names, rng)
+    if dtype == "bfloat16" and jax.default_backend() == "gpu":
+        rows += _compare(f"{op} mosaic", dtype, with_kernels(f, "mosaic"), args, names, rng)
     return rows
 
 

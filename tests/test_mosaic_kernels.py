@@ -1,6 +1,7 @@
-"""The Mosaic GPU (Hopper) SSD kernels, forward and backward, on CPU: in the GPU interpreter against the
+"""The Mosaic GPU (Hopper) kernels on CPU. SSD, forward and backward: in the GPU interpreter against the
 sequential reference (outputs) and the chunked path (every input cotangent), and lowered for CUDA (the Mosaic
-GPU lowering checks layouts, wgmma operands, transfers and shared memory in Python).
+GPU lowering checks layouts, wgmma operands, transfers and shared memory in Python). The GDN recurrence kernels
+the same way against the `lax.scan` recurrence, and both as the Pallas path of the whole ops when chosen.
 
 Tolerances (max |a - b| / max |b|): fp32 operands 1e-5 (the interpreter multiplies exactly, so this checks the
 algorithm: masks, segments, states, padding, groups, spans, the slots of the pipeline); bf16 operands 2e-2
@@ -14,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hylo_jax.kernels import mosaic_ssd
-from hylo_jax.kernels.ssd import _ssd_chunked, _ssd_reference
+from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_ssd, pallas_common
+from hylo_jax.kernels.gated_delta import chunk_state_recurrence, gated_delta_rule, make_recurrence
+from hylo_jax.kernels.ssd import _ssd_chunked, _ssd_reference, ssd
 
 F32 = jnp.float32
 
@@ -52,7 +54,7 @@ GRAD_CASES = CASES[:2] + [pytest.param(*c, marks=pytest.mark.slow) for c in CASE
 def test_forward_matches_the_sequential_reference(b, t, h, g, p, n, chunk, stages, spans, dtype, tol):
     x, dt, A, B, C, reset, h0 = ssd_inputs(0, b, t, h, g, p, n, dtype)
     y, final = mosaic_ssd.ssd_mosaic(x, dt, A, B, C, reset, h0, chunk, stages=stages, spans=spans,
-                                     interpret=mosaic_ssd.interpret_params())
+                                     interpret=mosaic_common.interpret_params())
     y_ref, final_ref = _ssd_reference(x.astype(F32), dt, A, B.astype(F32), C.astype(F32), reset, h0, chunk)
     assert y.dtype == dtype and final.dtype == F32
     assert rel_err(y.astype(F32), y_ref) < tol
@@ -73,7 +75,7 @@ def test_gradients_match_the_chunked_path(b, t, h, g, p, n, chunk, stages, spans
     rng = np.random.default_rng(4)
     dy, dfinal = (jnp.asarray(rng.standard_normal(s), F32) for s in ((b, t, h, p), (b, h, p, n)))
     ours = functools.partial(mosaic_ssd.ssd_mosaic, chunk_size=chunk, stages=stages, spans=spans,
-                             interpret=mosaic_ssd.interpret_params())
+                             interpret=mosaic_common.interpret_params())
 
     def chunked(x, dt, A, B, C, reset, h0):
         return _ssd_chunked(x.astype(F32), dt, A, B.astype(F32), C.astype(F32), reset, h0, chunk)
@@ -114,3 +116,74 @@ def test_spans_fill_the_gpu_but_stay_long():
     assert mosaic_ssd.spans_for(batch_heads=32, n_chunks=256, cores=132) == 4  # 1 x 16K: 128 CTAs, one wave
     assert mosaic_ssd.spans_for(batch_heads=32, n_chunks=16, cores=132) == 2  # spans of >= 8 chunks
     assert mosaic_ssd.spans_for(batch_heads=2, n_chunks=3, cores=132) == 1
+
+
+# ----------------------------------------------------------------------------- GDN recurrence
+def recurrence_inputs(seed, b, h, n, c, dk, dv):
+    """u, w, k [b, h, n, C, d], the chunk decays [b, h, n], the initial state [b, h, dk, dv]."""
+    rng = np.random.default_rng(seed)
+    shapes = ((b, h, n, c, dv), (b, h, n, c, dk), (b, h, n, c, dk))
+    args = [jnp.asarray(rng.standard_normal(s) * 0.1, F32) for s in shapes]
+    decay, state = rng.uniform(0.2, 1.0, (b, h, n)), rng.standard_normal((b, h, dk, dv))
+    return args + [jnp.asarray(decay, F32), jnp.asarray(state, F32)]
+
+
+def recurrence_loss(recurrence):
+    def loss(*args):
+        states, deltas, final = recurrence(*args)
+        return jnp.sum(states.astype(F32) * 0.3) + jnp.sum(jnp.sin(deltas)) + jnp.sum(final * final)
+    return loss
+
+
+@pytest.mark.parametrize("dtype, tol", [(F32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_gdn_recurrence_kernels_match_the_scan(dtype, tol):
+    """The Mosaic GDN recurrence (forward and reverse kernels, value blocks of 32) against the `lax.scan`
+    recurrence: outputs and every cotangent (u, w, k, decay, initial state)."""
+    args = recurrence_inputs(0, 2, 1, 3, 64, 64, 64)
+    ours = make_recurrence(*mosaic_gdn.scans(dtype, mosaic_common.interpret_params(), vb=32))
+    for got, want in zip(ours(*args), chunk_state_recurrence(*args), strict=True):
+        assert rel_err(got.astype(F32), want.astype(F32)) < tol
+    got = jax.grad(recurrence_loss(ours), argnums=range(5))(*args)
+    want = jax.grad(recurrence_loss(chunk_state_recurrence), argnums=range(5))(*args)
+    for name, a, w in zip(("u", "w", "k", "decay", "state"), got, want, strict=True):
+        assert rel_err(a, w) < tol, name
+
+
+def test_gdn_recurrence_lowers_for_cuda_at_hylo_sizes():
+    """d_k 256, d_v 512 in blocks of 32, chunks of 64, bf16: both kernels, two TMA slots each."""
+    args = recurrence_inputs(1, 1, 2, 4, 64, 256, 512)
+    ours = make_recurrence(*mosaic_gdn.scans(jnp.bfloat16))
+    grad = jax.jit(jax.grad(recurrence_loss(ours), argnums=range(5)))
+    assert grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 2
+
+
+# ----------------------------------------------------------------------------- dispatch
+def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
+    """`gpu_kernels("mosaic")` (or HYLO_GPU_KERNELS=mosaic) makes the Mosaic kernels the GPU's Pallas path; the
+    whole ops then match the chunked path (fp32 operands in the interpreter)."""
+    monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
+    monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda driver="gpu": (True, ""))
+    assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "gpu")
+    with pallas_common.gpu_kernels("mosaic"):
+        assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "mosaic_gpu")
+    monkeypatch.setenv("HYLO_GPU_KERNELS", "mosaic")
+    assert pallas_common.choose("ssd", "pallas", lambda be: None)[:2] == ("pallas", "mosaic_gpu")
+    monkeypatch.setenv("HYLO_GPU_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="HYLO_GPU_KERNELS"):
+        pallas_common.choose("ssd", "auto", lambda be: None)
+    monkeypatch.undo()
+
+    rng = np.random.default_rng(5)
+    t = 70  # two chunks, the second short
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, 1, 64)), F32) for _ in range(3))
+    g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((1, t, 1))), F32)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((1, t, 1)))), F32)
+    seg = jnp.asarray(np.cumsum(rng.random((1, t)) < 0.03, axis=1), jnp.int32)
+    with pallas_common.force_backend("mosaic_gpu", mosaic_common.interpret_params()):
+        o, s = gated_delta_rule(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True, impl="pallas")
+        x, dt, A, B, C, reset, h0 = ssd_inputs(6, 1, t, 1, 1, 64, 64, F32)
+        y, final = ssd(x, dt, A, B, C, initial_state=h0, chunk_size=64, impl="pallas")
+    o_ref, s_ref = gated_delta_rule(q, k, v, g, beta, segment_ids=seg, use_qk_l2norm=True, impl="chunked")
+    y_ref, final_ref = ssd(x, dt, A, B, C, initial_state=h0, chunk_size=64, impl="chunked")
+    for got, want in ((o, o_ref), (s, s_ref), (y, y_ref), (final, final_ref)):
+        assert rel_err(got, want) < 1e-5

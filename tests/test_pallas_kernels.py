@@ -249,7 +249,7 @@ def test_ssd_auto_on_gpu_runs_the_kernel_forward_unless_the_batch_fills_the_gpu(
     with pallas_common.force_backend("gpu", True):
         y_pallas, h_pallas = ssd_fn("pallas", seg, 16)(*args.values())
     monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
-    monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda: (True, ""))
+    monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda driver="gpu": (True, ""))
     monkeypatch.setattr(pallas_common, "gpu_cores", lambda: cores)
     monkeypatch.setattr(pallas_ssd, "ssd_pallas", interpreted)
     y_auto, h_auto = jax.jit(ssd_fn("auto", seg, 16))(*args.values())

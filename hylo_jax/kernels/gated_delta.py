@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from . import pallas_common, pallas_gdn
+from . import mosaic_gdn, pallas_common, pallas_gdn
 
 _L2NORM_EPS = 1e-6
 
@@ -253,9 +253,17 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 
 @functools.cache
 def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
-    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` (matmul operands in `dtype`), run
-    per device under a set mesh (`_per_device`)."""
+    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu") or `mosaic_gdn`
+    ("mosaic_gpu"), matmul operands in `dtype`, run per device under a set mesh (`_per_device`)."""
+    if backend == "mosaic_gpu":
+        return _per_device(make_recurrence(*mosaic_gdn.scans(dtype, interpret)))
     return _per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)))
+
+
+def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
+    if driver == "mosaic_gpu":
+        return mosaic_gdn.unsupported(dk, dv, chunk, mosaic_gdn.default_vb(dv), dtype)
+    return pallas_gdn.unsupported(driver, dk, dv, chunk)
 
 
 def _per_device(recurrence: Callable) -> Callable:
@@ -366,7 +374,8 @@ def gated_delta_rule(
     g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
-    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, the operands of
+    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, or on GPU those of
+    `mosaic_gdn` under `pallas_common.gpu_kernels("mosaic")` / HYLO_GPU_KERNELS=mosaic; the operands of
     every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
@@ -390,7 +399,7 @@ def gated_delta_rule(
 
     b, t, h, dk = q.shape
     impl, backend, interpret = pallas_common.choose(
-        "gated_delta_rule", impl, lambda be: pallas_gdn.unsupported(be, dk, v.shape[-1], chunk_size))
+        "gated_delta_rule", impl, lambda be: _unsupported(be, q.dtype, dk, v.shape[-1], chunk_size))
     in_dtype = q.dtype
     q, k = _prepare_qk(q, k, scale, use_qk_l2norm)
     if initial_state is None:

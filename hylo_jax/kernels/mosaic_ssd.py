@@ -16,17 +16,13 @@ boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors; TMA brin
 into tiled, 128-byte-swizzled shared memory (one barrier per slot), outputs leave by TMA from shared memory.
 Batches of fewer sequence-heads than SMs are cut into spans run side by side (`ssd_mosaic`).
 
-On CPU the kernels run in the GPU interpreter (`InterpretGPUParams`), which has no rules for `plgpu.load`,
-`plgpu.broadcasted_iota` or transposed wgmma operands: there the same program reads refs plainly and
-multiplies with `jnp.dot` (`_Ops`), so the interpreter checks the pipeline (slots, barriers, copies,
-indexing) and the maths, and a lowering for CUDA (`lowering_platforms=("cuda",)`) checks the layouts.
+On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +31,23 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Bool, Float
 
+from .mosaic_common import (
+    BY_COL,
+    BY_ROW,
+    F32,
+    SMEM_BYTES,
+    WGMMA,
+    Ops,
+    chunk_loop,
+    fit,
+    load_state,
+    nbytes,
+    smem,
+    store,
+    store_state,
+    vectors,
+)
 from .pallas_common import gpu_cores
-
-F32 = jnp.float32
-_WGMMA = plgpu.Layout.WGMMA
-_BY_ROW, _BY_COL = _WGMMA.reduce(1), _WGMMA.reduce(0)  # [C] vectors indexed by the row i / by the column j
-
-
-SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (opt-in)
 
 
 def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
@@ -62,74 +67,11 @@ def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Ops:
-    """The in-kernel operations that differ between the device and the GPU interpreter."""
-
-    interpret: bool
-    chunk: int
-
-    def load(self, ref, layout):
-        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
-
-    def iota(self, dim: int):
-        shape = (self.chunk, self.chunk)
-        if self.interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=_WGMMA)
-
-    def matmul(self, shape, *terms):
-        """sum of a @ b over `terms` in fp32. An operand is a shared-memory ref, ("T", ref) for the ref read
-        transposed, or a register value (the A operand only)."""
-        if self.interpret:
-            def value(z):  # z[...] reads a ref and is a register value itself
-                return z[1][...].T if isinstance(z, tuple) else z[...]
-            return sum(jnp.dot(value(a).astype(F32), value(b).astype(F32), precision=lax.Precision.HIGHEST)
-                       for a, b in terms)
-
-        def operand(z):
-            return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
-
-        def body(acc):
-            for a, b in terms:
-                plgpu.wgmma(acc, operand(a), operand(b))
-            return acc[...]
-        return pl.run_scoped(body, plgpu.ACC(shape, F32))
-
-
-def _tiled(dtype) -> tuple:
-    """Shared-memory transforms of a 2-D operand: (8, 128 bytes) tiles, 128-byte swizzle (wgmma, TMA)."""
-    return plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(128)
-
-
-def _smem(shape, dtype):
-    """A shared-memory buffer of matrices (wgmma / TMA operands: tiled and swizzled)."""
-    return plgpu.SMEM(shape, dtype, transforms=_tiled(dtype))
-
-
-def _vectors(shape):
-    """A shared-memory buffer of fp32 vectors (the last axis), plain."""
-    return plgpu.SMEM(shape, F32)
-
-
-def _bytes(buffers) -> int:
-    return sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
-
-
-def _fit(slot_buffers, fixed_buffers, most: int, n_chunks: int, what: str, interpret) -> int:
-    """The most TMA slots (<= `most`, <= n_chunks) whose buffers fit in shared memory, or a ValueError (the
-    interpreter has no limit: its fp32 operands take twice the device's bytes)."""
-    for stages in range(min(most, n_chunks), 0, -1):
-        if interpret or _bytes(slot_buffers(stages) + fixed_buffers) <= SMEM_BYTES:
-            return stages
-    raise ValueError(f"Mosaic GPU SSD {what} kernel: its buffers do not fit in shared memory")
-
-
-@dataclasses.dataclass(frozen=True)
 class _Chunk:
     """One chunk's gates in registers: G (chunk-local cumulative log-decay), the segment index and dt as
     vectors by row (i) and by column (j), and the decays of `pallas_common.decays`."""
 
-    ops: _Ops
+    ops: Ops
     g_i: jax.Array
     s_i: jax.Array
     dt_i: jax.Array
@@ -137,12 +79,12 @@ class _Chunk:
     s_last: jax.Array
 
     @classmethod
-    def load(cls, ops: _Ops, g_sm, seg_sm, dt_sm, slot) -> _Chunk:
-        g_i, s_i, dt_i = (ops.load(v.at[slot], _BY_ROW) for v in (g_sm, seg_sm, dt_sm))
+    def load(cls, ops: Ops, g_sm, seg_sm, dt_sm, slot) -> _Chunk:
+        g_i, s_i, dt_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm, dt_sm))
         return cls(ops, g_i, s_i, dt_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
 
     def columns(self, g_sm, seg_sm, dt_sm, slot):
-        return tuple(self.ops.load(v.at[slot], _BY_COL) for v in (g_sm, seg_sm, dt_sm))
+        return tuple(self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm, dt_sm))
 
     def square(self, v, dim):
         """A [C] vector spread over [C, C] along `dim` (0: v indexed by row)."""
@@ -214,97 +156,46 @@ class _Where:
         return self.batch, self.head
 
 
-def _chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):
-    """carry = step(i, slot, carry) over the chunks i (last to first if `reverse`), each chunk's slices of the
-    `sources` (gmem ref, smem slots, index of chunk i) brought by TMA into slot i % stages, `stages` ahead."""
-    def chunk_of(k):
-        return n_chunks - 1 - k if reverse else k
-
-    def fetch(k, slot):
-        for src, dst, index in sources:
-            plgpu.copy_gmem_to_smem(src.at[index(chunk_of(k))], dst.at[slot], ready.at[slot])
-
-    for k in range(stages):
-        fetch(k, k)
-
-    def body(k, carry):
-        slot = lax.rem(k, stages)
-        plgpu.barrier_wait(ready.at[slot])
-        carry = step(chunk_of(k), slot, carry)
-
-        @pl.when(k + stages < n_chunks)
-        def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
-            fetch(k + stages, slot)
-        return carry
-
-    return lax.fori_loop(0, n_chunks, body, carry)
-
-
-def _store(slots: int, *outputs) -> None:
-    """Writes (value, smem slot, gmem destination) triples and sends them as one TMA group, once the group of
-    `slots` steps ago has left these slots."""
-    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-    for value, slot_ref, _ in outputs:
-        slot_ref[...] = value.astype(slot_ref.dtype)
-    plgpu.commit_smem()
-    for _, slot_ref, dst in outputs:
-        plgpu.copy_smem_to_gmem(slot_ref, dst, commit_group=False)
-    plgpu.commit_smem_to_gmem_group()
-
-
-def _final(state, state_sm, dst) -> None:
-    state_sm[...] = state
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_sm, dst)
-    plgpu.wait_smem_to_gmem(0)
-
-
-def _initial(ops: _Ops, src, state_sm, barrier):
-    plgpu.copy_gmem_to_smem(src, state_sm, barrier)
-    plgpu.barrier_wait(barrier)
-    return ops.load(state_sm, _WGMMA)
-
-
 # ---------------------------------------------------------------------------------------------- buffers
 def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
     """The forward's shared memory per TMA slot: x, B, dt, G, segment index; C and y with outputs; the
     entering state saved for the backward."""
-    buffers = [_smem((stages, chunk, p), cdt), _smem((stages, chunk, n), cdt), *[_vectors((stages, chunk))] * 3]
+    buffers = [smem((stages, chunk, p), cdt), smem((stages, chunk, n), cdt), *[vectors((stages, chunk))] * 3]
     if mode != "state":
-        buffers += [_smem((stages, chunk, n), cdt), _smem((stages, chunk, p), cdt)]
+        buffers += [smem((stages, chunk, n), cdt), smem((stages, chunk, p), cdt)]
     if mode == "train":
-        buffers += [_smem((stages, p, n), cdt)]
+        buffers += [smem((stages, p, n), cdt)]
     return buffers
 
 
 def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
     """The scaled x, the state in and out (fp32) and, with outputs, the state as an operand."""
-    return [_smem((chunk, p), cdt), _smem((p, n), F32)] + ([_smem((p, n), cdt)] if mode != "state" else [])
+    return [smem((chunk, p), cdt), smem((p, n), F32)] + ([smem((p, n), cdt)] if mode != "state" else [])
 
 
 def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
     """The backward's inputs per TMA slot: C, dy, dt, G, segment index; for gradients x, B and the entering
     state S^T (the forward's, in the operand dtype)."""
-    buffers = [_smem((stages, chunk, n), cdt), _smem((stages, chunk, p), cdt), *[_vectors((stages, chunk))] * 3]
+    buffers = [smem((stages, chunk, n), cdt), smem((stages, chunk, p), cdt), *[vectors((stages, chunk))] * 3]
     if mode == "grads":
-        buffers += [_smem((stages, chunk, p), cdt), _smem((stages, chunk, n), cdt), _smem((stages, p, n), cdt)]
+        buffers += [smem((stages, chunk, p), cdt), smem((stages, chunk, n), cdt), smem((stages, p, n), cdt)]
     return buffers
 
 
 def _backward_fixed(chunk, p, n, cdt, mode: str) -> list:
     """d_in o C, the cotangent in and out (fp32); for gradients dS'^T as an operand and the outputs, one slot
     each (a chunk's stores have the next chunk's compute to leave): dx, dB, dC, d(dt), dG, out, chunk-end."""
-    buffers = [_smem((chunk, n), cdt), _smem((p, n), F32)]
+    buffers = [smem((chunk, n), cdt), smem((p, n), F32)]
     if mode == "grads":
-        buffers += [_smem((p, n), cdt), _smem((chunk, p), cdt), _smem((chunk, n), F32), _smem((chunk, n), F32),
-                    *[_vectors((chunk,))] * 3, _vectors((p,))]
+        buffers += [smem((p, n), cdt), smem((chunk, p), cdt), smem((chunk, n), F32), smem((chunk, n), F32),
+                    *[vectors((chunk,))] * 3, vectors((p,))]
     return buffers
 
 
 def _smem_need(chunk: int, p: int, n: int, dtype) -> int:
     """Shared memory of the larger kernel (forward with saved states, or the backward) at one slot."""
-    return max(_bytes(_forward_slots(chunk, p, n, dtype, "train", 1) + _forward_fixed(chunk, p, n, dtype, "train")),
-               _bytes(_backward_slots(chunk, p, n, dtype, "grads", 1) + _backward_fixed(chunk, p, n, dtype, "grads")))
+    return max(nbytes(_forward_slots(chunk, p, n, dtype, "train", 1) + _forward_fixed(chunk, p, n, dtype, "train")),
+               nbytes(_backward_slots(chunk, p, n, dtype, "grads", 1) + _backward_fixed(chunk, p, n, dtype, "grads")))
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -318,12 +209,12 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
     batch_size, tp, heads, p = x.shape
     groups, n = b.shape[2:]
     n_chunks, cdt = tp // chunk, x.dtype
-    ops, per_group = _Ops(bool(interpret), chunk), heads // groups
+    ops, per_group = Ops(bool(interpret), chunk), heads // groups
     with_y, save = mode != "state", mode == "train"
 
     slot_buffers = functools.partial(_forward_slots, chunk, p, n, cdt, mode)
     fixed = _forward_fixed(chunk, p, n, cdt, mode)
-    stages = _fit(slot_buffers, fixed, stages, n_chunks, "forward", interpret)
+    stages = fit(slot_buffers, fixed, stages, n_chunks, "forward", interpret)
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, h0_ref, *refs):
         n_out = 1 + with_y + save
@@ -343,7 +234,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         def step(i, slot, state):
             x_s, b_s = x_sm.at[slot], b_sm.at[slot]
             ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-            xs_sm[...] = (ops.load(x_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
+            xs_sm[...] = (ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
             if with_y:
                 s_sm[...] = state.astype(cdt)
             plgpu.commit_smem()
@@ -351,18 +242,18 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 c_s = c_sm.at[slot]
                 g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ch.square(dt_j, 1)
-                c_in = ops.load(c_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
+                c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
                 y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_sm)))
                 outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
                 if save:
                     outputs.append((state, states_sm.at[slot], states_ref.at[at.per_chunk(i)]))
-                _store(stages, *outputs)
+                store(stages, *outputs)
             return state * ch.d_chunk + ops.matmul((p, n), (("T", xs_sm), b_s))
 
-        state = _initial(ops, h0_ref.at[at.state], state_sm, state_ready)
-        state = _chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+        state = load_state(ops, h0_ref.at[at.state], state_sm, state_ready)
+        state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                             reverse=False)
-        _final(state, state_sm, ht_ref.at[at.state])
+        store_state(state, state_sm, ht_ref.at[at.state])
 
     final = jax.ShapeDtypeStruct((batch_size, heads, p, n), F32)
     out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
@@ -396,12 +287,12 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     batch_size, tp, heads, p = x.shape
     groups, n = b.shape[2:]
     n_chunks, cdt = tp // chunk, x.dtype
-    ops, per_group = _Ops(bool(interpret), chunk), heads // groups
+    ops, per_group = Ops(bool(interpret), chunk), heads // groups
     grads = mode == "grads"
 
     slot_buffers = functools.partial(_backward_slots, chunk, p, n, cdt, mode)
     fixed = _backward_fixed(chunk, p, n, cdt, mode)
-    stages = _fit(slot_buffers, fixed, stages, n_chunks, "backward", interpret)
+    stages = fit(slot_buffers, fixed, stages, n_chunks, "backward", interpret)
     n_in = len(slot_buffers(1))
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *refs):
@@ -423,7 +314,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
         def step(i, slot, dst):
             c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
             ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-            cin_sm[...] = (ops.load(c_s, _WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+            cin_sm[...] = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
             if grads:
                 dst_sm[...] = dst.astype(cdt)
             plgpu.commit_smem()
@@ -443,26 +334,26 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
             cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
             z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
             m_t = (cb_t * e_t).astype(cdt)
-            b_out = (ops.load(b_s, _WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
+            b_out = (ops.load(b_s, WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
             dv = ops.matmul((chunk, p), (m_t, dy_s), (b_out, ("T", dst_sm)))
-            x_f32 = ops.load(x_s, _WGMMA).astype(F32)
+            x_f32 = ops.load(x_s, WGMMA).astype(F32)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
             dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
             ddt_sm[...] = jnp.sum(dv * x_f32, axis=1)
             v_ds = ops.matmul((chunk, n), ((x_f32 * rows_of(ch.dt_i, p)).astype(cdt), dst_sm))  # v dS'^T
-            dd_out = jnp.sum(v_ds * ops.load(b_s, _WGMMA).astype(F32), axis=1)
+            dd_out = jnp.sum(v_ds * ops.load(b_s, WGMMA).astype(F32), axis=1)
             db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + rows_of(ch.d_out, n) * v_ds
             # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
             d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ch.square(dt_j, 1) * ch.decay(g_j, s_j)
             z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
             dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
-            dd_in = jnp.sum(dy_s_t * ops.load(c_s, _WGMMA).astype(F32), axis=1)
+            dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)
             dc_sm[...] = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s)) + rows_of(ch.d_in, n) * dy_s_t
             # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
             out = dd_out * ch.d_out
             out_sm[...] = out
             dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
-            dch_sm[...] = jnp.sum(ops.load(s_s, _WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
+            dch_sm[...] = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
             plgpu.commit_smem()
             buffers = (dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm)
             where = (at.by_head, at.by_head, at.by_head, at.gates, at.gates, at.gates, at.per_chunk)
@@ -470,9 +361,9 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
 
-        dst = _initial(ops, dht_ref.at[at.state], state_sm, state_ready)
-        dst = _chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
-        _final(dst, state_sm, outs[-1].at[at.state])
+        dst = load_state(ops, dht_ref.at[at.state], state_sm, state_ready)
+        dst = chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
+        store_state(dst, state_sm, outs[-1].at[at.state])
 
     sds = jax.ShapeDtypeStruct
     d0 = sds((batch_size, heads, p, n), F32)
@@ -640,9 +531,3 @@ def ssd_mosaic(
     return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt.astype(F32), A.astype(F32), B, C, reset,
                 h0.astype(F32))  # (fp32 gates and state: their cotangents come back fp32, cast by astype's VJP)
 
-@functools.cache
-def interpret_params():
-    """GPU interpret mode (CPU tests)."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from hylo_jax.sharding import batch_axes, heads_axis
+
+from .mosaic_common import interpret_params
 
 F32 = jnp.float32
 logger = logging.getLogger("hylo_jax.kernels")
@@ -358,14 +361,44 @@ def _log_once(op: str, reason: str) -> None:
     logger.warning("%s: impl='auto' falls back to 'chunked': %s", op, reason)
 
 
-def gpu_capability_ok() -> tuple[bool, str]:
+def gpu_capability_ok(driver: str = "gpu") -> tuple[bool, str]:
+    """Whether the first device can run the GPU `driver` ("gpu": Pallas Triton, sm80+; "mosaic_gpu": sm90+)."""
+    need = 9.0 if driver == "mosaic_gpu" else 8.0
     dev = jax.devices()[0]
     cap = getattr(dev, "compute_capability", None)
     try:
-        ok = cap is not None and float(cap) >= 8.0
+        ok = cap is not None and float(cap) >= need
     except (TypeError, ValueError):
         ok = False
-    return ok, f"GPU compute capability {cap} < 8.0 (Triton Pallas needs sm80+)"
+    return ok, f"GPU compute capability {cap} < {need} ({GPU_DRIVERS[driver]} kernels)"
+
+
+GPU_DRIVERS = {"gpu": "Pallas Triton", "mosaic_gpu": "Mosaic GPU (Hopper)"}
+GPU_KERNELS = {"triton": "gpu", "mosaic": "mosaic_gpu"}  # the names users pick -> drivers
+_GPU_KERNELS: list[str] = []
+
+
+@contextlib.contextmanager
+def gpu_kernels(name: str):
+    """Run the Pallas paths on GPU with these kernels: "triton" (the default) or "mosaic" (Hopper:
+    `mosaic_ssd`, `mosaic_gdn`). Outside it the environment variable HYLO_GPU_KERNELS decides."""
+    _gpu_driver(name)
+    _GPU_KERNELS.append(name)
+    try:
+        yield
+    finally:
+        _GPU_KERNELS.pop()
+
+
+def _gpu_driver(name: str) -> str:
+    if name not in GPU_KERNELS:
+        raise ValueError(f"GPU kernels must be one of {list(GPU_KERNELS)} (HYLO_GPU_KERNELS), got {name!r}")
+    return GPU_KERNELS[name]
+
+
+def gpu_driver() -> str:
+    """The Pallas driver on GPU: "gpu" (Triton) or "mosaic_gpu", from `gpu_kernels` or HYLO_GPU_KERNELS."""
+    return _gpu_driver(_GPU_KERNELS[-1] if _GPU_KERNELS else os.environ.get("HYLO_GPU_KERNELS", "triton"))
 
 
 def gpu_cores() -> int:
@@ -392,32 +425,34 @@ IMPLS = ("auto", "pallas", "chunked", "reference")
 def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tuple[str, str | None, object]:
     """(impl to run, Pallas driver or None, interpret). ``unsupported(driver)`` gives a reason or None.
 
-    "auto": Pallas on GPU (sm80+) / TPU when the shape is supported, else "chunked" with a warning logged
-    once per reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in interpret mode.
+    Drivers: "gpu" (Pallas Triton) or "mosaic_gpu" on a GPU (`gpu_driver`), "tpu". "auto": Pallas on a GPU
+    that can run the driver / TPU when the shape is supported, else "chunked" with a warning logged once per
+    reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in its interpreter.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
     if impl in ("chunked", "reference"):
         return impl, None, None
     plat = platform()
+    driver = plat if plat == "tpu" else gpu_driver()
     if impl == "pallas":
         if _OVERRIDE:
             return "pallas", *_OVERRIDE[-1]
         if plat in ("gpu", "tpu"):
-            return "pallas", plat, None
-        return "pallas", "gpu", True
+            return "pallas", driver, None
+        return "pallas", driver, interpret_params() if driver == "mosaic_gpu" else True
     if plat not in ("gpu", "tpu"):
         return "chunked", None, None
     if plat == "gpu":
-        ok, why = gpu_capability_ok()
+        ok, why = gpu_capability_ok(driver)
         if not ok:
             _log_once(op, why)
             return "chunked", None, None
-    reason = unsupported(plat)
+    reason = unsupported(driver)
     if reason is not None:
         _log_once(op, reason)
         return "chunked", None, None
-    return "pallas", plat, None
+    return "pallas", driver, None
 
 
 def is_pow2(x: int) -> bool:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from . import pallas_common, pallas_ssd
+from . import mosaic_ssd, pallas_common, pallas_ssd
 
 __all__ = ["discretize_dt", "ssd", "ssd_step"]
 
@@ -167,6 +167,12 @@ def _ssd_chunked(x, dt, A, B, C, reset, initial_state, chunk_size):
 _IMPLS: dict[str, Callable] = {"reference": _ssd_reference, "chunked": _ssd_chunked}
 
 
+def _unsupported(driver: str, dtype, p: int, n: int, chunk: int) -> str | None:
+    if driver == "mosaic_gpu":
+        return mosaic_ssd.unsupported(p, n, chunk, dtype)
+    return pallas_ssd.unsupported(driver, p, n, chunk)
+
+
 def fills_gpu(batch: int, heads: int) -> bool:
     """Whether the Pallas SSD kernels' one program per (sequence, head) fills >= 3/4 of the GPU's SMs, where
     their forward + backward beats the chunked path's. The kernels walk each sequence alone, so below that
@@ -221,7 +227,8 @@ def ssd(
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,  y_t = h_t @ C_t + D x_t, with dt as in ``ssd_step``.
     ``segment_ids`` reset the state to zero at every change of id; ``initial_state`` feeds the first
     segment only. ``impl``: "chunked" (SSD algorithm, chunks of ``chunk_size``), "reference"
-    (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, matmul operands in x/B/C's dtype) or
+    (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, or on GPU those of `mosaic_ssd` under
+    `pallas_common.gpu_kernels("mosaic")` / HYLO_GPU_KERNELS=mosaic; matmul operands in x/B/C's dtype) or
     "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
     on CPU; on GPU, unless batch x heads fills the GPU (`fills_gpu`), the Pallas forward only where nothing
     differentiates and "chunked" under `jax.grad`: see `_kernel_forward_chunked_vjp`). The final state is
@@ -250,11 +257,13 @@ def ssd(
     else:
         h0 = initial_state.astype(_F32)
     requested = impl
-    impl, backend, interpret = pallas_common.choose(
-        "ssd", impl, lambda be: pallas_ssd.unsupported(be, p, B.shape[-1], chunk_size))
+    impl, backend, interpret = pallas_common.choose("ssd", impl, lambda be: _unsupported(be, x.dtype, p, B.shape[-1],
+                                                                                       chunk_size))
     x32 = x.astype(_F32)
     if impl == "pallas":
         def on_device(x, *args):  # per device under a mesh: its own batch and heads decide
+            if backend == "mosaic_gpu":
+                return mosaic_ssd.ssd_mosaic(x, *args, chunk_size, interpret=interpret)
             run = functools.partial(pallas_ssd.ssd_pallas, chunk_size=chunk_size, backend=backend,
                                     interpret=interpret)
             if requested == "auto" and backend == "gpu" and not fills_gpu(x.shape[0], x.shape[2]):

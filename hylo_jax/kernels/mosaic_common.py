@@ -1,0 +1,152 @@
+"""Shared machinery of the Mosaic GPU (Hopper) chunk-scan kernels (`mosaic_ssd`): one CTA walks the chunks of
+a sequence with its state in registers, the chunks' inputs arriving by TMA into shared-memory slots a few
+chunks ahead, matmuls as wgmmas, outputs leaving by TMA.
+
+On CPU the kernels run in the GPU interpreter (`interpret_params`), which has no rules for `plgpu.load`,
+`plgpu.broadcasted_iota` or transposed wgmma operands: `Ops` swaps in plain reads and `jnp.dot` there (only
+there), so the interpreter checks the pipeline and the maths, and a lowering for CUDA
+(`lowering_platforms=("cuda",)`, pure Python) checks layouts, operand shapes and shared memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+F32 = jnp.float32
+WGMMA = plgpu.Layout.WGMMA
+BY_ROW, BY_COL = WGMMA.reduce(1), WGMMA.reduce(0)  # vectors indexed by the row i / by the column j
+SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (opt-in)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    """The in-kernel operations that differ between the device and the GPU interpreter."""
+
+    interpret: bool
+    chunk: int
+
+    def load(self, ref, layout):
+        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
+
+    def iota(self, dim: int):
+        shape = (self.chunk, self.chunk)
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+    def matmul(self, shape, *terms):
+        """sum of a @ b over `terms` in fp32. An operand is a shared-memory ref, ("T", ref) for the ref read
+        transposed, or a register value (the A operand only)."""
+        if self.interpret:
+            def value(z):  # z[...] reads a ref and is a register value itself
+                return z[1][...].T if isinstance(z, tuple) else z[...]
+            return sum(jnp.dot(value(a).astype(F32), value(b).astype(F32), precision=lax.Precision.HIGHEST)
+                       for a, b in terms)
+
+        def operand(z):
+            return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
+
+        def body(acc):
+            for a, b in terms:
+                plgpu.wgmma(acc, operand(a), operand(b))
+            return acc[...]
+        return pl.run_scoped(body, plgpu.ACC(shape, F32))
+
+
+def tiled(dtype, cols: int, swizzle: int = 128) -> tuple:
+    """Shared-memory transforms of a matrix with `cols` columns: 8-row tiles as wide as the swizzle, which is
+    `swizzle` bytes or the row's bytes if narrower (wgmma and TMA take 32/64/128-byte swizzles; a wgmma's two
+    operands must share one)."""
+    swizzle = min(swizzle, cols * jnp.dtype(dtype).itemsize)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
+def smem(shape, dtype, swizzle: int = 128):
+    """A shared-memory buffer of matrices (wgmma / TMA operands: tiled and swizzled)."""
+    return plgpu.SMEM(shape, dtype, transforms=tiled(dtype, shape[-1], swizzle))
+
+
+def vectors(shape):
+    """A shared-memory buffer of fp32 vectors (the last axis), plain."""
+    return plgpu.SMEM(shape, F32)
+
+
+def nbytes(buffers) -> int:
+    return sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in buffers)
+
+
+def fit(slot_buffers, fixed_buffers, most: int, n_chunks: int, what: str, interpret) -> int:
+    """The most TMA slots (<= `most`, <= n_chunks) whose buffers fit in shared memory, or a ValueError (the
+    interpreter has no limit: its fp32 operands take twice the device's bytes)."""
+    for stages in range(min(most, n_chunks), 0, -1):
+        if interpret or nbytes(slot_buffers(stages) + fixed_buffers) <= SMEM_BYTES:
+            return stages
+    raise ValueError(f"Mosaic GPU SSD {what} kernel: its buffers do not fit in shared memory")
+
+
+def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):
+    """carry = step(i, slot, carry) over the chunks i (last to first if `reverse`), each chunk's slices of the
+    `sources` (gmem ref, smem slots, index of chunk i) brought by TMA into slot i % stages, `stages` ahead."""
+    def chunk_of(k):
+        return n_chunks - 1 - k if reverse else k
+
+    def fetch(k, slot):
+        for src, dst, index in sources:
+            plgpu.copy_gmem_to_smem(src.at[index(chunk_of(k))], dst.at[slot], ready.at[slot])
+
+    for k in range(stages):
+        fetch(k, k)
+
+    def body(k, carry):
+        slot = lax.rem(k, stages)
+        plgpu.barrier_wait(ready.at[slot])
+        carry = step(chunk_of(k), slot, carry)
+
+        @pl.when(k + stages < n_chunks)
+        def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
+            fetch(k + stages, slot)
+        return carry
+
+    return lax.fori_loop(0, n_chunks, body, carry)
+
+
+def store(slots: int, *outputs) -> None:
+    """Writes (value, smem slot, gmem destination) triples and sends them as one TMA group, once the group of
+    `slots` steps ago has left these slots."""
+    plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+    for value, slot_ref, _ in outputs:
+        slot_ref[...] = value.astype(slot_ref.dtype)
+    plgpu.commit_smem()
+    for _, slot_ref, dst in outputs:
+        plgpu.copy_smem_to_gmem(slot_ref, dst, commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+
+
+def store_state(state, state_sm, dst) -> None:
+    """The final state (registers) to HBM through `state_sm`, waited for."""
+    state_sm[...] = state
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(state_sm, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def load_state(ops: Ops, src, state_sm, barrier):
+    """The initial state from HBM into registers (the wgmma accumulator layout) through `state_sm`."""
+    plgpu.copy_gmem_to_smem(src, state_sm, barrier)
+    plgpu.barrier_wait(barrier)
+    return ops.load(state_sm, WGMMA)
+
+
+@functools.cache
+def interpret_params():
+    """GPU interpret mode (CPU tests)."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()

@@ -1,0 +1,188 @@
+"""Mosaic GPU (Hopper: wgmma, TMA) kernels for the sequential part of the chunked gated delta rule, the
+chunk-state recurrence of `gated_delta.make_recurrence` (the same contract as `pallas_gdn.scans`):
+
+    delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c              (forward)
+    D_c = delta_bar_c + k_c G_{c+1},  G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c     (backward, c descending)
+
+One CTA of one warpgroup per (batch*head, value block of `vb` columns) carries its [dk, vb] block of the fp32
+state in registers (the wgmma accumulator layout); per chunk two wgmmas: w_c S_c with the state stored in the
+operand dtype (which is also the per-chunk state the backward reads, sent out by TMA), and k_c^T delta_c with
+k read transposed from shared memory. w_c, k_c (and u_c, or the backward's cotangents) arrive by TMA
+`stages` chunks ahead. The initial and final states pass through a shared-memory buffer of their own scope,
+so the chunk loop's slots can take the space. Everything else of the rule stays in XLA (`gated_delta`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .mosaic_common import F32, SMEM_BYTES, WGMMA, Ops, chunk_loop, fit, load_state, nbytes, smem, store_state, vectors
+
+TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+
+
+def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
+    """Why the kernels cannot take this shape (None if they can)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"operand dtype {jnp.dtype(dtype)} is not bf16/fp16 (wgmma operands)"
+    if dk % 64 or chunk % 64 or dk > TMA_BOX or chunk > TMA_BOX:
+        return f"d_k={dk} and chunk_size={chunk} must be multiples of 64 (wgmma rows), at most {TMA_BOX} (TMA)"
+    if dv % vb or vb % 16 or vb > 128:
+        return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
+    if dk * vb > 256 * 64:
+        return f"state block {dk} x {vb} too large for one warpgroup's registers"
+    if (need := nbytes(_slots(chunk, dk, vb, dtype, True, 1) + _fixed(chunk, dk, vb, dtype))) > SMEM_BYTES:
+        return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
+    return None
+
+
+def _swizzle(vb: int, cdt) -> int:
+    """The swizzle of every wgmma operand: the state block's rows ([dk, vb]) set it, and a wgmma's operands
+    share one."""
+    return min(128, vb * jnp.dtype(cdt).itemsize)
+
+
+def _slots(chunk, dk, vb, cdt, backward: bool, stages: int) -> list:
+    """Per TMA slot: w_c, k_c, the decay (as a [C] vector), u_c (forward) or S_bar_c and delta_bar_c
+    (backward)."""
+    sw = _swizzle(vb, cdt)
+    buffers = [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk))]
+    if backward:
+        buffers.append(smem((stages, dk, vb), cdt, sw))
+    return buffers + [smem((stages, chunk, vb), F32)]
+
+
+def _fixed(chunk, dk, vb, cdt) -> list:
+    """The outputs: the state (or G_{c+1}) in the operand dtype, two deep (it is the first wgmma's operand, so
+    it is written first thing in a step, while the last step's copy may still read the other); delta_c (or
+    D_c) in fp32, one deep (written after a wgmma, by when the last copy has left); and delta_c (or D_c) in the
+    operand dtype for the second wgmma."""
+    sw = _swizzle(vb, cdt)
+    return [smem((2, dk, vb), cdt, sw), smem((chunk, vb), F32), smem((chunk, vb), cdt, sw)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    chunk: int
+    vb: int
+    stages: int
+    interpret: object
+
+
+def _scan(call: _Call, w, k, decay, seq, per_chunk, state, *, backward: bool):
+    """One pass: w, k [X, n*C, dk] (operand dtype), decay [X, n*C] (each chunk's d_c repeated), `seq` [X, n*C,
+    dv] fp32 (u, or delta_bar), `per_chunk` [X, n, dk, dv] (S_bar; None forward), `state` [X, dk, dv] fp32 (S_0,
+    or G_n). Returns (per-chunk states [X, n, dk, dv] in the operand dtype, [X, n*C, dv] fp32, final state)."""
+    rows, tp, dk = w.shape
+    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
+    n_chunks = tp // chunk
+    ops = Ops(bool(call.interpret), chunk)
+    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt, backward)
+    fixed = _fixed(chunk, dk, vb, cdt)
+    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN recurrence", call.interpret)
+
+    def kernel(w_ref, k_ref, d_ref, seq_ref, *refs):
+        per_chunk_ref, state_ref, states_out, seq_out, final_out = refs if backward else (None, *refs)
+        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
+
+        def tokens(i):
+            return pl.ds(i * chunk, chunk)
+
+        def loop(state, w_sm, k_sm, d_sm, *rest):
+            per_chunk_sm, seq_sm, st_sm, out_sm, op_sm, ready = rest if backward else (None, *rest)
+            sources = [(w_ref, w_sm, lambda i: (row, tokens(i))), (k_ref, k_sm, lambda i: (row, tokens(i))),
+                       (d_ref, d_sm, lambda i: (row, tokens(i)))]
+            if backward:
+                sources.append((per_chunk_ref, per_chunk_sm, lambda i: (row, i, slice(None), vblock)))
+            sources.append((seq_ref, seq_sm, lambda i: (row, tokens(i), vblock)))
+
+            def step(i, slot, state):
+                w_s, k_s, st_s = w_sm.at[slot], k_sm.at[slot], st_sm.at[lax.rem(i, 2)]
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy out of st_s two steps ago has left
+                st_s[...] = state.astype(cdt)
+                plgpu.commit_smem()
+                # forward: delta = u - w S;  backward: D = delta_bar + k G
+                first = ops.matmul((chunk, vb), (k_s if backward else w_s, st_s))
+                out = ops.load(seq_sm.at[slot], WGMMA) + (first if backward else -first)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # and the last step's copy of out_sm
+                out_sm[...] = out
+                op_sm[...] = out.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(st_s, states_out.at[row, i, :, vblock], commit_group=False)
+                plgpu.copy_smem_to_gmem(out_sm, seq_out.at[row, tokens(i), vblock], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+                decayed = state * d_sm[slot, 0]
+                if backward:  # G_c = S_bar + d G - w^T D
+                    s_bar = ops.load(per_chunk_sm.at[slot], WGMMA).astype(F32)
+                    return s_bar + decayed - ops.matmul((dk, vb), (("T", w_s), op_sm))
+                return decayed + ops.matmul((dk, vb), (("T", k_s), op_sm))  # S' = d S + k^T delta
+
+            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                               reverse=backward)
+            plgpu.wait_smem_to_gmem(0)
+            return state
+
+        state = pl.run_scoped(lambda sm, barrier: load_state(ops, state_ref.at[row, :, vblock], sm, barrier),
+                              smem((dk, vb), F32), plgpu.Barrier())
+        state = pl.run_scoped(functools.partial(loop, state), *slot_buffers(stages), *fixed,
+                              plgpu.Barrier(num_arrivals=len(slot_buffers(1)), num_barriers=stages))
+        pl.run_scoped(lambda sm: store_state(state, sm, final_out.at[row, :, vblock]), smem((dk, vb), F32))
+
+    sds = jax.ShapeDtypeStruct
+    out_type = (sds((rows, n_chunks, dk, dv), cdt), sds((rows, tp, dv), F32), sds((rows, dk, dv), F32))
+    run = plgpu.kernel(kernel, out_type=out_type, grid=(rows, dv // vb), grid_names=("rows", "vblocks"),
+                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
+    return run(w, k, decay, seq, *([per_chunk] if backward else []), state)
+
+
+def default_vb(dv: int) -> int:
+    """32 columns: a [256, 32] fp32 state block is 64 registers a thread."""
+    return min(32, dv)
+
+
+def scans(dtype, interpret=None, vb: int | None = None, stages: int = 2):
+    """(forward, backward) of `gated_delta.chunk_state_recurrence` on these kernels, matmul operands in `dtype`
+    (`gated_delta.make_recurrence` joins them; the contract of `pallas_gdn.scans`):
+
+    forward(u, w, k, decay, state) -> (states, deltas, final state);
+    backward(w, k, decay, states_bar, deltas_bar, final_bar) -> (G_0, G_{c+1} per chunk, D per chunk)."""
+
+    def rows(z):  # [b, h, n, ...] -> [b*h, ...]: a free reshape
+        return z.reshape(z.shape[0] * z.shape[1], *z.shape[2:])
+
+    def seq_rows(z):  # [b, h, n, C, d] -> [b*h, n*C, d]
+        return z.reshape(z.shape[0] * z.shape[1], -1, z.shape[-1])
+
+    def decay_rows(decay, c):  # [b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens
+        return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
+
+    def settings(c, dk, dv):
+        block = vb or default_vb(dv)
+        reason = unsupported(dk, dv, c, block, jnp.bfloat16 if interpret and jnp.dtype(dtype) == F32 else dtype)
+        if reason:  # (the interpreter also takes fp32 operands: the exact check of the algorithm)
+            raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
+        return _Call(c, block, stages, interpret)
+
+    def forward(u, w, k, decay, state):
+        b, h, n, c, dv = u.shape
+        call = settings(c, w.shape[-1], dv)
+        states, deltas, final = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype), decay_rows(decay, c),
+                                      seq_rows(u).astype(F32), None, rows(state).astype(F32), backward=False)
+        return states.reshape(b, h, *states.shape[1:]), deltas.reshape(u.shape), final.reshape(state.shape)
+
+    def backward(w, k, decay, states_bar, deltas_bar, final_bar):
+        b, h, n, c, dv = deltas_bar.shape
+        call = settings(c, w.shape[-1], dv)
+        g_next, d_deltas, g0 = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype),
+                                     decay_rows(decay, c), seq_rows(deltas_bar).astype(F32),
+                                     rows(states_bar).astype(dtype), rows(final_bar).astype(F32), backward=True)
+        return g0.reshape(final_bar.shape), g_next.reshape(states_bar.shape), d_deltas.reshape(deltas_bar.shape)
+
+    return forward, backward
