@@ -230,9 +230,10 @@ def ssd(
     (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, or on GPU those of `mosaic_ssd` under
     `pallas_common.gpu_kernels("mosaic")` / HYLO_GPU_KERNELS=mosaic; matmul operands in x/B/C's dtype) or
     "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
-    on CPU; on GPU, unless batch x heads fills the GPU (`fills_gpu`), the Pallas forward only where nothing
-    differentiates and "chunked" under `jax.grad`: see `_kernel_forward_chunked_vjp`). The final state is
-    the state after the last token.
+    on CPU; on GPU with the Triton kernels, unless batch x heads fills the GPU (`fills_gpu`), the Pallas
+    forward only where nothing differentiates and "chunked" under `jax.grad`: see
+    `_kernel_forward_chunked_vjp`; the Mosaic kernels' fwd+bwd always). The final state is the state after
+    the last token.
     """
     if impl not in pallas_common.IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(pallas_common.IMPLS)}")
