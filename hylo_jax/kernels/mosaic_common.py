@@ -41,23 +41,31 @@ class Ops:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
-    def matmul(self, shape, *terms):
-        """sum of a @ b over `terms` in fp32. An operand is a shared-memory ref, ("T", ref) for the ref read
-        transposed, or a register value (the A operand only)."""
+    def matmul(self, shape, *terms, init=None):
+        """`init` (fp32, default zeros) + sum of a @ b over `terms`, fp32. An operand is a shared-memory ref,
+        ("T", ref) for the ref read transposed, or a register value (the A operand only). `init` starts the
+        wgmma accumulator itself: no second [M, N] block in registers for the sum."""
         if self.interpret:
             def value(z):  # z[...] reads a ref and is a register value itself
                 return z[1][...].T if isinstance(z, tuple) else z[...]
-            return sum(jnp.dot(value(a).astype(F32), value(b).astype(F32), precision=lax.Precision.HIGHEST)
-                       for a, b in terms)
+            total = sum(jnp.dot(value(a).astype(F32), value(b).astype(F32), precision=lax.Precision.HIGHEST)
+                        for a, b in terms)
+            return total if init is None else init + total
 
         def operand(z):
             return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
 
-        def body(acc):
+        def accumulate(acc):
             for a, b in terms:
                 plgpu.wgmma(acc, operand(a), operand(b))
+
+        def from_zero(acc):
+            accumulate(acc)
             return acc[...]
-        return pl.run_scoped(body, plgpu.ACC(shape, F32))
+
+        if init is None:
+            return pl.run_scoped(from_zero, plgpu.ACC(shape, F32))
+        return pl.run_state(accumulate)(plgpu.ACC.init(init))
 
 
 def tiled(dtype, cols: int, swizzle: int = 128) -> tuple:

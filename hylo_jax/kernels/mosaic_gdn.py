@@ -113,16 +113,16 @@ def _scan(call: _Call, w, k, decay, seq, per_chunk, state, *, backward: bool):
                 out = ops.load(seq_sm.at[slot], WGMMA) + (first if backward else -first)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # and the last step's copy of out_sm
                 out_sm[...] = out
-                op_sm[...] = out.astype(cdt)
+                op_sm[...] = (-out if backward else out).astype(cdt)  # (backward: - w^T D below)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(st_s, states_out.at[row, i, :, vblock], commit_group=False)
                 plgpu.copy_smem_to_gmem(out_sm, seq_out.at[row, tokens(i), vblock], commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
                 decayed = state * d_sm[slot, 0]
-                if backward:  # G_c = S_bar + d G - w^T D
-                    s_bar = ops.load(per_chunk_sm.at[slot], WGMMA).astype(F32)
-                    return s_bar + decayed - ops.matmul((dk, vb), (("T", w_s), op_sm))
-                return decayed + ops.matmul((dk, vb), (("T", k_s), op_sm))  # S' = d S + k^T delta
+                if backward:  # G_c = S_bar + d G + w^T (-D)
+                    init = ops.load(per_chunk_sm.at[slot], WGMMA).astype(F32) + decayed
+                    return ops.matmul((dk, vb), (("T", w_s), op_sm), init=init)
+                return ops.matmul((dk, vb), (("T", k_s), op_sm), init=decayed)  # S' = d S + k^T delta
 
             state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                                reverse=backward)

@@ -248,7 +248,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 if save:
                     outputs.append((state, states_sm.at[slot], states_ref.at[at.per_chunk(i)]))
                 store(stages, *outputs)
-            return state * ch.d_chunk + ops.matmul((p, n), (("T", xs_sm), b_s))
+            return ops.matmul((p, n), (("T", xs_sm), b_s), init=state * ch.d_chunk)
 
         state = load_state(ops, h0_ref.at[at.state], state_sm, state_ready)
         state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
@@ -320,7 +320,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
             plgpu.commit_smem()
             if grads:
                 _chunk_grads(i, slot, ch, dst)
-            return ops.matmul((p, n), (("T", dy_s), cin_sm)) + ch.d_chunk * dst
+            return ops.matmul((p, n), (("T", dy_s), cin_sm), init=ch.d_chunk * dst)
 
         def _chunk_grads(i, slot, ch, dst):
             """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
