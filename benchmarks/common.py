@@ -22,6 +22,22 @@ def time_jax(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
     return statistics.median(samples)
 
 
+def time_jax_one_ahead(fn: Callable, *, warmup: int = 1, iters: int = 20) -> float:
+    """Mean wall seconds per call of fn() in the trainer's loop: each call is queued before the host waits on
+    the previous one's result (`train.trainer.train_stage`), so the device never idles for the host between
+    calls; one call is in flight at a time besides the one running."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    previous = fn()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        current = fn()
+        jax.block_until_ready(previous)
+        previous = current
+    jax.block_until_ready(previous)
+    return (time.perf_counter() - t0) / (iters + 1)
+
+
 def time_torch(fn: Callable, warmup: int = 3, iters: int = 20) -> float:
     """Median seconds of fn() with CUDA events when on GPU, else wall time."""
     import torch

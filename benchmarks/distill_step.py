@@ -1,8 +1,9 @@
 """Stage II distillation step: HyLo-Llama-1B-shaped student (8MLA8GDN) + Llama-3.2-1B-shaped teacher.
 
-Prints one table: seconds/step, tokens/s, MFU (student fwd+bwd + teacher fwd model FLOPs against
-the device's nominal bf16 peak) and peak device memory, with the dense KL (full [T, vocab]
-logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights.
+Prints one table: seconds/step in the trainer's loop (each step queued before the host waits on the last;
+"synced": one step waited for, as sessions 1-9 reported it), tokens/s, MFU (student fwd+bwd + teacher fwd
+model FLOPs against the device's nominal bf16 peak, from the first) and peak device memory, with the dense
+KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights.
     python benchmarks/distill_step.py                 # on the GPU
     python benchmarks/distill_step.py --memory-only   # compiled memory of each variant, no run (CPU ok)
     python benchmarks/distill_step.py --tiny          # CPU smoke run of the same code
@@ -25,7 +26,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, time_jax  # noqa: E402
+from common import print_table, time_jax, time_jax_one_ahead  # noqa: E402
 
 from hylo_jax.config import MAX_DOCS_PER_ROW, from_dict, load_yaml, packed_bound, segment_bound  # noqa: E402
 from hylo_jax.config import replace as replace_config  # noqa: E402
@@ -89,8 +90,11 @@ def compiled_peak_gib(compiled) -> float:
 
 
 def measure_step(distiller: Distiller, batch: dict, *, memory_only: bool, iters: int = 5
-                 ) -> tuple[float | None, float]:
-    """(median seconds per step or None with `memory_only`, compiled peak GiB) of `distiller`'s step."""
+                 ) -> tuple[tuple[float, float] | None, float]:
+    """((seconds per step in the trainer's loop, median seconds of one step waited for) or None with
+    `memory_only`, compiled peak GiB) of `distiller`'s step. The trainer queues each step before it waits on
+    the last one's metrics, so the first number is its steady state; the second adds the device's idle gap
+    between a step's end and the next one's launch."""
     if memory_only:
         params = distiller.initial_params
         state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(distiller.tx.init, params))
@@ -106,7 +110,7 @@ def measure_step(distiller: Distiller, batch: dict, *, memory_only: bool, iters:
         held[0], metrics = distiller.run_step(held[0], batch)
         return metrics
 
-    return time_jax(step, warmup=1, iters=iters), peak_gib
+    return (time_jax_one_ahead(step, warmup=1, iters=iters), time_jax(step, warmup=0, iters=iters)), peak_gib
 
 
 def main() -> None:
@@ -131,22 +135,23 @@ def main() -> None:
             stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
             distiller = Distiller(student, teacher, stage)
             try:
-                seconds, peak_gib = measure_step(distiller, batch, memory_only=args.memory_only)
-                if seconds is None:
-                    rows.append([f"1x{seq}", name, "-", "-", "-", peak_gib])
+                timings, peak_gib = measure_step(distiller, batch, memory_only=args.memory_only)
+                if timings is None:
+                    rows.append([f"1x{seq}", name, "-", "-", "-", "-", peak_gib])
                     continue
+                seconds, synced = timings
                 mfu = flops / seconds / peak if peak else float("nan")
-                rows.append([f"1x{seq}", name, seconds, seq / seconds, mfu, peak_gib])
+                rows.append([f"1x{seq}", name, seconds, synced, seq / seconds, mfu, peak_gib])
                 print("row:", rows[-1], file=sys.stderr, flush=True)
             except Exception as e:  # OOM at long context is a result, not a crash
                 print(f"1x{seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
                 rows.append([f"1x{seq}", name, "OOM" if "memory" in str(e).lower() else type(e).__name__,
-                             "-", "-", "-"])
+                             "-", "-", "-", "-"])
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
           f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
           f"teacher {t_spec.model.num_layers} attention layers; "
           + f"{args.docs} documents per row")
-    print_table(["B x T", "loss", "s/step", "tokens/s", "MFU", "compiled peak GiB"], rows)
+    print_table(["B x T", "loss", "s/step", "s/step synced", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 
 if __name__ == "__main__":
