@@ -173,7 +173,7 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "sequence"))
     start = int(state.step)
 
-    def check(step: int, metrics: dict) -> None:
+    def check(step: int, metrics: dict, bar: tqdm) -> None:
         """Stops (or warns) on a non-finite step, logs, advances the bar: the host's only wait on the device."""
         if not bool(metrics["finite"]):
             bad = _non_finite({k: float(v) for k, v in metrics.items()})
@@ -199,10 +199,10 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
                          for k, v in batch.items()}
                 state, metrics = step_of.run_step(state, batch)
                 if unchecked is not None:
-                    check(*unchecked)
+                    check(*unchecked, bar)
                 unchecked = (step, metrics)
                 if step % stage.save_every == 0 or step == stage.steps:
-                    check(*unchecked)
+                    check(*unchecked, bar)
                     unchecked = None
                     manager.save(step, args=ocp.args.Composite(
                         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(batches.get_state())))
