@@ -25,6 +25,19 @@ BY_ROW, BY_COL = WGMMA.reduce(1), WGMMA.reduce(0)  # vectors indexed by the row 
 SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper (opt-in)
 
 
+def dtype_reason(dtype) -> str | None:
+    """Why `dtype` cannot be a wgmma operand here (None for bf16 / fp16)."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"operand dtype {jnp.dtype(dtype)} is not bf16/fp16 (wgmma operands)"
+    return None
+
+
+def device_dtype(dtype, interpret):
+    """The dtype whose shape rules apply: the interpreter also takes fp32 operands (the exact check of the
+    algorithm), laid out as the device's bf16."""
+    return jnp.bfloat16 if interpret and jnp.dtype(dtype) == F32 else dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The in-kernel operations that differ between the device and the GPU interpreter."""
@@ -127,10 +140,11 @@ def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, rever
 
 def store(slots: int, *outputs) -> None:
     """Writes (value, smem slot, gmem destination) triples and sends them as one TMA group, once the group of
-    `slots` steps ago has left these slots."""
+    `slots` steps ago has left these slots. A value None: the slot already holds it."""
     plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
     for value, slot_ref, _ in outputs:
-        slot_ref[...] = value.astype(slot_ref.dtype)
+        if value is not None:
+            slot_ref[...] = value.astype(slot_ref.dtype)
     plgpu.commit_smem()
     for _, slot_ref, dst in outputs:
         plgpu.copy_smem_to_gmem(slot_ref, dst, commit_group=False)

@@ -23,15 +23,31 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mosaic_common import F32, SMEM_BYTES, WGMMA, Ops, chunk_loop, fit, load_state, nbytes, smem, store_state, vectors
+from .mosaic_common import (
+    F32,
+    SMEM_BYTES,
+    WGMMA,
+    Ops,
+    chunk_loop,
+    device_dtype,
+    dtype_reason,
+    fit,
+    load_state,
+    nbytes,
+    smem,
+    store_state,
+    vectors,
+)
+from .pallas_gdn import chunk_rows as rows
+from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
 
 
 def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
     """Why the kernels cannot take this shape (None if they can)."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"operand dtype {jnp.dtype(dtype)} is not bf16/fp16 (wgmma operands)"
+    if reason := dtype_reason(dtype):
+        return reason
     if dk % 64 or chunk % 64 or dk > TMA_BOX or chunk > TMA_BOX:
         return f"d_k={dk} and chunk_size={chunk} must be multiples of 64 (wgmma rows), at most {TMA_BOX} (TMA)"
     if dv % vb or vb % 16 or vb > 128:
@@ -154,19 +170,12 @@ def scans(dtype, interpret=None, vb: int | None = None, stages: int = 2):
     forward(u, w, k, decay, state) -> (states, deltas, final state);
     backward(w, k, decay, states_bar, deltas_bar, final_bar) -> (G_0, G_{c+1} per chunk, D per chunk)."""
 
-    def rows(z):  # [b, h, n, ...] -> [b*h, ...]: a free reshape
-        return z.reshape(z.shape[0] * z.shape[1], *z.shape[2:])
-
-    def seq_rows(z):  # [b, h, n, C, d] -> [b*h, n*C, d]
-        return z.reshape(z.shape[0] * z.shape[1], -1, z.shape[-1])
-
     def decay_rows(decay, c):  # [b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens
         return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
 
     def settings(c, dk, dv):
         block = vb or default_vb(dv)
-        reason = unsupported(dk, dv, c, block, jnp.bfloat16 if interpret and jnp.dtype(dtype) == F32 else dtype)
-        if reason:  # (the interpreter also takes fp32 operands: the exact check of the algorithm)
+        if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
         return _Call(c, block, stages, interpret)
 

@@ -39,6 +39,8 @@ from .mosaic_common import (
     WGMMA,
     Ops,
     chunk_loop,
+    device_dtype,
+    dtype_reason,
     fit,
     load_state,
     nbytes,
@@ -52,8 +54,8 @@ from .pallas_common import gpu_cores
 
 def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
     """Why the kernels cannot take this shape (None if they can): wgmma tiles and 128-byte swizzled rows."""
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"x dtype {jnp.dtype(dtype)} is not bf16/fp16 (wgmma operands)"
+    if reason := dtype_reason(dtype):
+        return reason
     for name, d in (("head_dim", p), ("d_state", n), ("chunk_size", chunk)):
         if d % 64:
             return f"{name}={d} is not a multiple of 64 (wgmma tiles, 128-byte swizzle)"
@@ -169,8 +171,9 @@ def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
 
 
 def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """The scaled x, the state in and out (fp32) and, with outputs, the state as an operand."""
-    return [smem((chunk, p), cdt), smem((p, n), F32)] + ([smem((p, n), cdt)] if mode != "state" else [])
+    """The scaled x, the state in and out (fp32) and, for y without saved states, the state as an operand
+    (saved states are the operand themselves)."""
+    return [smem((chunk, p), cdt), smem((p, n), F32)] + ([smem((p, n), cdt)] if mode == "y" else [])
 
 
 def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
@@ -224,7 +227,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         c_sm, y_sm, *rest = rest if with_y else (None, None, *rest)
         states_sm, *rest = rest if save else (None, *rest)
         xs_sm, state_sm, *rest = rest
-        s_sm, ready, state_ready = rest if with_y else (None, *rest)
+        s_sm, ready, state_ready = rest if mode == "y" else (None, *rest)
         at = _Where.here(per_group, chunk)
         sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
                    (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
@@ -235,18 +238,21 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
             x_s, b_s = x_sm.at[slot], b_sm.at[slot]
             ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
             xs_sm[...] = (ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
+            if save:  # the saved state is the operand: once the slot's last copies have left
+                plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+            s_op = states_sm.at[slot] if save else s_sm
             if with_y:
-                s_sm[...] = state.astype(cdt)
+                s_op[...] = state.astype(cdt)
             plgpu.commit_smem()
             if with_y:
                 c_s = c_sm.at[slot]
                 g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ch.square(dt_j, 1)
                 c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
-                y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_sm)))
+                y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op)))
                 outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
                 if save:
-                    outputs.append((state, states_sm.at[slot], states_ref.at[at.per_chunk(i)]))
+                    outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
                 store(stages, *outputs)
             return ops.matmul((p, n), (("T", xs_sm), b_s), init=state * ch.d_chunk)
 
@@ -523,8 +529,7 @@ def ssd_mosaic(
     (TMA slots; fewer where shared memory is short). ``interpret``: an `InterpretGPUParams` (CPU)."""
     b, t, h, p = x.shape
     n = B.shape[-1]
-    reason = unsupported(p, n, chunk_size, jnp.bfloat16 if interpret and x.dtype == F32 else x.dtype)
-    if reason:  # (the interpreter also takes fp32 operands: the exact check of the algorithm)
+    if reason := unsupported(p, n, chunk_size, device_dtype(x.dtype, interpret)):
         raise ValueError(f"Mosaic GPU SSD kernel: {reason}")
     if spans is None:
         spans = spans_for(b * h, -(-t // chunk_size), 132 if interpret else gpu_cores())

@@ -40,12 +40,12 @@ def _bwd_step(ins, g):
     return {"g_next": g, "d_deltas": d_delta}, g_prev
 
 
-def _chunk_rows(x):
+def chunk_rows(x):
     """[b, h, n, ...] -> [b*h, n, ...] (program rows first)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _seq_rows(x):
+def seq_rows(x):
     """[b, h, n, C, d] -> [b*h, n*C, d]."""
     return x.reshape(x.shape[0] * x.shape[1], -1, x.shape[-1])
 
@@ -57,7 +57,7 @@ def _unrows(x, shape: tuple[int, ...]):
 
 def _decay_col(decay, c: int):
     """[b, h, n] -> [b*h, n, C, 1]: each chunk's decay as a column (the drivers move columns per chunk)."""
-    rows = _chunk_rows(decay)
+    rows = chunk_rows(decay)
     return jnp.broadcast_to(rows[..., None, None], (*rows.shape, c, 1))
 
 
@@ -120,7 +120,7 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None, **gpu
     def forward(u, w, k, decay, state):
         b, h, n, c, dv = u.shape
         x, dk = b * h, w.shape[-1]
-        args = dict(u=_seq_rows(u).astype(F32), w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype),
+        args = dict(u=seq_rows(u).astype(F32), w=seq_rows(w).astype(dtype), k=seq_rows(k).astype(dtype),
                     d=_decay_col(decay, c), s0=state.reshape(x, dk, dv))
         shapes = dict(states=sds((x, n, dk, dv), dtype), deltas=sds((x, n * c, dv), F32), sT=sds((x, dk, dv), F32))
         r = _run(_fwd_step, (Arg("u", "seq", vblocked=True), Arg("w", "seq"), Arg("k", "seq"), Arg("d", "col"),
@@ -133,8 +133,8 @@ def scans(backend: str, interpret: Any, dtype: Any, vb: int | None = None, **gpu
     def backward(w, k, decay, states_bar, deltas_bar, final_bar):
         b, h, n, c, dv = deltas_bar.shape
         x, dk = b * h, w.shape[-1]
-        args = dict(w=_seq_rows(w).astype(dtype), k=_seq_rows(k).astype(dtype), d=_decay_col(decay, c),
-                    states_bar=_chunk_rows(states_bar).astype(dtype), deltas_bar=_seq_rows(deltas_bar).astype(F32),
+        args = dict(w=seq_rows(w).astype(dtype), k=seq_rows(k).astype(dtype), d=_decay_col(decay, c),
+                    states_bar=chunk_rows(states_bar).astype(dtype), deltas_bar=seq_rows(deltas_bar).astype(F32),
                     gT=final_bar.reshape(x, dk, dv).astype(F32))
         shapes = dict(g_next=sds((x, n, dk, dv), dtype), d_deltas=sds((x, n * c, dv), F32), g0=sds((x, dk, dv), F32))
         r = _run(_bwd_step, (Arg("w", "seq"), Arg("k", "seq"), Arg("d", "col"),
