@@ -249,30 +249,32 @@ def test_bad_arguments_raise():
 
 
 @pytest.mark.parametrize("c", [16, 64])
-def test_unit_lower_solve_matches_lapack_value_and_gradients(c):
-    """Our block-recursive solve (used instead of LAPACK trsm, which can deadlock on CPU) is exact, also for
-    chunk-sized systems shaped like the delta rule's (entries beta k_i.k_j e^{G_i-G_j}, |entries| <= 1)."""
+def test_lower_inverse_matches_lapack_value_and_gradients(c):
+    """Our block-recursive inverse (used instead of LAPACK trsm, which can deadlock on CPU) and its VJP are
+    exact, also for chunk-sized systems shaped like the delta rule's (entries beta k_i.k_j e^{G_i-G_j},
+    |entries| <= 1); `_known_inverse` (a kernel's T) differentiates the same."""
     from jax import lax
 
-    from hylo_jax.kernels.gated_delta import unit_lower_solve
+    from hylo_jax.kernels.gated_delta import _known_inverse, lower_inverse
 
-    k = jax.random.split(jax.random.key(7), 4)
+    k = jax.random.split(jax.random.key(7), 3)
     keys = jax.random.normal(k[0], (2, 3, c, 8))
     keys = keys / jnp.linalg.norm(keys, axis=-1, keepdims=True)
-    beta = jax.random.uniform(k[3], (2, 3, c, 1))
+    beta = jax.random.uniform(k[1], (2, 3, c, 1))
     m = beta * jnp.einsum("...ik,...jk->...ij", keys, keys) * 0.98 ** jnp.abs(jnp.arange(c)[:, None] - jnp.arange(c))
-    b = jax.random.normal(k[1], (2, 3, c, 5))
-    w = jax.random.normal(k[2], (2, 3, c, 5))
+    w = jax.random.normal(k[2], (2, 3, c, c))
 
-    def ref(m, b):
-        return lax.linalg.triangular_solve(m, b, left_side=True, lower=True, unit_diagonal=True)
+    def ref(m):
+        eye = jnp.broadcast_to(jnp.eye(c), m.shape)
+        return lax.linalg.triangular_solve(m, eye, left_side=True, lower=True, unit_diagonal=True)
 
-    assert rel_err(unit_lower_solve(m, b), ref(m, b)) <= 1e-5
-    ours = jax.grad(lambda m, b: jnp.sum(unit_lower_solve(m, b) * w), argnums=(0, 1))(m, b)
-    want = jax.grad(lambda m, b: jnp.sum(ref(m, b) * w), argnums=(0, 1))(m, b)
+    t = lower_inverse(m)
+    assert rel_err(t, ref(m)) <= 1e-5
+    want = jax.grad(lambda m: jnp.sum(ref(m) * w))(m)
     # only the strictly lower triangle of m is an input: compare that part of its gradient
-    assert rel_err(jnp.tril(ours[0], -1), jnp.tril(want[0], -1)) <= 1e-5
-    assert rel_err(ours[1], want[1]) <= 1e-5
+    for inverse in (lower_inverse, lambda m: _known_inverse(m, t)):
+        got = jax.grad(lambda m: jnp.sum(inverse(m) * w))(m)
+        assert rel_err(jnp.tril(got, -1), jnp.tril(want, -1)) <= 1e-5
 
 
 def test_matmul_vjp_is_the_einsum_vjp():

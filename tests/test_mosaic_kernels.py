@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_ssd, pallas_common
-from hylo_jax.kernels.gated_delta import chunk_state_recurrence, gated_delta_rule, make_recurrence
+from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_gdn_factors, mosaic_ssd, pallas_common
+from hylo_jax.kernels.gated_delta import chunk_factors, chunk_state_recurrence, gated_delta_rule, make_recurrence
 from hylo_jax.kernels.ssd import _ssd_chunked, _ssd_reference, ssd
 
 F32 = jnp.float32
@@ -150,12 +150,87 @@ def test_gdn_recurrence_kernels_match_the_scan(dtype, tol):
         assert rel_err(a, w) < tol, name
 
 
-def test_gdn_recurrence_lowers_for_cuda_at_hylo_sizes():
-    """d_k 256, d_v 512 in blocks of 32, chunks of 64, bf16: both kernels, two TMA slots each."""
-    args = recurrence_inputs(1, 1, 2, 4, 64, 256, 512)
-    ours = make_recurrence(*mosaic_gdn.scans(jnp.bfloat16))
-    grad = jax.jit(jax.grad(recurrence_loss(ours), argnums=range(5)))
-    assert grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 2
+def factor_inputs(seed, b, h, n, dk, dtype, correlated):
+    """q, k (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries large),
+    beta, G and segment indices in the chunk layout of `gated_delta.chunk_factors`, chunks of 64."""
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, b, h, n, 64, dk))
+    k = (1 - correlated) * k + 3 * correlated * rng.standard_normal((b, h, 1, 1, dk))
+    q, k = (z / np.linalg.norm(z, axis=-1, keepdims=True) for z in (q, k))
+    beta = 1 / (1 + np.exp(-rng.standard_normal((b, h, n, 64))))
+    cum = np.cumsum(-0.05 * np.logaddexp(0.0, rng.standard_normal((b, h, n, 64))), axis=-1)
+    seg = np.cumsum(rng.random((b, 1, n, 64)) < 0.03, axis=-1)
+    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32),
+            jnp.asarray(seg, jnp.int32))
+
+
+@pytest.mark.parametrize("dtype, attn_tol", [(F32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("correlated", [0.0, 0.9])
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, attn_tol, correlated):
+    """The kernel's T = (I + M)^{-1} and attn against `gated_delta.chunk_factors` on the same (rounded) q, k.
+    T is 2e-5 even from bf16 operands (its products split fp32 into two bf16 parts); attn is rounded to bf16."""
+    args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
+    t, attn = mosaic_gdn_factors.chunk_factors(*args, interpret=mosaic_common.interpret_params())
+    t_ref, attn_ref = chunk_factors(*(a.astype(F32) if a.dtype != jnp.int32 else a for a in args))
+    assert t.dtype == F32 and attn.dtype == dtype
+    assert rel_err(t, t_ref) < 2e-5
+    assert rel_err(attn.astype(F32), attn_ref) < attn_tol
+
+
+def test_gdn_mosaic_path_gradients_match_chunked():
+    """The whole op on the Mosaic kernels (factors, both recurrences): output, final state and every input
+    cotangent = chunked (fp32). Under a mesh the kernels run per device in a shard_map; that is traced here,
+    not run: the GPU interpreter hangs when several CPU devices run it at once."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from hylo_jax.config import MeshConfig
+    from hylo_jax.sharding import make_mesh
+
+    rng = np.random.default_rng(8)
+    b, t, h, d = 2, 100, 1, 64  # two chunks, the second short
+    q, k, v, s0 = (jnp.asarray(rng.standard_normal(s), F32) for s in [(b, t, h, d)] * 3 + [(b, h, d, d)])
+    g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((b, t, h))), F32)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((b, t, h)))), F32)
+    seg = jnp.asarray(np.cumsum(rng.random((b, t)) < 0.03, axis=1), jnp.int32)
+    do, ds = jnp.asarray(rng.standard_normal((b, t, h, d)), F32), jnp.asarray(rng.standard_normal(s0.shape), F32)
+
+    def loss(impl):
+        def f(q, k, v, g, beta, s0):
+            o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, use_qk_l2norm=True,
+                                        impl=impl)
+            return jnp.sum(o * do) + jnp.sum(final * ds)
+        return jax.grad(f, argnums=range(6))
+
+    args = (q, k, v, g, beta, s0)
+    want = loss("chunked")(*args)
+    with pallas_common.force_backend("mosaic_gpu", mosaic_common.interpret_params()):
+        got = loss("pallas")(*args)
+        mesh = make_mesh(MeshConfig(data=2), devices=jax.devices()[:2])
+        with jax.set_mesh(mesh):
+            sharded = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in args]
+            assert str(jax.make_jaxpr(loss("pallas"))(*sharded)).count("shard_map") >= 3
+    for name, a, w in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want, strict=True):
+        assert rel_err(a, w) < 1e-5, name
+
+
+def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes():
+    """d_k 256, d_v 512, chunks of 64, bf16, under jax.grad: the chunk-factor kernel and both recurrence kernels
+    (value blocks of 32, two TMA slots each) pass the Mosaic GPU lowering."""
+    rng = np.random.default_rng(1)
+    b, t, h, dk, dv = 1, 256, 2, 256, 512
+    q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.bfloat16)
+    g, beta = jnp.full((b, t, h), -0.1, F32), jnp.full((b, t, h), 0.5, F32)
+
+    def loss(q, k, v, g, beta):
+        o, final = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl="pallas")
+        return jnp.sum(o.astype(F32)) + jnp.sum(final)
+
+    with pallas_common.force_backend("mosaic_gpu", None):
+        lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(q, k, v, g, beta).lower(
+            lowering_platforms=("cuda",))
+    assert lowered.as_text().count("custom_call @mosaic_gpu") == 3
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from . import mosaic_gdn, pallas_common, pallas_gdn
+from . import mosaic_common, mosaic_gdn, mosaic_gdn_factors, pallas_common, pallas_gdn
 
 _L2NORM_EPS = 1e-6
 
@@ -117,28 +117,97 @@ def _matmul_bwd(spec, dtype, res, g):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def unit_lower_solve(m: Float[Array, "... c c"], b: Float[Array, "... c w"],
-                     dtype: Any = jnp.float32) -> Float[Array, "... c w"]:
-    """x = (I + tril(m, -1))^{-1} b (only m's strictly lower triangle is read; c a power of two). The
-    inverse is fp32; its products with b (and, backward, with the cotangents) take operands in `dtype`."""
-    return _lowp("...ij,...jw->...iw", unit_lower_inverse(m), b, dtype)
+def _inverse_cotangent(t: Float[Array, "... c c"], t_bar: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
+    """m_bar for T = (I + tril(m, -1))^{-1}: dT = -T dL T, so m_bar = -tril(T^T T_bar T^T, -1)."""
+    return -jnp.tril(jnp.einsum("...ji,...jk,...lk->...il", t, t_bar, t, precision=lax.Precision.HIGHEST), -1)
 
 
-def _solve_fwd(m, b, dtype):
-    inv = unit_lower_inverse(m)
-    x = _lowp("...ij,...jw->...iw", inv, b, dtype)
-    return x, (inv, x)
+@jax.custom_vjp
+def lower_inverse(m: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
+    """T = (I + tril(m, -1))^{-1} (`unit_lower_inverse`; only m's strictly lower triangle is read), with the
+    VJP of `_inverse_cotangent` (three small matmuls instead of autodiff through the doublings)."""
+    return unit_lower_inverse(m)
 
 
-def _solve_bwd(dtype, res, x_bar):
-    """b_bar = (I + L)^{-T} x_bar, m_bar = -tril(b_bar x^T, -1)."""
-    inv, x = res
-    b_bar = _lowp("...ji,...jw->...iw", inv, x_bar, dtype)
-    return -jnp.tril(_lowp("...iw,...jw->...ij", b_bar, x, dtype), -1), b_bar
+def _lower_inverse_fwd(m):
+    t = unit_lower_inverse(m)
+    return t, t
 
 
-unit_lower_solve.defvjp(_solve_fwd, _solve_bwd)
+lower_inverse.defvjp(_lower_inverse_fwd, lambda t, t_bar: (_inverse_cotangent(t, t_bar),))
+
+
+@jax.custom_vjp
+def _known_inverse(m: Float[Array, "... c c"], t: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
+    """`lower_inverse(m)` when T is already known (a kernel computed it): returns t, differentiates as the
+    inverse of m."""
+    del m
+    return t
+
+
+_known_inverse.defvjp(lambda m, t: (t, t), lambda t, t_bar: (_inverse_cotangent(t, t_bar), jnp.zeros_like(t)))
+
+
+def _masked_exp(x: Array, mask: Array) -> Array:
+    """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
+    return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def chunk_factors(
+    q: Float[Array, "b h n c dk"],
+    k: Float[Array, "b h n c dk"],
+    beta: Float[Array, "b h n c"],
+    cum: Float[Array, "b h n c"],
+    seg: Int[Array, "b 1 n c"],
+    dtype: Any = jnp.float32,
+    inverse: Callable[[Array], Array] = lower_inverse,
+) -> tuple[Float[Array, "b h n c c"], Float[Array, "b h n c c"]]:
+    """The chunk-local factors of `_chunked`, every chunk at once: with G = `cum` (the chunk-local cumulative
+    log-decay), `seg` the segment index within the chunk and E_ij = e^{G_i - G_j} for j <= i in one segment,
+
+        T = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij  (j < i),      attn = (q k^T) o E.
+
+    The products take operands in `dtype` (fp32 accumulation); T is fp32. Returns (T, attn)."""
+    c = q.shape[-2]
+    same = seg[..., :, None] == seg[..., None, :]
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    strict = causal & ~jnp.eye(c, dtype=bool)
+    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
+    m = beta[..., :, None] * matmul("bhnik,bhnjk->bhnij", k, k, dtype) * _masked_exp(diff, strict & same)
+    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * _masked_exp(diff, causal & same)
+    return inverse(m), attn
+
+
+@functools.cache
+def kernel_chunk_factors(interpret: Any, dtype: Any) -> Callable:
+    """`chunk_factors` with its forward on the Mosaic GPU kernel (`mosaic_gdn_factors`; attn comes in `dtype`)
+    and its backward in XLA: the VJP of `chunk_factors` given the kernel's T (no inverse recomputed)."""
+
+    def kernel(q, k, beta, cum, seg):
+        def specs(rows, heads):
+            chunked, vec = P(rows, heads, None, None, None), P(rows, heads, None, None)
+            return (chunked, chunked, vec, vec, P(rows, None, None, None)), (chunked, chunked)
+
+        run = functools.partial(mosaic_gdn_factors.chunk_factors, interpret=interpret)
+        return pallas_common.on_mesh(run, specs, *k.shape[:2])(q, k, beta, cum, seg)
+
+    @jax.custom_vjp
+    def factors(q, k, beta, cum, seg):
+        return kernel(q, k, beta, cum, seg)
+
+    def fwd(q, k, beta, cum, seg):
+        t, attn = kernel(q, k, beta, cum, seg)
+        return (t, attn), (q, k, beta, cum, seg, t)
+
+    def bwd(res, cotangents):
+        q, k, beta, cum, seg, t = res
+        t_bar, attn_bar = cotangents
+        _, vjp = jax.vjp(lambda *xs: chunk_factors(*xs, seg, dtype, lambda m: _known_inverse(m, t)),
+                         q, k, beta, cum)
+        return (*vjp((t_bar, attn_bar.astype(jnp.float32))), None)
+
+    factors.defvjp(fwd, bwd)
+    return factors
 
 
 def _delta_step(
@@ -290,18 +359,20 @@ def _chunked(
     chunk_size: int,
     recurrence: Callable = chunk_state_recurrence,
     dtype: Any = jnp.float32,
+    factors: Callable | None = None,
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Chunkwise WY / UT-transform form of the recurrence. Its matmuls take operands in `dtype` (fp32
     accumulation; bf16 for bf16 layers on the Pallas path), decays, gates and the inverse stay fp32.
 
     In a chunk with start state S0, positions i = 1..C and cumulative log-decay G_i = g_1 + ... + g_i, the writes
-    delta_i = beta_i (v_i - (e^{g_i} S_{i-1})^T k_i) satisfy (I - A) delta = beta v - (beta k e^G) S0 with
-    A_ij = -beta_i (k_i . k_j) e^{G_i - G_j} for j < i. With T = (I - A)^{-1}, u = T (beta v), w = T (beta k e^G):
+    delta_i = beta_i (v_i - (e^{g_i} S_{i-1})^T k_i) satisfy (I + M) delta = beta v - (beta k e^G) S0 with
+    M_ij = beta_i (k_i . k_j) e^{G_i - G_j} for j < i. With T = (I + M)^{-1}, u = T (beta v), w = T (beta k e^G):
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    Only delta and S_C need the carried state: `recurrence` (see `make_recurrence`) runs just those over the
-    chunks, then o is two batched matmuls over all chunks at once.
+    T and the weights attn_ij = e^{G_i - G_j} (q_i . k_j) are `chunk_factors` (`factors`: the XLA one by
+    default, or a kernel's). Only delta and S_C need the carried state: `recurrence` (see `make_recurrence`)
+    runs just those over the chunks, then o is two batched matmuls over all chunks at once.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -319,33 +390,14 @@ def _chunked(
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
-    carry_in = seg == 0  # position is still in the segment that the carried state belongs to
-    carry_out = seg == seg[..., -1:]  # position is in the segment that the chunk's final state belongs to
-    same = seg[..., :, None] == seg[..., None, :]
-    causal = jnp.tril(jnp.ones((chunk_size, chunk_size), dtype=bool))
-    strict = causal & ~jnp.eye(chunk_size, dtype=bool)
-
-    def masked_exp(x: Array, mask: Array) -> Array:
-        """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
-        return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
-
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
-    decay_in = masked_exp(cum, carry_in)  # e^{G_i}
-    decay_out = masked_exp(cum[..., -1:] - cum, carry_out)  # e^{G_C - G_j}
-    decay_chunk = decay_in[..., -1]  # e^{G_C}
-
-    kk = matmul("bhnik,bhnjk->bhnij", k, k, dtype)
-    # Unit-lower-triangular I - A with A strictly lower; the solve reads only the strict lower triangle.
-    minus_a = beta[..., :, None] * kk * masked_exp(diff, strict & same)
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * decay_in)[..., None] * k], axis=-1)
-    uw = unit_lower_solve(minus_a, rhs, dtype)
-    u, w = uw[..., : v.shape[-1]], uw[..., v.shape[-1] :]
-    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * masked_exp(diff, causal & same)
-    q_in = decay_in[..., None] * q
-    k_out = decay_out[..., None] * k
-    states, deltas, state = recurrence(u, w, k_out, decay_chunk, state)
-    o = (matmul("bhnik,bhnkv->bhniv", q_in, states, dtype)
+    inverse, attn = (factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
+    decay_in = _masked_exp(cum, seg == 0)  # e^{G_i} while still in the segment the carried state belongs to
+    decay_out = _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])  # e^{G_C - G_j} in the chunk's last segment
+    u = matmul("bhnij,bhnjv->bhniv", inverse * beta[..., None, :], v, dtype)
+    w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype)
+    states, deltas, state = recurrence(u, w, decay_out[..., None] * k, decay_in[..., -1], state)
+    o = (matmul("bhnik,bhnkv->bhniv", decay_in[..., None] * q, states, dtype)
          + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype))
     o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)
     return o[:, :t], state
@@ -375,7 +427,8 @@ def gated_delta_rule(
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
     "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, or on GPU those of
-    `mosaic_gdn` under `pallas_common.gpu_kernels("mosaic")` / HYLO_GPU_KERNELS=mosaic; the operands of
+    `mosaic_gdn` and the chunk factors of `mosaic_gdn_factors` under `pallas_common.gpu_kernels("mosaic")` /
+    HYLO_GPU_KERNELS=mosaic; the operands of
     every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
@@ -415,8 +468,13 @@ def gated_delta_rule(
         # q, k (normalised and scaled in fp32) and v go on in the matmul dtype: the chunk layout moves
         # and the matmuls read them without a widening and a narrowing in between.
         dtype = jnp.dtype(in_dtype)
+        factors = None  # XLA's, unless the Mosaic kernel takes this shape
+        if backend == "mosaic_gpu" and not mosaic_gdn_factors.unsupported(
+                dk, chunk_size, mosaic_common.device_dtype(dtype, interpret)):
+            factors = kernel_chunk_factors(interpret, dtype)
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
-                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype)
+                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype,
+                            factors=factors)
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state

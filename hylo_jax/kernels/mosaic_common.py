@@ -54,6 +54,22 @@ class Ops:
             return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
+    def square(self, v, dim: int):
+        """A [C] vector spread over [C, C] along `dim` (0: v indexed by row)."""
+        return lax.broadcast_in_dim(v, (self.chunk, self.chunk), [dim])
+
+    def decay(self, g_i, s_i, g_j, s_j, *, transposed: bool = False, strict: bool = False):
+        """E [i, j] = e^{G_i - G_j} for j <= i (j < i if `strict`) in the same segment, else 0; E^T [j, i] if
+        `transposed`. G and the segment index by row (`g_i`, `s_i`: loaded with the row layout) and by column
+        (`g_j`, `s_j`: the column layout)."""
+        rows, cols = self.iota(0), self.iota(1)
+        same = self.square(s_i, 0) == self.square(s_j, 1)
+        if transposed:  # row r = j, column c = i: e^{G_c - G_r} for c >= r
+            order, exponent = (cols > rows) if strict else (cols >= rows), self.square(g_j, 1) - self.square(g_i, 0)
+        else:
+            order, exponent = (rows > cols) if strict else (rows >= cols), self.square(g_i, 0) - self.square(g_j, 1)
+        return jnp.exp(jnp.where(order & same, exponent, -jnp.inf))
+
     def matmul(self, shape, *terms, init=None):
         """`init` (fp32, default zeros) + sum of a @ b over `terms`, fp32. An operand is a shared-memory ref,
         ("T", ref) for the ref read transposed, or a register value (the A operand only). `init` starts the

@@ -88,24 +88,13 @@ class _Chunk:
     def columns(self, g_sm, seg_sm, dt_sm, slot):
         return tuple(self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm, dt_sm))
 
-    def square(self, v, dim):
-        """A [C] vector spread over [C, C] along `dim` (0: v indexed by row)."""
-        return lax.broadcast_in_dim(v, (self.ops.chunk, self.ops.chunk), [dim])
-
     def rows_of(self, v, width: int):
         """A [C] vector indexed by row, spread over [C, width]."""
         return lax.broadcast_in_dim(v, (self.ops.chunk, width), [0])
 
     def decay(self, g_j, s_j, transposed: bool = False):
-        """E [i, j] = e^{G_i - G_j} for j <= i in the same segment, else 0; E^T [j, i] if `transposed`. G and
-        the segment index by row (loaded with the row layout) and by column (`g_j`, `s_j`: the column layout)."""
-        rows, cols = self.ops.iota(0), self.ops.iota(1)
-        same = self.square(self.s_i, 0) == self.square(s_j, 1)
-        if transposed:  # row r = j, column c = i: e^{G_c - G_r} for c >= r
-            live, exponent = (cols >= rows) & same, self.square(g_j, 1) - self.square(self.g_i, 0)
-        else:
-            live, exponent = (rows >= cols) & same, self.square(self.g_i, 0) - self.square(g_j, 1)
-        return jnp.exp(jnp.where(live, exponent, -jnp.inf))
+        """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
+        return self.ops.decay(self.g_i, self.s_i, g_j, s_j, transposed=transposed)
 
     # cached: each use would otherwise emit its exps again (the kernel is traced op by op)
     @functools.cached_property
@@ -247,7 +236,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
             if with_y:
                 c_s = c_sm.at[slot]
                 g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ch.square(dt_j, 1)
+                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
                 c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
                 y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op)))
                 outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
@@ -336,7 +325,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
             rows_of = ch.rows_of
             # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
             e_t = ch.decay(g_j, s_j, transposed=True)
-            d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ch.square(ch.dt_i, 0) * e_t
+            d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ops.square(ch.dt_i, 0) * e_t
             cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
             z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
             m_t = (cb_t * e_t).astype(cdt)
@@ -350,7 +339,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
             dd_out = jnp.sum(v_ds * ops.load(b_s, WGMMA).astype(F32), axis=1)
             db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + rows_of(ch.d_out, n) * v_ds
             # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
-            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ch.square(dt_j, 1) * ch.decay(g_j, s_j)
+            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
             z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
             dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
             dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)

@@ -1,0 +1,126 @@
+"""Mosaic GPU (Hopper: wgmma, TMA) kernel of the gated delta rule's chunk-local factors (`gated_delta.chunk_factors`),
+every chunk at once: one CTA (one warpgroup) per (batch*head, chunk), with G the chunk-local cumulative
+log-decay and segments as in `gated_delta._chunked`:
+
+    E_ij = e^{G_i - G_j} for j <= i in the same segment, else 0
+    attn = (q k^T) o E                                    (the chunk's own output weights)
+    T    = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij for j < i      (the UT transform of the delta rule)
+
+The inverse is six block doublings of the [C, C] tile in registers: T_2 = I - L_1, and T_2s = T_s - T_s (L_s T_s)
+with L_s the part of M inside the diagonal blocks of 2s rows but outside those of s rows (block triangular
+inversion: the new off-diagonal blocks are -D^{-1} C A^{-1}; no power of M is formed, so nothing grows and
+cancels). Each product of fp32 tiles splits both factors into high and low parts in the operand dtype,
+a b ~ a_h b_h + a_h b_l + a_l b_h (three wgmmas into one accumulator, ~16 mantissa bits): T multiplies every
+value and key of the chunk, so it is kept to about fp32 accuracy. The right factors pass through
+shared memory, two buffer pairs used in turn, so a product never overwrites what the last one may still read.
+
+On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_common`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int
+
+from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, smem, vectors
+
+CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
+TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+
+
+def unsupported(dk: int, chunk: int, dtype) -> str | None:
+    """Why the kernel cannot take this shape (None if it can)."""
+    if reason := dtype_reason(dtype):
+        return reason
+    if chunk != CHUNK:
+        return f"chunk_size={chunk}: the chunk-factor kernel takes chunks of {CHUNK} (wgmma rows, registers)"
+    if dk % 64 or dk > TMA_BOX:
+        return f"d_k={dk} must be a multiple of 64 (128-byte swizzled rows), at most {TMA_BOX} (TMA)"
+    return None
+
+
+def _kernel(ops: Ops, cdt):
+    c = ops.chunk
+
+    def split(x):
+        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits)."""
+        high = x.astype(cdt)
+        return high, (x - high.astype(F32)).astype(cdt)
+
+    def kernel(q_ref, k_ref, beta_ref, g_ref, seg_ref, t_ref, attn_ref):
+        at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
+
+        def products(q_sm, k_sm, beta_sm, g_sm, seg_sm, ready):
+            for src, dst in zip((q_ref, k_ref, beta_ref, g_ref, seg_ref), (q_sm, k_sm, beta_sm, g_sm, seg_sm)):
+                plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
+            plgpu.barrier_wait(ready)
+            g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
+            g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
+            e = ops.decay(g_i, s_i, g_j, s_j)
+            attn = ops.matmul((c, c), (q_sm, ("T", k_sm))) * e
+            below = jnp.where(ops.iota(0) > ops.iota(1), e, 0.0) * ops.square(beta_i, 0)
+            return attn, ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
+
+        attn, m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
+                                vectors((c,)), vectors((c,)), vectors((c,)), plgpu.Barrier(num_arrivals=5))
+
+        def invert(b_high, b_low, t_sm, attn_sm):
+            def product(a, b, pair: int):
+                """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
+                b_h, b_l = split(b)
+                b_high.at[pair][...] = b_h
+                b_low.at[pair][...] = b_l
+                plgpu.commit_smem()
+                a_h, a_l = split(a)
+                return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
+
+            rows, cols = ops.iota(0), ops.iota(1)
+            apart = rows ^ cols  # < s: the same diagonal block of s rows (s a power of two)
+            t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(apart == 1, m, 0.0)
+            s = 2
+            while s < c:
+                x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
+                t = t - product(t, x, pair=1)
+                s *= 2
+            t_sm[...] = t
+            attn_sm[...] = attn.astype(cdt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(t_sm, t_ref.at[at])
+            plgpu.copy_smem_to_gmem(attn_sm, attn_ref.at[at])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(invert, smem((2, c, c), cdt), smem((2, c, c), cdt), smem((c, c), F32), smem((c, c), cdt))
+
+    return kernel
+
+
+def chunk_factors(
+    q: Float[Array, "b h n c dk"],
+    k: Float[Array, "b h n c dk"],
+    beta: Float[Array, "b h n c"],
+    cum: Float[Array, "b h n c"],
+    seg: Int[Array, "b 1 n c"],
+    *,
+    interpret=None,
+) -> tuple[Float[Array, "b h n c c"], Float[Array, "b h n c c"]]:
+    """(T fp32, attn in q's dtype) of every chunk (module docstring): q, k in the operand dtype (bf16 / fp16; the
+    interpreter also takes fp32), beta and G (`cum`) fp32, `seg` the segment index within the chunk."""
+    b, h, n, chunk, dk = k.shape
+    if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
+        raise ValueError(f"Mosaic GPU GDN chunk-factor kernel: {reason}")
+    rows = b * h
+
+    def flat(x):  # [b, h, n, C, ...] -> [b*h, n*C, ...]
+        return x.reshape(rows, n * chunk, *x.shape[4:])
+
+    seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
+    out = jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), jax.ShapeDtypeStruct((rows, n * chunk, chunk), k.dtype)
+    call = plgpu.kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), out_type=out, grid=(rows, n),
+                        grid_names=("rows", "chunks"), compiler_params=plgpu.CompilerParams(approx_math=True),
+                        interpret=interpret)
+    t, attn = call(*(flat(x) for x in (q.astype(k.dtype), k, beta.astype(F32), cum.astype(F32), seg)))
+    return t.reshape(b, h, n, chunk, chunk), attn.reshape(b, h, n, chunk, chunk)
