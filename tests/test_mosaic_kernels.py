@@ -214,9 +214,28 @@ def test_gdn_mosaic_path_gradients_match_chunked():
         assert rel_err(a, w) < 1e-5, name
 
 
+def test_gdn_mosaic_forward_in_bf16_is_close_to_chunked():
+    """The forward alone (the chunk factors, then the fused output pass) from bf16 q, k, v: bf16-level
+    agreement with the fp32 chunked path."""
+    rng = np.random.default_rng(9)
+    b, t, h, dk, dv = 1, 150, 2, 64, 128
+    q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), jnp.bfloat16) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((b, t, h, dv)), jnp.bfloat16)
+    g = jnp.asarray(-np.logaddexp(0.0, rng.standard_normal((b, t, h))), F32)
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((b, t, h)))), F32)
+    s0 = jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32)
+    with pallas_common.force_backend("mosaic_gpu", mosaic_common.interpret_params()):
+        o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, use_qk_l2norm=True, impl="pallas")
+    o_ref, final_ref = gated_delta_rule(*(x.astype(F32) for x in (q, k, v)), g, beta, initial_state=s0,
+                                        use_qk_l2norm=True, impl="chunked")
+    assert o.dtype == jnp.bfloat16
+    assert rel_err(o.astype(F32), o_ref) < 2e-2 and rel_err(final, final_ref) < 2e-2
+
+
 def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes():
-    """d_k 256, d_v 512, chunks of 64, bf16, under jax.grad: the chunk-factor kernel and both recurrence kernels
-    (value blocks of 32, two TMA slots each) pass the Mosaic GPU lowering."""
+    """d_k 256, d_v 512, chunks of 64, bf16: under jax.grad the chunk-factor kernel and both recurrence kernels
+    (value blocks of 32, two TMA slots each), without it the factors and the fused output pass, pass the Mosaic
+    GPU lowering."""
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512
     q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), jnp.bfloat16) for _ in range(2))
@@ -227,10 +246,13 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes():
         o, final = gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl="pallas")
         return jnp.sum(o.astype(F32)) + jnp.sum(final)
 
-    with pallas_common.force_backend("mosaic_gpu", None):
-        lowered = jax.jit(jax.grad(loss, argnums=range(5))).trace(q, k, v, g, beta).lower(
-            lowering_platforms=("cuda",))
-    assert lowered.as_text().count("custom_call @mosaic_gpu") == 3
+    def kernel_calls(fn):
+        with pallas_common.force_backend("mosaic_gpu", None):
+            lowered = jax.jit(fn).trace(q, k, v, g, beta).lower(lowering_platforms=("cuda",))
+        return lowered.as_text().count("custom_call @mosaic_gpu")
+
+    assert kernel_calls(jax.grad(loss, argnums=range(5))) == 3
+    assert kernel_calls(loss) == 2
 
 
 # ----------------------------------------------------------------------------- dispatch

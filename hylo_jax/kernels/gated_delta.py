@@ -17,6 +17,7 @@ dtype, bf16 for bf16 layers, with fp32 accumulation), outputs are cast to v.dtyp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -320,13 +321,30 @@ def _scan_backward(w, k, decay, states_bar, deltas_bar, final_bar):
 chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.scan` over the chunks
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkKernels:
+    """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `factors`
+    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence then two XLA matmuls; else a
+    kernel for a forward that keeps nothing for a backward, `mosaic_gdn.outputs`' contract: under
+    differentiation the recurrence and the matmuls run instead, `_outputs`)."""
+
+    recurrence: Callable = chunk_state_recurrence
+    factors: Callable | None = None
+    outputs: Callable | None = None
+
+
 @functools.cache
-def pallas_recurrence(backend: str, interpret: Any, dtype: Any) -> Callable:
-    """`chunk_state_recurrence` on the Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu") or `mosaic_gdn`
-    ("mosaic_gpu"), matmul operands in `dtype`, run per device under a set mesh (`_per_device`)."""
-    if backend == "mosaic_gpu":
-        return _per_device(make_recurrence(*mosaic_gdn.scans(dtype, interpret)))
-    return _per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)))
+def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int) -> ChunkKernels:
+    """The Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu"; the recurrence) or of `mosaic_gdn` and
+    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence, the fused forward outputs, and the chunk factors where
+    that kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
+    if backend != "mosaic_gpu":
+        return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype))))
+    factors = None
+    if not mosaic_gdn_factors.unsupported(dk, chunk, mosaic_common.device_dtype(dtype, interpret)):
+        factors = kernel_chunk_factors(interpret, dtype)
+    return ChunkKernels(_per_device(make_recurrence(*mosaic_gdn.scans(dtype, interpret))), factors,
+                        _outputs_per_device(mosaic_gdn.outputs(dtype, interpret)))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -348,6 +366,41 @@ def _per_device(recurrence: Callable) -> Callable:
     return call
 
 
+def _outputs_per_device(outputs: Callable) -> Callable:
+    """`outputs` (`mosaic_gdn.outputs`' contract) per device under a set mesh."""
+
+    def specs(rows, heads):
+        seq, state = P(rows, heads, None, None, None), P(rows, heads, None, None)
+        return (seq, seq, seq, P(rows, heads, None), state, seq, seq), (seq, state)
+
+    def call(u, w, k, decay, state, q, attn):
+        return pallas_common.on_mesh(outputs, specs, *state.shape[:2])(u, w, k, decay, state, q, attn)
+
+    return call
+
+
+@functools.cache
+def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
+    """(o in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state recurrence, then
+    o = q S_c + attn delta_c as two batched matmuls; with `kernels.outputs`, that kernel where nothing
+    differentiates (its VJP is the two-step form's: the forward rule runs it and keeps its VJP)."""
+
+    def two_step(u, w, k, decay, state, q, attn):
+        states, deltas, final = kernels.recurrence(u, w, k, decay, state)
+        o = matmul("bhnik,bhnkv->bhniv", q, states, dtype) + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype)
+        return o.astype(dtype), final
+
+    if kernels.outputs is None:
+        return two_step
+
+    @jax.custom_vjp
+    def fused(u, w, k, decay, state, q, attn):
+        return kernels.outputs(u, w, k, decay, state, q, attn)
+
+    fused.defvjp(lambda *args: jax.vjp(two_step, *args), lambda vjp, cotangents: vjp(cotangents))
+    return fused
+
+
 def _chunked(
     q: Float[Array, "b t h dk"],
     k: Float[Array, "b t h dk"],
@@ -357,9 +410,8 @@ def _chunked(
     state: Float[Array, "b h dk dv"],
     reset: Bool[Array, "b t"],
     chunk_size: int,
-    recurrence: Callable = chunk_state_recurrence,
     dtype: Any = jnp.float32,
-    factors: Callable | None = None,
+    kernels: ChunkKernels = ChunkKernels(),
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
     """Chunkwise WY / UT-transform form of the recurrence. Its matmuls take operands in `dtype` (fp32
     accumulation; bf16 for bf16 layers on the Pallas path), decays, gates and the inverse stay fp32.
@@ -370,9 +422,9 @@ def _chunked(
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    T and the weights attn_ij = e^{G_i - G_j} (q_i . k_j) are `chunk_factors` (`factors`: the XLA one by
-    default, or a kernel's). Only delta and S_C need the carried state: `recurrence` (see `make_recurrence`)
-    runs just those over the chunks, then o is two batched matmuls over all chunks at once.
+    T and the weights attn_ij = e^{G_i - G_j} (q_i . k_j) are `chunk_factors`. Only delta and S_C need the
+    carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
+    batched matmuls over all chunks at once (`_outputs`). `kernels` says what runs each part.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -391,14 +443,13 @@ def _chunked(
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    inverse, attn = (factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
+    inverse, attn = (kernels.factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
     decay_in = _masked_exp(cum, seg == 0)  # e^{G_i} while still in the segment the carried state belongs to
     decay_out = _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])  # e^{G_C - G_j} in the chunk's last segment
     u = matmul("bhnij,bhnjv->bhniv", inverse * beta[..., None, :], v, dtype)
     w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype)
-    states, deltas, state = recurrence(u, w, decay_out[..., None] * k, decay_in[..., -1], state)
-    o = (matmul("bhnik,bhnkv->bhniv", decay_in[..., None] * q, states, dtype)
-         + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype))
+    o, state = _outputs(kernels, jnp.dtype(dtype))(u, w, decay_out[..., None] * k, decay_in[..., -1], state,
+                                                   decay_in[..., None] * q, attn)
     o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)
     return o[:, :t], state
 
@@ -468,13 +519,8 @@ def gated_delta_rule(
         # q, k (normalised and scaled in fp32) and v go on in the matmul dtype: the chunk layout moves
         # and the matmuls read them without a widening and a narrowing in between.
         dtype = jnp.dtype(in_dtype)
-        factors = None  # XLA's, unless the Mosaic kernel takes this shape
-        if backend == "mosaic_gpu" and not mosaic_gdn_factors.unsupported(
-                dk, chunk_size, mosaic_common.device_dtype(dtype, interpret)):
-            factors = kernel_chunk_factors(interpret, dtype)
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
-                            chunk_size, recurrence=pallas_recurrence(backend, interpret, dtype), dtype=dtype,
-                            factors=factors)
+                            chunk_size, dtype, pallas_kernels(backend, interpret, dtype, dk, chunk_size))
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state

@@ -125,7 +125,7 @@ def fit(slot_buffers, fixed_buffers, most: int, n_chunks: int, what: str, interp
     for stages in range(min(most, n_chunks), 0, -1):
         if interpret or nbytes(slot_buffers(stages) + fixed_buffers) <= SMEM_BYTES:
             return stages
-    raise ValueError(f"Mosaic GPU SSD {what} kernel: its buffers do not fit in shared memory")
+    raise ValueError(f"Mosaic GPU {what} kernel: its buffers do not fit in shared memory")
 
 
 def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):

@@ -54,7 +54,9 @@ def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
         return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
     if dk * vb > 256 * 64:
         return f"state block {dk} x {vb} too large for one warpgroup's registers"
-    if (need := nbytes(_slots(chunk, dk, vb, dtype, True, 1) + _fixed(chunk, dk, vb, dtype))) > SMEM_BYTES:
+    need = max(nbytes(_slots(chunk, dk, vb, dtype, True, 1) + _fixed(chunk, dk, vb, dtype)),
+               nbytes(_output_slots(chunk, dk, vb, dtype, 1) + _output_fixed(chunk, dk, vb, dtype)))
+    if need > SMEM_BYTES:
         return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
     return None
 
@@ -145,22 +147,121 @@ def _scan(call: _Call, w, k, decay, seq, per_chunk, state, *, backward: bool):
             plgpu.wait_smem_to_gmem(0)
             return state
 
-        state = pl.run_scoped(lambda sm, barrier: load_state(ops, state_ref.at[row, :, vblock], sm, barrier),
-                              smem((dk, vb), F32), plgpu.Barrier())
-        state = pl.run_scoped(functools.partial(loop, state), *slot_buffers(stages), *fixed,
-                              plgpu.Barrier(num_arrivals=len(slot_buffers(1)), num_barriers=stages))
-        pl.run_scoped(lambda sm: store_state(state, sm, final_out.at[row, :, vblock]), smem((dk, vb), F32))
+        _carry_state(ops, state_ref.at[row, :, vblock], final_out.at[row, :, vblock], loop,
+                     [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
+                                                                  num_barriers=stages)])
 
     sds = jax.ShapeDtypeStruct
     out_type = (sds((rows, n_chunks, dk, dv), cdt), sds((rows, tp, dv), F32), sds((rows, dk, dv), F32))
-    run = plgpu.kernel(kernel, out_type=out_type, grid=(rows, dv // vb), grid_names=("rows", "vblocks"),
-                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
-    return run(w, k, decay, seq, *([per_chunk] if backward else []), state)
+    return _launch(kernel, out_type, rows, dv // vb, call)(w, k, decay, seq, *([per_chunk] if backward else []),
+                                                            state)
+
+
+def _carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
+    """The kernel body around a chunk loop: the state block from `state_src` into registers, `loop(state,
+    *buffers) -> state` with its shared memory, the final state to `final_dst` (each in its own scope, so the
+    loop's buffers can take the space)."""
+    shape = state_src.shape
+    state = pl.run_scoped(lambda sm, barrier: load_state(ops, state_src, sm, barrier), smem(shape, F32),
+                          plgpu.Barrier())
+    state = pl.run_scoped(functools.partial(loop, state), *buffers)
+    pl.run_scoped(lambda sm: store_state(state, sm, final_dst), smem(shape, F32))
+
+
+def _launch(kernel, out_type, rows: int, vblocks: int, call: _Call):
+    return plgpu.kernel(kernel, out_type=out_type, grid=(rows, vblocks), grid_names=("rows", "vblocks"),
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
+
+
+def _output_slots(chunk, dk, vb, cdt, stages: int) -> list:
+    """The output pass's inputs per TMA slot: w_c, k_c, the decay, attn_c, u_c."""
+    sw = _swizzle(vb, cdt)
+    return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
+            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), F32)]
+
+
+def _output_fixed(chunk, dk, vb, cdt) -> list:
+    """q_c (one buffer, fetched for the next chunk once this one's output product has read it), the state and
+    delta_c as operands, o_c on its way out."""
+    sw = _swizzle(vb, cdt)
+    return [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw),
+            smem((chunk, vb), cdt)]
+
+
+def _outputs(call: _Call, w, k, decay, u, q, attn, state):
+    """The forward with the chunks' outputs instead of their states (nothing kept for a backward):
+
+        delta_c = u_c - w_c S_c,    o_c = q_c S_c + attn_c delta_c,    S_{c+1} = d_c S_c + k_c^T delta_c
+
+    w, k, q [X, n*C, dk] and attn [X, n*C, C] in the operand dtype, decay [X, n*C], u [X, n*C, dv] fp32, state
+    [X, dk, dv] fp32. Returns (o [X, n*C, dv] in the operand dtype, final state). Three wgmma chains per chunk;
+    q_c has one buffer (two slots of it do not fit next to w and k at d_k 256)."""
+    rows, tp, dk = w.shape
+    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
+    n_chunks = tp // chunk
+    ops = Ops(bool(call.interpret), chunk)
+    slot_buffers = functools.partial(_output_slots, chunk, dk, vb, cdt)
+    fixed = _output_fixed(chunk, dk, vb, cdt)
+    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN output", call.interpret)
+
+    def kernel(w_ref, k_ref, d_ref, attn_ref, u_ref, q_ref, state_ref, o_out, final_out):
+        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
+
+        def chunk_rows(i):
+            return row, pl.ds(i * chunk, chunk)
+
+        def loop(state, w_sm, k_sm, d_sm, attn_sm, u_sm, q_sm, s_op, d_op, o_sm, ready, q_ready):
+            sources = [(w_ref, w_sm, chunk_rows), (k_ref, k_sm, chunk_rows), (d_ref, d_sm, chunk_rows),
+                       (attn_ref, attn_sm, chunk_rows), (u_ref, u_sm, lambda i: (*chunk_rows(i), vblock))]
+            plgpu.copy_gmem_to_smem(q_ref.at[chunk_rows(0)], q_sm, q_ready)
+
+            def step(i, slot, state):
+                s_op[...] = state.astype(cdt)
+                plgpu.commit_smem()
+                delta = ops.load(u_sm.at[slot], WGMMA) - ops.matmul((chunk, vb), (w_sm.at[slot], s_op))
+                d_op[...] = delta.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(q_ready)
+                o = ops.matmul((chunk, vb), (q_sm, s_op), (attn_sm.at[slot], d_op))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's o has left o_sm
+                o_sm[...] = o.astype(cdt)
+                plgpu.commit_smem()  # (and every warp is past the product that read q_sm)
+                plgpu.copy_smem_to_gmem(o_sm, o_out.at[(*chunk_rows(i), vblock)])
+
+                @pl.when(i + 1 < n_chunks)
+                def _():
+                    plgpu.copy_gmem_to_smem(q_ref.at[chunk_rows(i + 1)], q_sm, q_ready)
+
+                return ops.matmul((dk, vb), (("T", k_sm.at[slot]), d_op), init=state * d_sm[slot, 0])
+
+            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                               reverse=False)
+            plgpu.wait_smem_to_gmem(0)
+            return state
+
+        _carry_state(ops, state_ref.at[row, :, vblock], final_out.at[row, :, vblock], loop,
+                     [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
+                                                                  num_barriers=stages), plgpu.Barrier()])
+
+    out_type = (jax.ShapeDtypeStruct((rows, tp, dv), cdt), jax.ShapeDtypeStruct((rows, dk, dv), F32))
+    return _launch(kernel, out_type, rows, dv // vb, call)(w, k, decay, attn, u, q, state)
 
 
 def default_vb(dv: int) -> int:
     """32 columns: a [256, 32] fp32 state block is 64 registers a thread."""
     return min(32, dv)
+
+
+def _decay_rows(decay, c: int):
+    """[b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens."""
+    return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
+
+
+def _settings(dtype, interpret, vb: int | None, stages: int, c: int, dk: int, dv: int) -> _Call:
+    block = vb or default_vb(dv)
+    if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
+        raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
+    return _Call(c, block, stages, interpret)
 
 
 def scans(dtype, interpret=None, vb: int | None = None, stages: int = 2):
@@ -170,28 +271,37 @@ def scans(dtype, interpret=None, vb: int | None = None, stages: int = 2):
     forward(u, w, k, decay, state) -> (states, deltas, final state);
     backward(w, k, decay, states_bar, deltas_bar, final_bar) -> (G_0, G_{c+1} per chunk, D per chunk)."""
 
-    def decay_rows(decay, c):  # [b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens
-        return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
-
-    def settings(c, dk, dv):
-        block = vb or default_vb(dv)
-        if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
-            raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-        return _Call(c, block, stages, interpret)
-
     def forward(u, w, k, decay, state):
         b, h, n, c, dv = u.shape
-        call = settings(c, w.shape[-1], dv)
-        states, deltas, final = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype), decay_rows(decay, c),
-                                      seq_rows(u).astype(F32), None, rows(state).astype(F32), backward=False)
+        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
+        states, deltas, final = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype),
+                                      _decay_rows(decay, c), seq_rows(u).astype(F32), None, rows(state).astype(F32),
+                                      backward=False)
         return states.reshape(b, h, *states.shape[1:]), deltas.reshape(u.shape), final.reshape(state.shape)
 
     def backward(w, k, decay, states_bar, deltas_bar, final_bar):
         b, h, n, c, dv = deltas_bar.shape
-        call = settings(c, w.shape[-1], dv)
+        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
         g_next, d_deltas, g0 = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype),
-                                     decay_rows(decay, c), seq_rows(deltas_bar).astype(F32),
+                                     _decay_rows(decay, c), seq_rows(deltas_bar).astype(F32),
                                      rows(states_bar).astype(dtype), rows(final_bar).astype(F32), backward=True)
         return g0.reshape(final_bar.shape), g_next.reshape(states_bar.shape), d_deltas.reshape(deltas_bar.shape)
 
     return forward, backward
+
+
+def outputs(dtype, interpret=None, vb: int | None = None, stages: int = 2):
+    """The chunked rule's outputs and final state in one pass, for a forward that keeps nothing for a backward
+    (`_outputs`): f(u, w, k, decay, state, q, attn) -> (o [b, h, n, C, dv] in `dtype`, final state), the inputs
+    those of `scans`' forward plus the decayed queries q [b, h, n, C, dk] and the chunk weights attn
+    [b, h, n, C, C]."""
+
+    def run(u, w, k, decay, state, q, attn):
+        b, h, n, c, dv = u.shape
+        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
+        o, final = _outputs(call, *(seq_rows(x).astype(dtype) for x in (w, k)), _decay_rows(decay, c),
+                            seq_rows(u).astype(F32), *(seq_rows(x).astype(dtype) for x in (q, attn)),
+                            rows(state).astype(F32))
+        return o.reshape(u.shape), final.reshape(state.shape)
+
+    return run

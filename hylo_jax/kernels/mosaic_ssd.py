@@ -206,7 +206,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
 
     slot_buffers = functools.partial(_forward_slots, chunk, p, n, cdt, mode)
     fixed = _forward_fixed(chunk, p, n, cdt, mode)
-    stages = fit(slot_buffers, fixed, stages, n_chunks, "forward", interpret)
+    stages = fit(slot_buffers, fixed, stages, n_chunks, "SSD forward", interpret)
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, h0_ref, *refs):
         n_out = 1 + with_y + save
@@ -287,7 +287,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
 
     slot_buffers = functools.partial(_backward_slots, chunk, p, n, cdt, mode)
     fixed = _backward_fixed(chunk, p, n, cdt, mode)
-    stages = fit(slot_buffers, fixed, stages, n_chunks, "backward", interpret)
+    stages = fit(slot_buffers, fixed, stages, n_chunks, "SSD backward", interpret)
     n_in = len(slot_buffers(1))
 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *refs):
