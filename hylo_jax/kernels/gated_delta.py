@@ -277,9 +277,11 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
     def bwd(res, cotangents):
         w, k, decay, states, deltas = res
         g0, g_next, d_deltas = backward(w, k, decay, *cotangents)
-        f32 = dict(preferred_element_type=jnp.float32)  # states / g_next may be stored narrower
-        w_bar = -jnp.einsum("bhniv,bhnkv->bhnik", d_deltas, states.astype(d_deltas.dtype), **f32)
-        k_bar = jnp.einsum("bhniv,bhnkv->bhnik", deltas, g_next.astype(deltas.dtype), **f32)
+        # The kernels store states and g_next in the operand dtype: the [C, dv] factors are rounded to it (as
+        # fla's bf16 kernels do), not the [dk, dv] ones widened (a widened copy of each would cross HBM).
+        f32 = dict(preferred_element_type=jnp.float32)
+        w_bar = -jnp.einsum("bhniv,bhnkv->bhnik", d_deltas.astype(states.dtype), states, **f32)
+        k_bar = jnp.einsum("bhniv,bhnkv->bhnik", deltas.astype(g_next.dtype), g_next, **f32)
         decay_bar = jnp.einsum("bhnkv,bhnkv->bhn", states, g_next, **f32)
         return d_deltas, w_bar.astype(w.dtype), k_bar.astype(k.dtype), decay_bar, g0
 
