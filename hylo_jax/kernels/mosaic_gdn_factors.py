@@ -54,21 +54,26 @@ def _kernel(ops: Ops, cdt):
     def kernel(q_ref, k_ref, beta_ref, g_ref, seg_ref, t_ref, attn_ref):
         at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
 
-        def products(q_sm, k_sm, beta_sm, g_sm, seg_sm, ready):
+        def products(q_sm, k_sm, beta_sm, g_sm, seg_sm, attn_sm, ready):
+            """attn (sent out) and M (returned)."""
             for src, dst in zip((q_ref, k_ref, beta_ref, g_ref, seg_ref), (q_sm, k_sm, beta_sm, g_sm, seg_sm)):
                 plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
             plgpu.barrier_wait(ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
             g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
             e = ops.decay(g_i, s_i, g_j, s_j)
-            attn = ops.matmul((c, c), (q_sm, ("T", k_sm))) * e
+            attn_sm[...] = (ops.matmul((c, c), (q_sm, ("T", k_sm))) * e).astype(cdt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(attn_sm, attn_ref.at[at])
             below = jnp.where(ops.iota(0) > ops.iota(1), e, 0.0) * ops.square(beta_i, 0)
-            return attn, ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
+            m = ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
+            plgpu.wait_smem_to_gmem(0)
+            return m
 
-        attn, m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
-                                vectors((c,)), vectors((c,)), vectors((c,)), plgpu.Barrier(num_arrivals=5))
+        m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
+                          vectors((c,)), vectors((c,)), vectors((c,)), smem((c, c), cdt), plgpu.Barrier(num_arrivals=5))
 
-        def invert(b_high, b_low, t_sm, attn_sm):
+        def invert(b_high, b_low, t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
                 b_h, b_l = split(b)
@@ -87,13 +92,11 @@ def _kernel(ops: Ops, cdt):
                 t = t - product(t, x, pair=1)
                 s *= 2
             t_sm[...] = t
-            attn_sm[...] = attn.astype(cdt)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(t_sm, t_ref.at[at])
-            plgpu.copy_smem_to_gmem(attn_sm, attn_ref.at[at])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(invert, smem((2, c, c), cdt), smem((2, c, c), cdt), smem((c, c), F32), smem((c, c), cdt))
+        pl.run_scoped(invert, smem((2, c, c), cdt), smem((2, c, c), cdt), smem((c, c), F32))
 
     return kernel
 
