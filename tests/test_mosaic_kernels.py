@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_gdn_factors, mosaic_ssd, pallas_common
-from hylo_jax.kernels.gated_delta import chunk_factors, chunk_state_recurrence, gated_delta_rule, make_recurrence
+from hylo_jax.kernels.gated_delta import (
+    ChunkKernels,
+    _outputs,
+    chunk_factors,
+    chunk_state_recurrence,
+    gated_delta_rule,
+)
 from hylo_jax.kernels.ssd import _ssd_chunked, _ssd_reference, ssd
 
 F32 = jnp.float32
@@ -119,34 +125,43 @@ def test_spans_fill_the_gpu_but_stay_long():
     assert mosaic_ssd.spans_for(batch_heads=2, n_chunks=3, cores=132) == 1
 
 
-# ----------------------------------------------------------------------------- GDN recurrence
+# ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
-    """u, w, k [b, h, n, C, d], the chunk decays [b, h, n], the initial state [b, h, dk, dv]."""
+    """u, w, k [b, h, n, C, d], the chunk decays [b, h, n], the initial state [b, h, dk, dv], q [b, h, n, C, dk]
+    and attn [b, h, n, C, C] (lower triangular, as the rule's)."""
     rng = np.random.default_rng(seed)
     shapes = ((b, h, n, c, dv), (b, h, n, c, dk), (b, h, n, c, dk))
     args = [jnp.asarray(rng.standard_normal(s) * 0.1, F32) for s in shapes]
     decay, state = rng.uniform(0.2, 1.0, (b, h, n)), rng.standard_normal((b, h, dk, dv))
-    return args + [jnp.asarray(decay, F32), jnp.asarray(state, F32)]
-
-
-def recurrence_loss(recurrence):
-    def loss(*args):
-        states, deltas, final = recurrence(*args)
-        return jnp.sum(states.astype(F32) * 0.3) + jnp.sum(jnp.sin(deltas)) + jnp.sum(final * final)
-    return loss
+    q, attn = rng.standard_normal((b, h, n, c, dk)) * 0.1, np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1
+    return args + [jnp.asarray(z, F32) for z in (decay, state, q, attn)]
 
 
 @pytest.mark.parametrize("dtype, tol", [(F32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_gdn_recurrence_kernels_match_the_scan(dtype, tol):
-    """The Mosaic GDN recurrence (forward and reverse kernels, value blocks of 32) against the `lax.scan`
-    recurrence: outputs and every cotangent (u, w, k, decay, initial state)."""
+def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol):
+    """The Mosaic GDN passes (value blocks of 32: forward alone, forward saving S_c and delta_c, reverse from
+    o's cotangent) against the `lax.scan` recurrence and XLA's outputs: o, the final state, and every cotangent
+    (u, w, k, decay, initial state, q, attn)."""
     args = recurrence_inputs(0, 2, 1, 3, 64, 64, 64)
-    ours = make_recurrence(*mosaic_gdn.scans(dtype, mosaic_common.interpret_params(), vb=32))
-    for got, want in zip(ours(*args), chunk_state_recurrence(*args), strict=True):
-        assert rel_err(got.astype(F32), want.astype(F32)) < tol
-    got = jax.grad(recurrence_loss(ours), argnums=range(5))(*args)
-    want = jax.grad(recurrence_loss(chunk_state_recurrence), argnums=range(5))(*args)
-    for name, a, w in zip(("u", "w", "k", "decay", "state"), got, want, strict=True):
+    passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=32)
+    ours, reference = _outputs(ChunkKernels(outputs=passes), jnp.dtype(dtype)), _outputs(ChunkKernels(), F32)
+    want = reference(*args)
+    for got in (ours(*args), passes.forward_saving(*args)[:2]):
+        for a, w in zip(got, want, strict=True):
+            assert rel_err(a.astype(F32), w) < tol
+    states, deltas, _ = chunk_state_recurrence(*args[:5])
+    assert rel_err(passes.forward_saving(*args)[2].astype(F32), states) < tol
+    assert rel_err(passes.forward_saving(*args)[3], deltas) < tol
+
+    def loss(fn):
+        def f(*a):
+            o, final = fn(*a)
+            return jnp.sum(jnp.sin(o.astype(F32))) + jnp.sum(final * final)
+        return f
+
+    got = jax.grad(loss(ours), argnums=range(7))(*args)
+    want = jax.grad(loss(reference), argnums=range(7))(*args)
+    for name, a, w in zip(("u", "w", "k", "decay", "state", "q", "attn"), got, want, strict=True):
         assert rel_err(a, w) < tol, name
 
 

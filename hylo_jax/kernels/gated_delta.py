@@ -277,16 +277,25 @@ def make_recurrence(forward: Callable, backward: Callable) -> Callable:
     def bwd(res, cotangents):
         w, k, decay, states, deltas = res
         g0, g_next, d_deltas = backward(w, k, decay, *cotangents)
-        # The kernels store states and g_next in the operand dtype: the [C, dv] factors are rounded to it (as
-        # fla's bf16 kernels do), not the [dk, dv] ones widened (a widened copy of each would cross HBM).
-        f32 = dict(preferred_element_type=jnp.float32)
-        w_bar = -jnp.einsum("bhniv,bhnkv->bhnik", d_deltas.astype(states.dtype), states, **f32)
-        k_bar = jnp.einsum("bhniv,bhnkv->bhnik", deltas.astype(g_next.dtype), g_next, **f32)
-        decay_bar = jnp.einsum("bhnkv,bhnkv->bhn", states, g_next, **f32)
+        w_bar, k_bar, decay_bar = _recurrence_grads(d_deltas, deltas, states, g_next)
         return d_deltas, w_bar.astype(w.dtype), k_bar.astype(k.dtype), decay_bar, g0
 
     recurrence.defvjp(fwd, bwd)
     return recurrence
+
+
+def _by_states(spec: str, x: Array, per_chunk: Array) -> Float[Array, "..."]:
+    """einsum(spec, x, per_chunk) with x rounded to the [dk, dv] per-chunk array's dtype (the kernels store states
+    and their cotangents in the operand dtype; rounding the [C, .] factor, as fla's bf16 kernels do, instead of
+    widening the [dk, dv] one keeps a widened copy of it from crossing HBM), fp32 accumulation."""
+    return jnp.einsum(spec, x.astype(per_chunk.dtype), per_chunk, preferred_element_type=jnp.float32)
+
+
+def _recurrence_grads(d_deltas, deltas, states, g_next) -> tuple[Array, Array, Array]:
+    """The recurrence's gradients that only read its sequences: w_bar = -D S^T, k_bar = delta G^T,
+    d_bar = <S_c, G_{c+1}> (`make_recurrence`)."""
+    return (-_by_states("bhniv,bhnkv->bhnik", d_deltas, states), _by_states("bhniv,bhnkv->bhnik", deltas, g_next),
+            jnp.einsum("bhnkv,bhnkv->bhn", states, g_next, preferred_element_type=jnp.float32))
 
 
 def _chunks_first(*xs):
@@ -326,27 +335,28 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 @dataclasses.dataclass(frozen=True)
 class ChunkKernels:
     """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `factors`
-    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence then two XLA matmuls; else a
-    kernel for a forward that keeps nothing for a backward, `mosaic_gdn.outputs`' contract: under
-    differentiation the recurrence and the matmuls run instead, `_outputs`)."""
+    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls; else the
+    passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs, see `_outputs`)."""
 
     recurrence: Callable = chunk_state_recurrence
     factors: Callable | None = None
-    outputs: Callable | None = None
+    outputs: mosaic_gdn.Kernels | None = None
 
 
 @functools.cache
 def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int) -> ChunkKernels:
     """The Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu"; the recurrence) or of `mosaic_gdn` and
-    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence, the fused forward outputs, and the chunk factors where
-    that kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
+    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence with the outputs, and the chunk factors where that
+    kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
     if backend != "mosaic_gpu":
-        return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype))))
+        return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)), "sssct", "sst"))
     factors = None
     if not mosaic_gdn_factors.unsupported(dk, chunk, mosaic_common.device_dtype(dtype, interpret)):
         factors = kernel_chunk_factors(interpret, dtype)
-    return ChunkKernels(_per_device(make_recurrence(*mosaic_gdn.scans(dtype, interpret))), factors,
-                        _outputs_per_device(mosaic_gdn.outputs(dtype, interpret)))
+    passes = mosaic_gdn.kernels(dtype, interpret)
+    return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
+        _per_device(passes.forward, "sssctss", "st"), _per_device(passes.forward_saving, "sssctss", "stss"),
+        _per_device(passes.reverse, "sscssst", "tss")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -355,28 +365,16 @@ def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str |
     return pallas_gdn.unsupported(driver, dk, dv, chunk)
 
 
-def _per_device(recurrence: Callable) -> Callable:
-    """`recurrence` per device under a set mesh (`pallas_common.on_mesh`)."""
+def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
+    """`fn` per device under a set mesh (`pallas_common.on_mesh`). `ins` and `outs` give each argument's and
+    result's layout, batch and heads first: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "t" [b, h, dk, dv]."""
 
     def specs(rows, heads):
-        seq, state = P(rows, heads, None, None, None), P(rows, heads, None, None)
-        return (seq, seq, seq, P(rows, heads, None), state), (seq, seq, state)
+        layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "t": P(rows, heads, None, None)}
+        return tuple(layout[x] for x in ins), tuple(layout[x] for x in outs)
 
-    def call(u, w, k, decay, state):
-        return pallas_common.on_mesh(recurrence, specs, *state.shape[:2])(u, w, k, decay, state)
-
-    return call
-
-
-def _outputs_per_device(outputs: Callable) -> Callable:
-    """`outputs` (`mosaic_gdn.outputs`' contract) per device under a set mesh."""
-
-    def specs(rows, heads):
-        seq, state = P(rows, heads, None, None, None), P(rows, heads, None, None)
-        return (seq, seq, seq, P(rows, heads, None), state, seq, seq), (seq, state)
-
-    def call(u, w, k, decay, state, q, attn):
-        return pallas_common.on_mesh(outputs, specs, *state.shape[:2])(u, w, k, decay, state, q, attn)
+    def call(*args):
+        return pallas_common.on_mesh(fn, specs, *args[0].shape[:2])(*args)
 
     return call
 
@@ -384,22 +382,39 @@ def _outputs_per_device(outputs: Callable) -> Callable:
 @functools.cache
 def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
     """(o in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state recurrence, then
-    o = q S_c + attn delta_c as two batched matmuls; with `kernels.outputs`, that kernel where nothing
-    differentiates (its VJP is the two-step form's: the forward rule runs it and keeps its VJP)."""
+    o = q S_c + attn delta_c as two batched matmuls; or the passes of `kernels.outputs`: the forward alone where
+    nothing differentiates, else the forward that saves S_c and delta_c, and a reverse pass from o's cotangent
+    (the cotangents of S_c and delta_c are never formed), the gradients that only read the sequences in XLA."""
 
     def two_step(u, w, k, decay, state, q, attn):
         states, deltas, final = kernels.recurrence(u, w, k, decay, state)
         o = matmul("bhnik,bhnkv->bhniv", q, states, dtype) + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype)
         return o.astype(dtype), final
 
-    if kernels.outputs is None:
+    passes = kernels.outputs
+    if passes is None:
         return two_step
 
     @jax.custom_vjp
     def fused(u, w, k, decay, state, q, attn):
-        return kernels.outputs(u, w, k, decay, state, q, attn)
+        return passes.forward(u, w, k, decay, state, q, attn)
 
-    fused.defvjp(lambda *args: jax.vjp(two_step, *args), lambda vjp, cotangents: vjp(cotangents))
+    def fwd(u, w, k, decay, state, q, attn):
+        w, k, q = (x.astype(dtype) for x in (w, k, q))  # the kernels' operands, kept for the reverse
+        o, final, states, deltas = passes.forward_saving(u, w, k, decay, state, q, attn)
+        return (o, final), (w, k, decay, q, attn, states, deltas)
+
+    def bwd(res, cotangents):
+        w, k, decay, q, attn, states, deltas = res
+        o_bar, final_bar = cotangents
+        g0, g_next, d_deltas = passes.reverse(w, k, decay, q, attn, o_bar, final_bar)
+        w_bar, k_bar, decay_bar = _recurrence_grads(d_deltas, deltas, states, g_next)
+        q_bar = _by_states("bhniv,bhnkv->bhnik", o_bar, states)
+        attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", o_bar.astype(dtype), deltas.astype(dtype),
+                              preferred_element_type=jnp.float32)
+        return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar.astype(attn.dtype)
+
+    fused.defvjp(fwd, bwd)
     return fused
 
 

@@ -1,21 +1,31 @@
-"""Mosaic GPU (Hopper: wgmma, TMA) kernels for the sequential part of the chunked gated delta rule, the
-chunk-state recurrence of `gated_delta.make_recurrence` (the same contract as `pallas_gdn.scans`):
+"""Mosaic GPU (Hopper: wgmma, TMA) kernels for the sequential part of the chunked gated delta rule together with
+the outputs it feeds (`gated_delta._outputs`): over chunks c, with u, w, the decayed keys k and queries q, the
+chunk weights attn and each chunk's decay d_c from the rest of the rule (`gated_delta._chunked`),
 
-    delta_c = u_c - w_c S_c,      S_{c+1} = d_c S_c + k_c^T delta_c              (forward)
-    D_c = delta_bar_c + k_c G_{c+1},  G_c = S_bar_c + d_c G_{c+1} - w_c^T D_c     (backward, c descending)
+    delta_c = u_c - w_c S_c,   o_c = q_c S_c + attn_c delta_c,   S_{c+1} = d_c S_c + k_c^T delta_c       (forward)
 
-One CTA of one warpgroup per (batch*head, value block of `vb` columns) carries its [dk, vb] block of the fp32
-state in registers (the wgmma accumulator layout); per chunk two wgmmas: w_c S_c with the state stored in the
-operand dtype (which is also the per-chunk state the backward reads, sent out by TMA), and k_c^T delta_c with
-k read transposed from shared memory. w_c, k_c (and u_c, or the backward's cotangents) arrive by TMA
-`stages` chunks ahead. The initial and final states pass through a shared-memory buffer of their own scope,
-so the chunk loop's slots can take the space. Everything else of the rule stays in XLA (`gated_delta`).
+and, backward (c descending, G the cotangent of S_{c+1}, from the final state's; o_bar the outputs'),
+
+    D_c = attn_c^T o_bar_c + k_c G,   G <- q_c^T o_bar_c + d_c G - w_c^T D_c                          (reverse)
+
+so the cotangents of the per-chunk states and deltas never exist as arrays. One CTA of one warpgroup per
+(batch*head, value block of `vb` columns) carries its [dk, vb] block of the fp32 state (or G) in registers
+(the wgmma accumulator layout). w_c, k_c, attn_c and u_c (or o_bar_c) arrive by TMA `stages` chunks ahead; q_c
+has one buffer, fetched again once the chunk's last product has read it (two slots of it do not fit next to w
+and k at d_k 256). The forward may also send out what the backward and the remaining gradients need: the
+state entering each chunk in the operand dtype (it is the wgmma operand already) and delta_c (fp32). The
+reverse pass sends out G entering each chunk's end (in the operand dtype) and D_c (fp32, = u_bar). The initial
+and final states pass through a shared-memory buffer of their own scope, so the chunk loop can take the space.
+
+On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -54,11 +64,16 @@ def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
         return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
     if dk * vb > 256 * 64:
         return f"state block {dk} x {vb} too large for one warpgroup's registers"
-    need = max(nbytes(_slots(chunk, dk, vb, dtype, True, 1) + _fixed(chunk, dk, vb, dtype)),
-               nbytes(_output_slots(chunk, dk, vb, dtype, 1) + _output_fixed(chunk, dk, vb, dtype)))
+    need = max(nbytes(_slots(chunk, dk, vb, dtype, 1, backward) + _fixed(chunk, dk, vb, dtype, True, backward))
+               for backward in (False, True))
     if need > SMEM_BYTES:
         return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
     return None
+
+
+def default_vb(dv: int) -> int:
+    """32 columns: a [256, 32] fp32 state block is 64 registers a thread."""
+    return min(32, dv)
 
 
 def _swizzle(vb: int, cdt) -> int:
@@ -67,23 +82,23 @@ def _swizzle(vb: int, cdt) -> int:
     return min(128, vb * jnp.dtype(cdt).itemsize)
 
 
-def _slots(chunk, dk, vb, cdt, backward: bool, stages: int) -> list:
-    """Per TMA slot: w_c, k_c, the decay (as a [C] vector), u_c (forward) or S_bar_c and delta_bar_c
-    (backward)."""
+def _slots(chunk, dk, vb, cdt, stages: int, backward: bool) -> list:
+    """Per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c, and u_c (fp32) or o_bar_c (operand dtype)."""
     sw = _swizzle(vb, cdt)
-    buffers = [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk))]
+    return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
+            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw) if backward
+            else smem((stages, chunk, vb), F32)]
+
+
+def _fixed(chunk, dk, vb, cdt, save: bool, backward: bool) -> list:
+    """q_c (one buffer); the carried block (S or G) as an operand, which is also what is sent out per chunk; the
+    chunk's [C, vb] result (delta_c or D_c) as an operand; then the forward's o_c on its way out, or the
+    reverse pass's D_c, and, when saved, the forward's delta_c (fp32)."""
+    sw = _swizzle(vb, cdt)
+    buffers = [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw)]
     if backward:
-        buffers.append(smem((stages, dk, vb), cdt, sw))
-    return buffers + [smem((stages, chunk, vb), F32)]
-
-
-def _fixed(chunk, dk, vb, cdt) -> list:
-    """The outputs: the state (or G_{c+1}) in the operand dtype, two deep (it is the first wgmma's operand, so
-    it is written first thing in a step, while the last step's copy may still read the other); delta_c (or
-    D_c) in fp32, one deep (written after a wgmma, by when the last copy has left); and delta_c (or D_c) in the
-    operand dtype for the second wgmma."""
-    sw = _swizzle(vb, cdt)
-    return [smem((2, dk, vb), cdt, sw), smem((chunk, vb), F32), smem((chunk, vb), cdt, sw)]
+        return buffers + [smem((chunk, vb), F32)]
+    return buffers + [smem((chunk, vb), cdt)] + ([smem((chunk, vb), F32)] if save else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,69 +107,6 @@ class _Call:
     vb: int
     stages: int
     interpret: object
-
-
-def _scan(call: _Call, w, k, decay, seq, per_chunk, state, *, backward: bool):
-    """One pass: w, k [X, n*C, dk] (operand dtype), decay [X, n*C] (each chunk's d_c repeated), `seq` [X, n*C,
-    dv] fp32 (u, or delta_bar), `per_chunk` [X, n, dk, dv] (S_bar; None forward), `state` [X, dk, dv] fp32 (S_0,
-    or G_n). Returns (per-chunk states [X, n, dk, dv] in the operand dtype, [X, n*C, dv] fp32, final state)."""
-    rows, tp, dk = w.shape
-    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
-    n_chunks = tp // chunk
-    ops = Ops(bool(call.interpret), chunk)
-    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt, backward)
-    fixed = _fixed(chunk, dk, vb, cdt)
-    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN recurrence", call.interpret)
-
-    def kernel(w_ref, k_ref, d_ref, seq_ref, *refs):
-        per_chunk_ref, state_ref, states_out, seq_out, final_out = refs if backward else (None, *refs)
-        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
-
-        def tokens(i):
-            return pl.ds(i * chunk, chunk)
-
-        def loop(state, w_sm, k_sm, d_sm, *rest):
-            per_chunk_sm, seq_sm, st_sm, out_sm, op_sm, ready = rest if backward else (None, *rest)
-            sources = [(w_ref, w_sm, lambda i: (row, tokens(i))), (k_ref, k_sm, lambda i: (row, tokens(i))),
-                       (d_ref, d_sm, lambda i: (row, tokens(i)))]
-            if backward:
-                sources.append((per_chunk_ref, per_chunk_sm, lambda i: (row, i, slice(None), vblock)))
-            sources.append((seq_ref, seq_sm, lambda i: (row, tokens(i), vblock)))
-
-            def step(i, slot, state):
-                w_s, k_s, st_s = w_sm.at[slot], k_sm.at[slot], st_sm.at[lax.rem(i, 2)]
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy out of st_s two steps ago has left
-                st_s[...] = state.astype(cdt)
-                plgpu.commit_smem()
-                # forward: delta = u - w S;  backward: D = delta_bar + k G
-                first = ops.matmul((chunk, vb), (k_s if backward else w_s, st_s))
-                out = ops.load(seq_sm.at[slot], WGMMA) + (first if backward else -first)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # and the last step's copy of out_sm
-                out_sm[...] = out
-                op_sm[...] = (-out if backward else out).astype(cdt)  # (backward: - w^T D below)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(st_s, states_out.at[row, i, :, vblock], commit_group=False)
-                plgpu.copy_smem_to_gmem(out_sm, seq_out.at[row, tokens(i), vblock], commit_group=False)
-                plgpu.commit_smem_to_gmem_group()
-                decayed = state * d_sm[slot, 0]
-                if backward:  # G_c = S_bar + d G + w^T (-D)
-                    init = ops.load(per_chunk_sm.at[slot], WGMMA).astype(F32) + decayed
-                    return ops.matmul((dk, vb), (("T", w_s), op_sm), init=init)
-                return ops.matmul((dk, vb), (("T", k_s), op_sm), init=decayed)  # S' = d S + k^T delta
-
-            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
-                               reverse=backward)
-            plgpu.wait_smem_to_gmem(0)
-            return state
-
-        _carry_state(ops, state_ref.at[row, :, vblock], final_out.at[row, :, vblock], loop,
-                     [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
-                                                                  num_barriers=stages)])
-
-    sds = jax.ShapeDtypeStruct
-    out_type = (sds((rows, n_chunks, dk, dv), cdt), sds((rows, tp, dv), F32), sds((rows, dk, dv), F32))
-    return _launch(kernel, out_type, rows, dv // vb, call)(w, k, decay, seq, *([per_chunk] if backward else []),
-                                                            state)
 
 
 def _carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
@@ -168,140 +120,195 @@ def _carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
     pl.run_scoped(lambda sm: store_state(state, sm, final_dst), smem(shape, F32))
 
 
-def _launch(kernel, out_type, rows: int, vblocks: int, call: _Call):
-    return plgpu.kernel(kernel, out_type=out_type, grid=(rows, vblocks), grid_names=("rows", "vblocks"),
-                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
-
-
-def _output_slots(chunk, dk, vb, cdt, stages: int) -> list:
-    """The output pass's inputs per TMA slot: w_c, k_c, the decay, attn_c, u_c."""
-    sw = _swizzle(vb, cdt)
-    return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
-            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), F32)]
-
-
-def _output_fixed(chunk, dk, vb, cdt) -> list:
-    """q_c (one buffer, fetched for the next chunk once this one's output product has read it), the state and
-    delta_c as operands, o_c on its way out."""
-    sw = _swizzle(vb, cdt)
-    return [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw),
-            smem((chunk, vb), cdt)]
-
-
-def _outputs(call: _Call, w, k, decay, u, q, attn, state):
-    """The forward with the chunks' outputs instead of their states (nothing kept for a backward):
-
-        delta_c = u_c - w_c S_c,    o_c = q_c S_c + attn_c delta_c,    S_{c+1} = d_c S_c + k_c^T delta_c
-
-    w, k, q [X, n*C, dk] and attn [X, n*C, C] in the operand dtype, decay [X, n*C], u [X, n*C, dv] fp32, state
-    [X, dk, dv] fp32. Returns (o [X, n*C, dv] in the operand dtype, final state). Three wgmma chains per chunk;
-    q_c has one buffer (two slots of it do not fit next to w and k at d_k 256)."""
-    rows, tp, dk = w.shape
+def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool, save: bool = False):
+    """One pass over the chunks (forward, or in reverse if `backward`) of a grid of (row, value block) CTAs.
+    `ins` = (w, k, decay, attn, the per-token [X, n*C, ...] input, q, the carried block's start [X, dk, dv]);
+    `outs` the output types, the final carried block last; `step_of(refs) -> step(i, slot, carry)`."""
+    w, _, _, _, _, _, state = ins
+    rows_, tp, dk = w.shape
     dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
-    slot_buffers = functools.partial(_output_slots, chunk, dk, vb, cdt)
-    fixed = _output_fixed(chunk, dk, vb, cdt)
-    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN output", call.interpret)
+    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt, backward=backward)
+    fixed = _fixed(chunk, dk, vb, cdt, save, backward)
+    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN " + ("reverse" if backward else "forward"),
+                 call.interpret)
 
-    def kernel(w_ref, k_ref, d_ref, attn_ref, u_ref, q_ref, state_ref, o_out, final_out):
+    def kernel(w_ref, k_ref, d_ref, attn_ref, tok_ref, q_ref, state_ref, *out_refs):
         row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
 
         def chunk_rows(i):
             return row, pl.ds(i * chunk, chunk)
 
-        def loop(state, w_sm, k_sm, d_sm, attn_sm, u_sm, q_sm, s_op, d_op, o_sm, ready, q_ready):
+        def loop(state, w_sm, k_sm, d_sm, attn_sm, tok_sm, q_sm, carried_sm, result_sm, out_sm, *rest):
+            *delta_sm, ready, q_ready = rest
+            refs = _Refs(ops, cdt, n_chunks, row, vblock, chunk_rows, q_ref, out_refs, w_sm, k_sm, d_sm, attn_sm,
+                         tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm, *delta_sm)
             sources = [(w_ref, w_sm, chunk_rows), (k_ref, k_sm, chunk_rows), (d_ref, d_sm, chunk_rows),
-                       (attn_ref, attn_sm, chunk_rows), (u_ref, u_sm, lambda i: (*chunk_rows(i), vblock))]
-            plgpu.copy_gmem_to_smem(q_ref.at[chunk_rows(0)], q_sm, q_ready)
-
-            def step(i, slot, state):
-                s_op[...] = state.astype(cdt)
-                plgpu.commit_smem()
-                delta = ops.load(u_sm.at[slot], WGMMA) - ops.matmul((chunk, vb), (w_sm.at[slot], s_op))
-                d_op[...] = delta.astype(cdt)
-                plgpu.commit_smem()
-                plgpu.barrier_wait(q_ready)
-                o = ops.matmul((chunk, vb), (q_sm, s_op), (attn_sm.at[slot], d_op))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's o has left o_sm
-                o_sm[...] = o.astype(cdt)
-                plgpu.commit_smem()  # (and every warp is past the product that read q_sm)
-                plgpu.copy_smem_to_gmem(o_sm, o_out.at[(*chunk_rows(i), vblock)])
-
-                @pl.when(i + 1 < n_chunks)
-                def _():
-                    plgpu.copy_gmem_to_smem(q_ref.at[chunk_rows(i + 1)], q_sm, q_ready)
-
-                return ops.matmul((dk, vb), (("T", k_sm.at[slot]), d_op), init=state * d_sm[slot, 0])
-
-            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
-                               reverse=False)
+                       (attn_ref, attn_sm, chunk_rows), (tok_ref, tok_sm, lambda i: (*chunk_rows(i), vblock))]
+            state = chunk_loop(step_of(refs), state, sources=sources, ready=ready, stages=stages,
+                               n_chunks=n_chunks, reverse=backward)
             plgpu.wait_smem_to_gmem(0)
             return state
 
-        _carry_state(ops, state_ref.at[row, :, vblock], final_out.at[row, :, vblock], loop,
+        _carry_state(ops, state_ref.at[row, :, vblock], out_refs[-1].at[row, :, vblock], loop,
                      [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
                                                                   num_barriers=stages), plgpu.Barrier()])
 
-    out_type = (jax.ShapeDtypeStruct((rows, tp, dv), cdt), jax.ShapeDtypeStruct((rows, dk, dv), F32))
-    return _launch(kernel, out_type, rows, dv // vb, call)(w, k, decay, attn, u, q, state)
+    run = plgpu.kernel(kernel, out_type=outs, grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
+                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
+    return run(*ins)
 
 
-def default_vb(dv: int) -> int:
-    """32 columns: a [256, 32] fp32 state block is 64 registers a thread."""
-    return min(32, dv)
+@dataclasses.dataclass(frozen=True)
+class _Refs:
+    """What a chunk step reads and writes: the settings, the CTA's place, the HBM outputs and the shared memory
+    (`_slots`' slots, q and its barrier, then `_fixed`'s carried block, [C, vb] result and staging buffers)."""
+
+    ops: Ops
+    cdt: object
+    n_chunks: int
+    row: object
+    vblock: object
+    chunk_rows: Callable
+    q_ref: object
+    outs: tuple
+    w: object
+    k: object
+    d: object
+    attn: object
+    tok: object
+    q: object
+    q_ready: object
+    carried: object
+    result: object
+    out: object
+    delta: object = None  # the forward's delta_c when saved
+
+    def fetch_q(self, i) -> None:
+        plgpu.copy_gmem_to_smem(self.q_ref.at[self.chunk_rows(i)], self.q, self.q_ready)
+
+    def per_token(self, i):  # [X, n*C, dv] outputs
+        return (*self.chunk_rows(i), self.vblock)
+
+    def per_chunk(self, i):  # [X, n, dk, dv] outputs
+        return self.row, i, slice(None), self.vblock
 
 
-def _decay_rows(decay, c: int):
-    """[b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens."""
-    return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
+def _forward_step(r: _Refs, save: bool):
+    """delta = u - w S;  o = q S + attn delta;  S' = d S + k^T delta (module docstring)."""
+    ops, chunk, vb, dk = r.ops, r.ops.chunk, r.tok.shape[-1], r.w.shape[-1]
+
+    def step(i, slot, state):
+        @pl.when(i == 0)
+        def _():
+            r.fetch_q(0)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
+        r.carried[...] = state.astype(r.cdt)
+        plgpu.commit_smem()
+        delta = ops.load(r.tok.at[slot], WGMMA) - ops.matmul((chunk, vb), (r.w.at[slot], r.carried))
+        r.result[...] = delta.astype(r.cdt)
+        if save:
+            r.delta[...] = delta
+        plgpu.commit_smem()
+        plgpu.barrier_wait(r.q_ready)
+        r.out[...] = ops.matmul((chunk, vb), (r.q, r.carried), (r.attn.at[slot], r.result)).astype(r.cdt)
+        plgpu.commit_smem()  # (and every warp is past the product that read q)
+        plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.per_token(i)], commit_group=False)
+        if save:
+            plgpu.copy_smem_to_gmem(r.carried, r.outs[1].at[r.per_chunk(i)], commit_group=False)
+            plgpu.copy_smem_to_gmem(r.delta, r.outs[2].at[r.per_token(i)], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+
+        @pl.when(i + 1 < r.n_chunks)
+        def _():
+            r.fetch_q(i + 1)
+
+        return ops.matmul((dk, vb), (("T", r.k.at[slot]), r.result), init=state * r.d[slot, 0])
+
+    return step
 
 
-def _settings(dtype, interpret, vb: int | None, stages: int, c: int, dk: int, dv: int) -> _Call:
-    block = vb or default_vb(dv)
-    if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
-        raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-    return _Call(c, block, stages, interpret)
+def _reverse_step(r: _Refs):
+    """D = attn^T o_bar + k G;  G <- q^T o_bar + d G - w^T D (module docstring)."""
+    ops, chunk, vb, dk = r.ops, r.ops.chunk, r.tok.shape[-1], r.w.shape[-1]
+
+    def step(i, slot, g):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
+        r.carried[...] = g.astype(r.cdt)
+        plgpu.commit_smem()  # (and every warp is past the last chunk's product that read q)
+        r.fetch_q(i)
+        o_bar = r.tok.at[slot]
+        d = ops.matmul((chunk, vb), (("T", r.attn.at[slot]), o_bar), (r.k.at[slot], r.carried))
+        r.out[...] = d
+        r.result[...] = (-d).astype(r.cdt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(r.carried, r.outs[0].at[r.per_chunk(i)], commit_group=False)
+        plgpu.copy_smem_to_gmem(r.out, r.outs[1].at[r.per_token(i)], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.barrier_wait(r.q_ready)
+        return ops.matmul((dk, vb), (("T", r.q), o_bar), (("T", r.w.at[slot]), r.result), init=g * r.d[slot, 0])
+
+    return step
 
 
-def scans(dtype, interpret=None, vb: int | None = None, stages: int = 2):
-    """(forward, backward) of `gated_delta.chunk_state_recurrence` on these kernels, matmul operands in `dtype`
-    (`gated_delta.make_recurrence` joins them; the contract of `pallas_gdn.scans`):
+class Kernels(NamedTuple):
+    """The three passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
+    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]):
 
-    forward(u, w, k, decay, state) -> (states, deltas, final state);
-    backward(w, k, decay, states_bar, deltas_bar, final_bar) -> (G_0, G_{c+1} per chunk, D per chunk)."""
+    forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
+    forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv] in the operand dtype, delta_c fp32);
+    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk in the operand dtype, D_c fp32)."""
 
-    def forward(u, w, k, decay, state):
+    forward: Callable
+    forward_saving: Callable
+    reverse: Callable
+
+
+def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
+    """The passes of this module with matmul operands in `dtype` (`Kernels`)."""
+
+    def settings(c, dk, dv) -> _Call:
+        block = vb or default_vb(dv)
+        if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
+            raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
+        return _Call(c, block, stages, interpret)
+
+    def operands(*xs):
+        return tuple(seq_rows(x).astype(dtype) for x in xs)
+
+    def decay_rows(decay, c):  # [b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens
+        return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
+
+    def forward_pass(u, w, k, decay, state, q, attn, save):
         b, h, n, c, dv = u.shape
-        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
-        states, deltas, final = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype),
-                                      _decay_rows(decay, c), seq_rows(u).astype(F32), None, rows(state).astype(F32),
-                                      backward=False)
-        return states.reshape(b, h, *states.shape[1:]), deltas.reshape(u.shape), final.reshape(state.shape)
+        call = settings(c, w.shape[-1], dv)
+        x, tp, dk = b * h, n * c, w.shape[-1]
+        sds = jax.ShapeDtypeStruct
+        outs = [sds((x, tp, dv), dtype)]
+        if save:
+            outs += [sds((x, n, dk, dv), dtype), sds((x, tp, dv), F32)]
+        w_, k_, q_, attn_ = operands(w, k, q, attn)
+        outs = _pass(call, functools.partial(_forward_step, save=save), (*outs, sds((x, dk, dv), F32)),
+                     (w_, k_, decay_rows(decay, c), attn_, seq_rows(u).astype(F32), q_, rows(state).astype(F32)),
+                     backward=False, save=save)
+        o, *saved, final = outs
+        o, final = o.reshape(u.shape), final.reshape(state.shape)
+        if not save:
+            return o, final
+        return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(u.shape)
 
-    def backward(w, k, decay, states_bar, deltas_bar, final_bar):
-        b, h, n, c, dv = deltas_bar.shape
-        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
-        g_next, d_deltas, g0 = _scan(call, seq_rows(w).astype(dtype), seq_rows(k).astype(dtype),
-                                     _decay_rows(decay, c), seq_rows(deltas_bar).astype(F32),
-                                     rows(states_bar).astype(dtype), rows(final_bar).astype(F32), backward=True)
-        return g0.reshape(final_bar.shape), g_next.reshape(states_bar.shape), d_deltas.reshape(deltas_bar.shape)
+    def reverse(w, k, decay, q, attn, o_bar, final_bar):
+        b, h, n, c, dv = o_bar.shape
+        call = settings(c, w.shape[-1], dv)
+        x, tp, dk = b * h, n * c, w.shape[-1]
+        sds = jax.ShapeDtypeStruct
+        w_, k_, q_, attn_, o_bar_ = operands(w, k, q, attn, o_bar)
+        g_next, d, g0 = _pass(call, _reverse_step,
+                              (sds((x, n, dk, dv), dtype), sds((x, tp, dv), F32), sds((x, dk, dv), F32)),
+                              (w_, k_, decay_rows(decay, c), attn_, o_bar_, q_, rows(final_bar).astype(F32)),
+                              backward=True)
+        return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(o_bar.shape)
 
-    return forward, backward
-
-
-def outputs(dtype, interpret=None, vb: int | None = None, stages: int = 2):
-    """The chunked rule's outputs and final state in one pass, for a forward that keeps nothing for a backward
-    (`_outputs`): f(u, w, k, decay, state, q, attn) -> (o [b, h, n, C, dv] in `dtype`, final state), the inputs
-    those of `scans`' forward plus the decayed queries q [b, h, n, C, dk] and the chunk weights attn
-    [b, h, n, C, C]."""
-
-    def run(u, w, k, decay, state, q, attn):
-        b, h, n, c, dv = u.shape
-        call = _settings(dtype, interpret, vb, stages, c, w.shape[-1], dv)
-        o, final = _outputs(call, *(seq_rows(x).astype(dtype) for x in (w, k)), _decay_rows(decay, c),
-                            seq_rows(u).astype(F32), *(seq_rows(x).astype(dtype) for x in (q, attn)),
-                            rows(state).astype(F32))
-        return o.reshape(u.shape), final.reshape(state.shape)
-
-    return run
+    return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse)
