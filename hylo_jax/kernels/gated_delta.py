@@ -356,7 +356,7 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sssctss", "st"), _per_device(passes.forward_saving, "sssctss", "stss"),
-        _per_device(passes.reverse, "sscssst", "tss")))
+        _per_device(passes.reverse, "sscssst", "tss"), _per_device(passes.gradients, "sssss", "sssc")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -383,8 +383,8 @@ def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
 def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
     """(o in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state recurrence, then
     o = q S_c + attn delta_c as two batched matmuls; or the passes of `kernels.outputs`: the forward alone where
-    nothing differentiates, else the forward that saves S_c and delta_c, and a reverse pass from o's cotangent
-    (the cotangents of S_c and delta_c are never formed), the gradients that only read the sequences in XLA."""
+    nothing differentiates, else the forward that saves S_c and delta_c, a reverse pass from o's cotangent (the
+    cotangents of S_c and delta_c are never formed) and a pass for the gradients that only read the sequences."""
 
     def two_step(u, w, k, decay, state, q, attn):
         states, deltas, final = kernels.recurrence(u, w, k, decay, state)
@@ -408,8 +408,7 @@ def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
         w, k, decay, q, attn, states, deltas = res
         o_bar, final_bar = cotangents
         g0, g_next, d_deltas = passes.reverse(w, k, decay, q, attn, o_bar, final_bar)
-        w_bar, k_bar, decay_bar = _recurrence_grads(d_deltas, deltas, states, g_next)
-        q_bar = _by_states("bhniv,bhnkv->bhnik", o_bar, states)
+        q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", o_bar.astype(dtype), deltas.astype(dtype),
                               preferred_element_type=jnp.float32)
         return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar.astype(attn.dtype)

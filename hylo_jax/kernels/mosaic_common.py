@@ -48,6 +48,11 @@ class Ops:
     def load(self, ref, layout):
         return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
 
+    def zeros(self, shape):
+        """fp32 zeros in the wgmma accumulator layout (a loop carry that wgmmas update)."""
+        z = jnp.zeros(shape, F32)
+        return z if self.interpret else plgpu.layout_cast(z, WGMMA)
+
     def iota(self, dim: int):
         shape = (self.chunk, self.chunk)
         if self.interpret:
@@ -81,12 +86,9 @@ class Ops:
                         for a, b in terms)
             return total if init is None else init + total
 
-        def operand(z):
-            return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
-
         def accumulate(acc):
             for a, b in terms:
-                plgpu.wgmma(acc, operand(a), operand(b))
+                plgpu.wgmma(acc, _operand(a), _operand(b))
 
         def from_zero(acc):
             accumulate(acc)
@@ -95,6 +97,23 @@ class Ops:
         if init is None:
             return pl.run_scoped(from_zero, plgpu.ACC(shape, F32))
         return pl.run_state(accumulate)(plgpu.ACC.init(init))
+
+    def matmuls(self, *products):
+        """Several `matmul`s with an `init` each, given as (terms, init), issued together and waited for once."""
+        if self.interpret:
+            return tuple(self.matmul(init.shape, *terms, init=init) for terms, init in products)
+
+        def accumulate(accs):
+            for acc, (terms, _) in zip(accs, products):
+                for a, b in terms:
+                    plgpu.wgmma(acc, _operand(a), _operand(b))
+
+        return pl.run_state(accumulate)(tuple(plgpu.ACC.init(init) for _, init in products))
+
+
+def _operand(z):
+    """A wgmma operand: a shared-memory ref, ("T", ref) read transposed, or a register value."""
+    return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
 
 
 def tiled(dtype, cols: int, swizzle: int = 128) -> tuple:

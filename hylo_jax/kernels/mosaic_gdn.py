@@ -253,17 +253,98 @@ def _reverse_step(r: _Refs):
     return step
 
 
+GRAD_KB = 64  # key columns per CTA of the gradient pass: three [C, 64] fp32 accumulators
+
+
+def _grad_slots(chunk, kb, vb, cdt, stages: int) -> list:
+    """The gradient pass's inputs per TMA slot (a value block of `vb` columns): S_c and G_{c+1} [kb, vb], o_bar_c
+    (operand dtype), delta_c and D_c [C, vb] (fp32)."""
+    return [smem((stages, kb, vb), cdt), smem((stages, kb, vb), cdt), smem((stages, chunk, vb), cdt),
+            smem((stages, chunk, vb), F32), smem((stages, chunk, vb), F32)]
+
+
+def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_bar, deltas, d_deltas):
+    """The gradients that only read the sequences, per chunk c (module docstring):
+
+        q_bar = o_bar S_c^T,   w_bar = -D_c S_c^T,   k_bar = delta_c G_{c+1}^T,   d_bar by row = sum_v S_c o G_{c+1}
+
+    states, g_next [X, n, dk, dv] and o_bar [X, n*C, dv] in the operand dtype, deltas, d_deltas [X, n*C, dv]
+    fp32. One CTA per (key block of GRAD_KB rows, chunk, row) walks the value blocks (TMA `stages` ahead; the
+    key blocks of a chunk are neighbours in the launch order, so its [C, dv] inputs are read from L2 after the
+    first). Returns q_bar, w_bar, k_bar [X, n*C, dk] fp32 and d_bar per state row [X, n, dk] fp32 (the caller
+    sums it over dk)."""
+    rows_, n, dk, dv = states.shape
+    cdt, kb = states.dtype, min(GRAD_KB, dk)
+    ops = Ops(bool(interpret), chunk)
+    slot_buffers = functools.partial(_grad_slots, chunk, kb, vb, cdt)
+    outs = [smem((chunk, kb), F32)] * 3 + [vectors((kb,))]
+    stages = fit(slot_buffers, [], stages, dv // vb, "GDN gradient", interpret)
+
+    def kernel(s_ref, g_ref, ob_ref, delta_ref, dd_ref, q_out, w_out, k_out, dec_out):
+        keys, c, row = (lax.axis_index(a) for a in ("kblocks", "chunks", "rows"))
+        keys, tokens = pl.ds(keys * kb, kb), pl.ds(c * chunk, chunk)
+
+        def loop(s_sm, g_sm, ob_sm, delta_sm, dd_sm, ready):
+            def by_state(j):
+                return row, c, keys, pl.ds(j * vb, vb)
+
+            def by_token(j):
+                return row, tokens, pl.ds(j * vb, vb)
+
+            sources = [(s_ref, s_sm, by_state), (g_ref, g_sm, by_state), (ob_ref, ob_sm, by_token),
+                       (delta_ref, delta_sm, by_token), (dd_ref, dd_sm, by_token)]
+
+            def step(j, slot, carry):
+                q_bar, w_bar, k_bar, dec = carry
+                s_s, g_s = s_sm.at[slot], g_sm.at[slot]
+                delta, dd = (ops.load(v.at[slot], WGMMA).astype(cdt) for v in (delta_sm, dd_sm))
+                q_bar, w_bar, k_bar = ops.matmuls(([(ob_sm.at[slot], ("T", s_s))], q_bar),
+                                                  ([(dd, ("T", s_s))], w_bar), ([(delta, ("T", g_s))], k_bar))
+                dec = dec + ops.load(s_s, WGMMA).astype(F32) * ops.load(g_s, WGMMA).astype(F32)
+                plgpu.commit_smem()  # a warpgroup barrier: every warp is done with the slot before its refill
+                return q_bar, w_bar, k_bar, dec
+
+            carry = (*(ops.zeros((chunk, kb)) for _ in range(3)), ops.zeros((kb, vb)))
+            return chunk_loop(step, carry, sources=sources, ready=ready, stages=stages, n_chunks=dv // vb,
+                              reverse=False)
+
+        q_bar, w_bar, k_bar, dec = pl.run_scoped(loop, *slot_buffers(stages),
+                                                 plgpu.Barrier(num_arrivals=5, num_barriers=stages))
+
+        def send(q_sm, w_sm, k_sm, dec_sm):
+            for value, sm in ((q_bar, q_sm), (-w_bar, w_sm), (k_bar, k_sm)):
+                sm[...] = value
+            dec_sm[...] = jnp.sum(dec, axis=1)
+            plgpu.commit_smem()
+            for sm, dst in ((q_sm, q_out), (w_sm, w_out), (k_sm, k_out)):
+                plgpu.copy_smem_to_gmem(sm, dst.at[row, tokens, keys], commit_group=False)
+            plgpu.copy_smem_to_gmem(dec_sm, dec_out.at[row, c, keys], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(send, *outs)
+
+    per_token = jax.ShapeDtypeStruct((rows_, n * chunk, dk), F32)
+    run = plgpu.kernel(kernel, out_type=(per_token,) * 3 + (jax.ShapeDtypeStruct((rows_, n, dk), F32),),
+                       grid=(dk // kb, n, rows_), grid_names=("kblocks", "chunks", "rows"),
+                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+    return run(states, g_next, o_bar, deltas, d_deltas)
+
+
 class Kernels(NamedTuple):
     """The three passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
     [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]):
 
     forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
     forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv] in the operand dtype, delta_c fp32);
-    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk in the operand dtype, D_c fp32)."""
+    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk in the operand dtype, D_c fp32);
+    gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
+    [b, h, n]), all fp32 (`_gradients`)."""
 
     forward: Callable
     forward_saving: Callable
     reverse: Callable
+    gradients: Callable
 
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
@@ -311,4 +392,13 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
                               backward=True)
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(o_bar.shape)
 
-    return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse)
+    def gradients(states, g_next, o_bar, deltas, d_deltas):
+        b, h, n, c, dv = o_bar.shape
+        dk = states.shape[-2]
+        q_bar, w_bar, k_bar, dec = _gradients(c, min(64, dv), stages, interpret, rows(states).astype(dtype),
+                                              rows(g_next).astype(dtype), *operands(o_bar),
+                                              *(seq_rows(x).astype(F32) for x in (deltas, d_deltas)))
+        return (*(x.reshape(b, h, n, c, dk) for x in (q_bar, w_bar, k_bar)), jnp.sum(dec, -1).reshape(b, h, n))
+
+    return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,
+                   gradients)
