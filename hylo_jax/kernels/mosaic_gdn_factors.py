@@ -47,9 +47,10 @@ def _kernel(ops: Ops, cdt):
     c = ops.chunk
 
     def split(x):
-        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits)."""
-        high = x.astype(cdt)
-        return high, (x - high.astype(F32)).astype(cdt)
+        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits). The high part is
+        rounded twice: one copy becomes a wgmma operand, whose register layout may differ from the one the
+        subtraction works in (one value in two layouts fails Mosaic's layout inference, jax 0.11)."""
+        return x.astype(cdt), (x - x.astype(cdt).astype(F32)).astype(cdt)
 
     def kernel(q_ref, k_ref, beta_ref, g_ref, seg_ref, t_ref, attn_ref):
         at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
