@@ -30,6 +30,11 @@ from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason,
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+# The inverse's products take their left factors from registers (False) or from shared memory (True). On the
+# H200 with jax 0.11.2 the register version failed Mosaic's layout inference before the split was changed
+# (`split`); whether that change suffices is unmeasured (benchmarks/NOTES.md, session 11). True avoids register
+# operands altogether, for 32 KB more shared memory. Both are checked on CPU (interpreter and CUDA lowering).
+A_IN_SHARED_MEMORY = False
 
 
 def unsupported(dk: int, chunk: int, dtype) -> str | None:
@@ -74,14 +79,18 @@ def _kernel(ops: Ops, cdt):
         m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
                           vectors((c,)), vectors((c,)), vectors((c,)), smem((c, c), cdt), plgpu.Barrier(num_arrivals=5))
 
-        def invert(b_high, b_low, t_sm):
+        def invert(b_high, b_low, a_high, a_low, t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
                 b_h, b_l = split(b)
                 b_high.at[pair][...] = b_h
                 b_low.at[pair][...] = b_l
-                plgpu.commit_smem()
                 a_h, a_l = split(a)
+                if A_IN_SHARED_MEMORY:
+                    a_high.at[pair][...] = a_h
+                    a_low.at[pair][...] = a_l
+                    a_h, a_l = a_high.at[pair], a_low.at[pair]
+                plgpu.commit_smem()
                 return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
 
             rows, cols = ops.iota(0), ops.iota(1)
@@ -97,7 +106,7 @@ def _kernel(ops: Ops, cdt):
             plgpu.copy_smem_to_gmem(t_sm, t_ref.at[at])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(invert, smem((2, c, c), cdt), smem((2, c, c), cdt), smem((c, c), F32))
+        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 4, smem((c, c), F32))
 
     return kernel
 
