@@ -1,0 +1,70 @@
+"""The GDN chunk-factor kernel (`kernels/mosaic_gdn_factors.py`) vs XLA's `chunk_factors`: T = (I + M)^-1 and
+attn for every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 q and k with correlated
+keys, both ways of passing the inverse's left factors (registers, shared memory). One table: error of T and
+attn against XLA in fp32 (highest precision), ms of the kernel and of XLA with bf16 products.
+
+    python benchmarks/gdn_factors.py [--shapes 1x16384,4x4096]      # Hopper GPU
+    python benchmarks/gdn_factors.py --tiny                          # CPU: the GPU interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import print_table, time_jax
+
+from hylo_jax.kernels import gated_delta, mosaic_common, mosaic_gdn_factors
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+
+def inputs(b: int, t: int, h: int, dk: int, c: int = 64):
+    rng = np.random.default_rng(0)
+    n = t // c
+    q, k = rng.standard_normal((2, b, h, n, c, dk))
+    k = 0.5 * k + rng.standard_normal((b, h, 1, 1, dk))  # correlated keys: large entries of T
+    q, k = (jnp.asarray(z / np.linalg.norm(z, axis=-1, keepdims=True), BF16) for z in (q, k))
+    beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((b, h, n, c)))), F32)
+    cum = jnp.asarray(np.cumsum(-0.05 * np.logaddexp(0, rng.standard_normal((b, h, n, c))), -1), F32)
+    seg = jnp.asarray(np.cumsum(rng.random((b, 1, n, c)) < 0.03, -1), jnp.int32)
+    return q, k, beta, cum, seg
+
+
+def rel(a, b) -> float:
+    return float(jnp.max(jnp.abs(a.astype(F32) - b)) / jnp.max(jnp.abs(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run in the GPU interpreter")
+    parser.add_argument("--shapes", default="1x16384,4x4096", help="B x T list")
+    args = parser.parse_args()
+    shapes = [(1, 128)] if args.tiny else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    interpret = mosaic_common.interpret_params() if args.tiny else None
+    iters = 2 if args.tiny else 20
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    rows = []
+    for b, t in shapes:
+        x = inputs(b, t, 2 if args.tiny else 6, 64 if args.tiny else 256)
+        with jax.default_matmul_precision("highest"):
+            t_ref, attn_ref = jax.jit(gated_delta.chunk_factors)(x[0].astype(F32), x[1].astype(F32), *x[2:])
+        xla = jax.jit(lambda *a: gated_delta.chunk_factors(*a, dtype=BF16))
+        xla_ms = time_jax(xla, *x, warmup=1, iters=iters) * 1e3
+        for a_in_smem in (False, True):
+            mosaic_gdn_factors.A_IN_SHARED_MEMORY = a_in_smem
+            kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_factors(*a, interpret=interpret))
+            try:
+                t_inv, attn = kernel(*x)
+                cells = [f"{rel(t_inv, t_ref):.1e}", f"{rel(attn, attn_ref):.1e}",
+                         f"{time_jax(kernel, *x, warmup=1, iters=iters) * 1e3:.3f}"]
+            except Exception as err:  # report it and go on
+                cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "", ""]
+            rows.append([f"{b}x{t}", "shared memory" if a_in_smem else "registers", *cells, f"{xla_ms:.3f}"])
+    print_table(["B x T", "left factors", "T err", "attn err", "kernel ms", "XLA bf16 ms"], rows)
+
+
+if __name__ == "__main__":
+    main()
