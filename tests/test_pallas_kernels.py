@@ -293,3 +293,5 @@ def test_gpu_pipeline_stages_fit_in_shared_memory():
     assert pallas_gdn.gpu_launch(64, 256, 64, jnp.bfloat16)["num_stages"] == 2
     assert pallas_gdn.gpu_launch(128, 256, 32, jnp.bfloat16)["num_stages"] == 1  # never below one
     assert pallas_common.fit_stages(1) == 3  # at most three
+    # fp32 operands count twice per stage (H200: 3 stages of the fp32 SSD at d_state 128 did not fit)
+    assert pallas_common.fit_stages(2 * 64 * 128 * 4, 128 * 64 * 4, itemsize=4) == 1

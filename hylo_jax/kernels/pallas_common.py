@@ -156,12 +156,15 @@ def _row(plan: Plan, arg: Arg, i):
 GPU_SHARED_BYTES = 227 * 1024  # shared memory per block on Hopper
 
 
-def fit_stages(dot_load_bytes: int, scratch_bytes: int = 0, most: int = 3) -> int:
+def fit_stages(dot_load_bytes: int, scratch_bytes: int = 0, most: int = 3, itemsize: int = 2) -> int:
     """Triton `num_stages` (<= most) for a chunk loop: stages > 1 software-pipeline it (the next chunks'
     loads overlap this chunk's matmuls). Each stage buffers the loads that feed matmuls directly
     (``dot_load_bytes`` per chunk) in shared memory, next to ``scratch_bytes`` of layout conversions; a
-    model that matches what the compiler accepted and refused in `benchmarks/scan_launch.py`."""
-    return max(1, min(most, (GPU_SHARED_BYTES - scratch_bytes) // dot_load_bytes))
+    model that matches what the compiler accepted and refused in `benchmarks/scan_launch.py` (bf16). Operands of
+    4 bytes (``itemsize``) take about twice their bytes per stage: on the H200 (jax 0.11.2) 3 stages of the fp32
+    SSD at d_state 128 asked for 341 KB."""
+    per_stage = dot_load_bytes * (2 if itemsize == 4 else 1)
+    return max(1, min(most, (GPU_SHARED_BYTES - scratch_bytes) // per_stage))
 
 
 def run_gpu(plan: Plan, args: dict, out_shapes: dict, *, interpret: bool, num_warps: int = 4,

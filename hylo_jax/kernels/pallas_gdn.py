@@ -77,7 +77,7 @@ def gpu_launch(c: int, dk: int, vb: int, dtype: Any) -> dict:
     while this chunk computes; the state and delta blocks convert to matmul operands through shared memory).
     Swept on an H200 in `benchmarks/scan_launch.py`: vb 32 ran 3 stages, vb 64 only 2."""
     isz = jnp.dtype(dtype).itemsize
-    return dict(num_warps=4, num_stages=pc.fit_stages(2 * c * dk * isz, (dk + c) * vb * isz))
+    return dict(num_warps=4, num_stages=pc.fit_stages(2 * c * dk * isz, (dk + c) * vb * isz, itemsize=isz))
 
 
 def default_vb(backend: str, dv: int, rows: int | None = None) -> int:

@@ -172,10 +172,8 @@ def ssd_pallas(x, dt, A, B, C, reset, h0, chunk_size: int, *, backend: str, inte
     dt_r = rows(dt).reshape(b * h, n, c)
     gcum = jnp.cumsum(dt_r * jnp.tile(A, b)[:, None, None], axis=-1)
     if num_stages is None:  # B and C rows feed the matmuls directly; the state converts through shared memory
-        # fp32 operands take about twice their bytes per stage (H200, jax 0.11.2: 3 stages of g1n128 fp32 asked
-        # for 341 KB of shared memory); the bf16 model is the one measured in `benchmarks/scan_launch.py`.
-        per_stage = 2 * c * nst * B.dtype.itemsize * (2 if B.dtype.itemsize == 4 else 1)
-        num_stages = pc.fit_stages(per_stage, nst * p * 4)
+        isz = B.dtype.itemsize
+        num_stages = pc.fit_stages(2 * c * nst * isz, nst * p * 4, itemsize=isz)
     cfg = Config(c, p, backend, interpret, num_warps, num_stages)
     y, ht = _core(cfg, h, rows(x), dt_r, rows(B), rows(C), gcum, seg,
                   jnp.swapaxes(h0, -1, -2).reshape(b * h, nst, p))
