@@ -186,12 +186,19 @@ def test_gdn_chunk_factor_kernel_matches_xla(dtype, attn_tol, a_in_smem, correla
     """The kernel's T = (I + M)^{-1} and attn against `gated_delta.chunk_factors` on the same (rounded) q, k.
     T is 1e-6 from fp32 operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts);
     attn is rounded to bf16.
-    Both ways of passing the products' left factors (registers, shared memory), each lowered for CUDA too."""
+    Both ways of passing the products' left factors (registers, shared memory), each lowered for CUDA too, in
+    both lowering semantics (warpgroup runs Mosaic's layout inference)."""
     monkeypatch.setattr(mosaic_gdn_factors, "A_IN_SHARED_MEMORY", a_in_smem)
     args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
-        lowered = jax.jit(mosaic_gdn_factors.chunk_factors).trace(*args).lower(lowering_platforms=("cuda",))
-        assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
+        for semantics in mosaic_common.LOWERING_SEMANTICS:
+            monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", semantics)
+            lowered = jax.jit(mosaic_gdn_factors.chunk_factors).trace(*args).lower(lowering_platforms=("cuda",))
+            assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
+        monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", "warp")
+        with pytest.raises(ValueError, match="HYLO_MOSAIC_SEMANTICS must be one of"):
+            mosaic_common.compiler_params()
+        monkeypatch.delenv("HYLO_MOSAIC_SEMANTICS")
     t, attn = mosaic_gdn_factors.chunk_factors(*args, interpret=mosaic_common.interpret_params())
     t_ref, attn_ref = chunk_factors(*(a.astype(F32) if a.dtype != jnp.int32 else a for a in args))
     assert t.dtype == F32 and attn.dtype == dtype

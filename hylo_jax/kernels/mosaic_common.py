@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax.numpy as jnp
 from jax import lax
@@ -199,6 +200,21 @@ def load_state(ops: Ops, src, state_sm, barrier):
     plgpu.copy_gmem_to_smem(src, state_sm, barrier)
     plgpu.barrier_wait(barrier)
     return ops.load(state_sm, WGMMA)
+
+
+LOWERING_SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}
+
+
+def compiler_params() -> plgpu.CompilerParams:
+    """Every kernel's compiler settings: approximate exp / division, and the lowering semantics that
+    HYLO_MOSAIC_SEMANTICS names ("lane": per-thread arrays; "warpgroup": arrays of the warpgroup, laid out by
+    Mosaic's layout inference). Unset: jax's default (warpgroup since jax 0.11, lane before)."""
+    name = os.environ.get("HYLO_MOSAIC_SEMANTICS")
+    if name is None:
+        return plgpu.CompilerParams(approx_math=True)
+    if name not in LOWERING_SEMANTICS:
+        raise ValueError(f"HYLO_MOSAIC_SEMANTICS must be one of {list(LOWERING_SEMANTICS)}, got {name!r}")
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=LOWERING_SEMANTICS[name])
 
 
 @functools.cache

@@ -39,6 +39,7 @@ from .mosaic_common import (
     WGMMA,
     Ops,
     chunk_loop,
+    compiler_params,
     device_dtype,
     dtype_reason,
     fit,
@@ -156,7 +157,7 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
                                                                   num_barriers=stages), plgpu.Barrier()])
 
     run = plgpu.kernel(kernel, out_type=outs, grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
-                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=call.interpret)
+                       compiler_params=compiler_params(), interpret=call.interpret)
     return run(*ins)
 
 
@@ -327,7 +328,7 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
     per_token = jax.ShapeDtypeStruct((rows_, n * chunk, dk), F32)
     run = plgpu.kernel(kernel, out_type=(per_token,) * 3 + (jax.ShapeDtypeStruct((rows_, n, dk), F32),),
                        grid=(dk // kb, n, rows_), grid_names=("kblocks", "chunks", "rows"),
-                       compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+                       compiler_params=compiler_params(), interpret=interpret)
     return run(states, g_next, o_bar, deltas, d_deltas)
 
 

@@ -39,6 +39,7 @@ from .mosaic_common import (
     WGMMA,
     Ops,
     chunk_loop,
+    compiler_params,
     device_dtype,
     dtype_reason,
     fit,
@@ -259,7 +260,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         scratch_types=[*slot_buffers(stages), *fixed,
                        plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - with_y - save, num_barriers=stages),
                        plgpu.Barrier()],
-        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+        compiler_params=compiler_params(), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, h0)
     return outs if with_y else outs[0]
 
@@ -369,7 +370,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
         kernel, out_type=out_type, grid=(batch_size, heads), grid_names=("batch", "heads"),
         scratch_types=[*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages),
                        plgpu.Barrier()],
-        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret)
+        compiler_params=compiler_params(), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, states, dy, dht)
     return outs if grads else outs[0]
 
