@@ -1,8 +1,7 @@
 """The GDN chunk-factor kernel (`kernels/mosaic_gdn_factors.py`) vs XLA's `chunk_factors`: T = (I + M)^-1 and
 attn for every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 q and k with correlated
-keys, both ways of passing the inverse's left factors (registers, shared memory) under both Mosaic lowering
-semantics (lane, warpgroup: `mosaic_common.compiler_params`). One table: error of T and
-attn against XLA in fp32 (highest precision), ms of the kernel and of XLA with bf16 products.
+keys. One table: error of T and attn against XLA in fp32 (highest precision), ms of the kernel and of XLA
+with bf16 products. HYLO_MOSAIC_SEMANTICS=warpgroup tries the other lowering (`mosaic_common.compiler_params`).
 
     python benchmarks/gdn_factors.py [--shapes 1x16384,4x4096]      # Hopper GPU
     python benchmarks/gdn_factors.py --tiny                          # CPU: the GPU interpreter
@@ -11,8 +10,6 @@ attn against XLA in fp32 (highest precision), ms of the kernel and of XLA with b
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +53,16 @@ def main() -> None:
             t_ref, attn_ref = jax.jit(gated_delta.chunk_factors)(x[0].astype(F32), x[1].astype(F32), *x[2:])
         xla = jax.jit(lambda *a: gated_delta.chunk_factors(*a, dtype=BF16))
         xla_ms = time_jax(xla, *x, warmup=1, iters=iters) * 1e3
-        for semantics, a_in_smem in itertools.product(mosaic_common.LOWERING_SEMANTICS, (False, True)):
-            os.environ["HYLO_MOSAIC_SEMANTICS"] = semantics
-            mosaic_gdn_factors.A_IN_SHARED_MEMORY = a_in_smem
-            kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_factors(*a, interpret=interpret))
-            try:
-                t_inv, attn = kernel(*x)
-                cells = [f"{rel(t_inv, t_ref):.1e}", f"{rel(attn, attn_ref):.1e}",
-                         f"{time_jax(kernel, *x, warmup=1, iters=iters) * 1e3:.3f}"]
-            except Exception as err:  # report it and go on
-                cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "", ""]
-            rows.append([f"{b}x{t}", semantics, "shared memory" if a_in_smem else "registers", *cells, f"{xla_ms:.3f}"])
-    print_table(["B x T", "semantics", "left factors", "T err", "attn err", "kernel ms", "XLA bf16 ms"], rows)
-
+        kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_factors(*a, interpret=interpret))
+        try:
+            t_inv, attn = kernel(*x)
+            cells = [f"{rel(t_inv, t_ref):.1e}", f"{rel(attn, attn_ref):.1e}",
+                     f"{time_jax(kernel, *x, warmup=1, iters=iters) * 1e3:.3f}"]
+        except Exception as err:  # report it and go on
+            cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "", ""]
+        rows.append([f"{b}x{t}", *cells, f"{xla_ms:.3f}"])
+        print(*rows[-1], flush=True)  # a row as soon as it is measured (compiles can be slow)
+    print_table(["B x T", "T err", "attn err", "kernel ms", "XLA bf16 ms"], rows)
 
 if __name__ == "__main__":
     main()

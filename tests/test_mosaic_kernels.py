@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_gdn_factors, mosaic_ssd, pallas_common
 from hylo_jax.kernels.gated_delta import (
@@ -179,31 +180,33 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
             jnp.asarray(seg, jnp.int32))
 
 
-@pytest.mark.parametrize("dtype, attn_tol, a_in_smem", [(F32, 1e-6, False), (jnp.bfloat16, 1e-2, False),
-                                                      (jnp.bfloat16, 1e-2, True)])
+@pytest.mark.parametrize("dtype, attn_tol", [(F32, 1e-6), (jnp.bfloat16, 1e-2)])
 @pytest.mark.parametrize("correlated", [0.0, 0.9])
-def test_gdn_chunk_factor_kernel_matches_xla(dtype, attn_tol, a_in_smem, correlated, monkeypatch):
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, attn_tol, correlated):
     """The kernel's T = (I + M)^{-1} and attn against `gated_delta.chunk_factors` on the same (rounded) q, k.
     T is 1e-6 from fp32 operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts);
-    attn is rounded to bf16.
-    Both ways of passing the products' left factors (registers, shared memory), each lowered for CUDA too, in
-    both lowering semantics (warpgroup runs Mosaic's layout inference)."""
-    monkeypatch.setattr(mosaic_gdn_factors, "A_IN_SHARED_MEMORY", a_in_smem)
+    attn is rounded to bf16. The bf16 kernel is lowered for CUDA too."""
     args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
-        for semantics in mosaic_common.LOWERING_SEMANTICS:
-            monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", semantics)
-            lowered = jax.jit(mosaic_gdn_factors.chunk_factors).trace(*args).lower(lowering_platforms=("cuda",))
-            assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
-        monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", "warp")
-        with pytest.raises(ValueError, match="HYLO_MOSAIC_SEMANTICS must be one of"):
-            mosaic_common.compiler_params()
-        monkeypatch.delenv("HYLO_MOSAIC_SEMANTICS")
+        lowered = jax.jit(mosaic_gdn_factors.chunk_factors).trace(*args).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
     t, attn = mosaic_gdn_factors.chunk_factors(*args, interpret=mosaic_common.interpret_params())
     t_ref, attn_ref = chunk_factors(*(a.astype(F32) if a.dtype != jnp.int32 else a for a in args))
     assert t.dtype == F32 and attn.dtype == dtype
     assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)
     assert rel_err(attn.astype(F32), attn_ref) < attn_tol
+
+
+def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):
+    """Lane semantics by default (jax 0.11's warpgroup layout inference fails the factor kernel);
+    HYLO_MOSAIC_SEMANTICS picks the other, and a wrong name is refused."""
+    monkeypatch.delenv("HYLO_MOSAIC_SEMANTICS", raising=False)
+    assert mosaic_common.compiler_params().lowering_semantics == plgpu.LoweringSemantics.Lane
+    monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", "warpgroup")
+    assert mosaic_common.compiler_params().lowering_semantics == plgpu.LoweringSemantics.Warpgroup
+    monkeypatch.setenv("HYLO_MOSAIC_SEMANTICS", "warp")
+    with pytest.raises(ValueError, match="HYLO_MOSAIC_SEMANTICS must be one of"):
+        mosaic_common.compiler_params()
 
 
 def test_gdn_mosaic_path_gradients_match_chunked():

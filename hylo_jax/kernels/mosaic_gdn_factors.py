@@ -11,8 +11,9 @@ with L_s the part of M inside the diagonal blocks of 2s rows but outside those o
 inversion: the new off-diagonal blocks are -D^{-1} C A^{-1}; no power of M is formed, so nothing grows and
 cancels). Each product of fp32 tiles splits both factors into high and low parts in the operand dtype,
 a b ~ a_h b_h + a_h b_l + a_l b_h (three wgmmas into one accumulator, ~16 mantissa bits): T multiplies every
-value and key of the chunk, so it is kept to about fp32 accuracy. The right factors pass through
-shared memory, two buffer pairs used in turn, so a product never overwrites what the last one may still read.
+value and key of the chunk, so it is kept to about fp32 accuracy. The left factors stay in registers, the
+right ones pass through shared memory, two buffer pairs used in turn, so a product never overwrites what the
+last one may still read.
 
 On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_common`).
 """
@@ -30,11 +31,6 @@ from .mosaic_common import BY_COL, BY_ROW, F32, Ops, compiler_params, device_dty
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
-# The inverse's products take their left factors from registers (False) or from shared memory (True). On the
-# H200 with jax 0.11.2 the register version failed Mosaic's layout inference before the split was changed
-# (`split`); whether that change suffices is unmeasured (benchmarks/NOTES.md, session 11). True avoids register
-# operands altogether, for 32 KB more shared memory. Both are checked on CPU (interpreter and CUDA lowering).
-A_IN_SHARED_MEMORY = False
 
 
 def unsupported(dk: int, chunk: int, dtype) -> str | None:
@@ -52,10 +48,9 @@ def _kernel(ops: Ops, cdt):
     c = ops.chunk
 
     def split(x):
-        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits). The high part is
-        rounded twice: one copy becomes a wgmma operand, whose register layout may differ from the one the
-        subtraction works in (one value in two layouts fails Mosaic's layout inference, jax 0.11)."""
-        return x.astype(cdt), (x - x.astype(cdt).astype(F32)).astype(cdt)
+        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits)."""
+        high = x.astype(cdt)
+        return high, (x - high.astype(F32)).astype(cdt)
 
     def kernel(q_ref, k_ref, beta_ref, g_ref, seg_ref, t_ref, attn_ref):
         at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
@@ -79,17 +74,13 @@ def _kernel(ops: Ops, cdt):
         m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
                           vectors((c,)), vectors((c,)), vectors((c,)), smem((c, c), cdt), plgpu.Barrier(num_arrivals=5))
 
-        def invert(b_high, b_low, a_high, a_low, t_sm):
+        def invert(b_high, b_low, t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
                 b_h, b_l = split(b)
                 b_high.at[pair][...] = b_h
                 b_low.at[pair][...] = b_l
                 a_h, a_l = split(a)
-                if A_IN_SHARED_MEMORY:
-                    a_high.at[pair][...] = a_h
-                    a_low.at[pair][...] = a_l
-                    a_h, a_l = a_high.at[pair], a_low.at[pair]
                 plgpu.commit_smem()
                 return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
 
@@ -106,7 +97,7 @@ def _kernel(ops: Ops, cdt):
             plgpu.copy_smem_to_gmem(t_sm, t_ref.at[at])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 4, smem((c, c), F32))
+        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 2, smem((c, c), F32))
 
     return kernel
 
