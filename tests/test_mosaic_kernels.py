@@ -289,15 +289,28 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes():
 
 # ----------------------------------------------------------------------------- dispatch
 def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
-    """`gpu_kernels("mosaic")` (or HYLO_GPU_KERNELS=mosaic) makes the Mosaic kernels the GPU's Pallas path; the
-    whole ops then match the chunked path (fp32 operands in the interpreter)."""
+    """On a Hopper GPU the Mosaic kernels are the Pallas path, Triton where they do not take the shape; elsewhere
+    Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole ops then match the chunked path (fp32
+    operands in the interpreter)."""
     monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
     monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda driver="gpu": (True, ""))
-    assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "gpu")
+    takes_all = lambda be: None  # noqa: E731
+    not_mosaic = lambda be: "no wgmma for this shape" if be == "mosaic_gpu" else None  # noqa: E731
+    neither = lambda be: f"{be} cannot"  # noqa: E731
+    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # the CPU is no Hopper
+    monkeypatch.setattr(pallas_common, "is_hopper", lambda: True)
+    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
+    assert pallas_common.choose("ssd", "auto", not_mosaic)[:2] == ("pallas", "gpu")
+    assert pallas_common.choose("ssd", "pallas", not_mosaic)[:2] == ("pallas", "gpu")
+    assert pallas_common.choose("ssd", "auto", neither)[:2] == ("chunked", None)
+    with pallas_common.gpu_kernels("triton"):
+        assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")
+    monkeypatch.setattr(pallas_common, "is_hopper", lambda: False)
     with pallas_common.gpu_kernels("mosaic"):
-        assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "mosaic_gpu")
+        assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
+        assert pallas_common.choose("ssd", "auto", not_mosaic)[:2] == ("chunked", None)
     monkeypatch.setenv("HYLO_GPU_KERNELS", "mosaic")
-    assert pallas_common.choose("ssd", "pallas", lambda be: None)[:2] == ("pallas", "mosaic_gpu")
+    assert pallas_common.choose("ssd", "pallas", takes_all)[:2] == ("pallas", "mosaic_gpu")
     monkeypatch.setenv("HYLO_GPU_KERNELS", "cuda")
     with pytest.raises(ValueError, match="HYLO_GPU_KERNELS"):
         pallas_common.choose("ssd", "auto", lambda be: None)

@@ -493,10 +493,9 @@ def gated_delta_rule(
     g is the log-decay (<= 0). With `segment_ids` (packed sequences) the state is reset to zero before every token
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
-    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, or on GPU those of
-    `mosaic_gdn` and the chunk factors of `mosaic_gdn_factors` under `pallas_common.gpu_kernels("mosaic")` /
-    HYLO_GPU_KERNELS=mosaic; the operands of
-    every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
+    "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, or on a Hopper GPU
+    those of `mosaic_gdn` and the chunk factors of `mosaic_gdn_factors`: `pallas_common.gpu_drivers`; the
+    operands of every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).
     """

@@ -377,15 +377,15 @@ def gpu_capability_ok(driver: str = "gpu") -> tuple[bool, str]:
 
 
 GPU_DRIVERS = {"gpu": "Pallas Triton", "mosaic_gpu": "Mosaic GPU (Hopper)"}
-GPU_KERNELS = {"triton": "gpu", "mosaic": "mosaic_gpu"}  # the names users pick -> drivers
+GPU_KERNELS = {"auto": ("mosaic_gpu", "gpu"), "triton": ("gpu",), "mosaic": ("mosaic_gpu",)}  # name -> drivers
 _GPU_KERNELS: list[str] = []
 
 
 @contextlib.contextmanager
 def gpu_kernels(name: str):
-    """Run the Pallas paths on GPU with these kernels: "triton" (the default) or "mosaic" (Hopper:
+    """Run the Pallas paths on GPU with these kernels: "auto" (the default), "triton" or "mosaic" (Hopper:
     `mosaic_ssd`, `mosaic_gdn`). Outside it the environment variable HYLO_GPU_KERNELS decides."""
-    _gpu_driver(name)
+    _check_gpu_kernels(name)
     _GPU_KERNELS.append(name)
     try:
         yield
@@ -393,15 +393,25 @@ def gpu_kernels(name: str):
         _GPU_KERNELS.pop()
 
 
-def _gpu_driver(name: str) -> str:
+def _check_gpu_kernels(name: str) -> str:
     if name not in GPU_KERNELS:
         raise ValueError(f"GPU kernels must be one of {list(GPU_KERNELS)} (HYLO_GPU_KERNELS), got {name!r}")
+    return name
+
+
+def is_hopper() -> bool:
+    """Whether the first device is a Hopper GPU (compute capability 9.x: wgmma, the Mosaic GPU kernels)."""
+    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def gpu_drivers() -> tuple[str, ...]:
+    """The Pallas drivers to try on GPU, in order ("mosaic_gpu", "gpu": Triton), from `gpu_kernels` or
+    HYLO_GPU_KERNELS. "auto": Mosaic first on Hopper (faster than Triton on every measured row,
+    benchmarks/RESULTS.md 2026-12-05), then Triton for the shapes Mosaic does not take; Triton elsewhere."""
+    name = _check_gpu_kernels(_GPU_KERNELS[-1] if _GPU_KERNELS else os.environ.get("HYLO_GPU_KERNELS", "auto"))
+    if name == "auto" and not is_hopper():
+        return ("gpu",)
     return GPU_KERNELS[name]
-
-
-def gpu_driver() -> str:
-    """The Pallas driver on GPU: "gpu" (Triton) or "mosaic_gpu", from `gpu_kernels` or HYLO_GPU_KERNELS."""
-    return _gpu_driver(_GPU_KERNELS[-1] if _GPU_KERNELS else os.environ.get("HYLO_GPU_KERNELS", "triton"))
 
 
 def gpu_cores() -> int:
@@ -428,34 +438,33 @@ IMPLS = ("auto", "pallas", "chunked", "reference")
 def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tuple[str, str | None, object]:
     """(impl to run, Pallas driver or None, interpret). ``unsupported(driver)`` gives a reason or None.
 
-    Drivers: "gpu" (Pallas Triton) or "mosaic_gpu" on a GPU (`gpu_driver`), "tpu". "auto": Pallas on a GPU
-    that can run the driver / TPU when the shape is supported, else "chunked" with a warning logged once per
-    reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in its interpreter.
+    Drivers: "mosaic_gpu" and / or "gpu" (Pallas Triton) on a GPU, tried in order (`gpu_drivers`), "tpu".
+    "auto": the first driver that the GPU can run / TPU and that takes the shape, else "chunked" with a warning
+    logged once per reason; on CPU "auto" is "chunked". "pallas" on CPU runs the GPU driver in its interpreter.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {list(IMPLS)}")
     if impl in ("chunked", "reference"):
         return impl, None, None
     plat = platform()
-    driver = plat if plat == "tpu" else gpu_driver()
+    drivers = (plat,) if plat == "tpu" else gpu_drivers()
     if impl == "pallas":
         if _OVERRIDE:
             return "pallas", *_OVERRIDE[-1]
-        if plat in ("gpu", "tpu"):
-            return "pallas", driver, None
-        return "pallas", driver, interpret_params() if driver == "mosaic_gpu" else True
+        if plat in ("gpu", "tpu"):  # the first driver that takes the shape; else the first, which says why not
+            return "pallas", next((d for d in drivers if unsupported(d) is None), drivers[0]), None
+        return "pallas", drivers[0], interpret_params() if drivers[0] == "mosaic_gpu" else True
     if plat not in ("gpu", "tpu"):
         return "chunked", None, None
-    if plat == "gpu":
-        ok, why = gpu_capability_ok(driver)
-        if not ok:
-            _log_once(op, why)
-            return "chunked", None, None
-    reason = unsupported(driver)
-    if reason is not None:
-        _log_once(op, reason)
-        return "chunked", None, None
-    return "pallas", driver, None
+    reasons = []
+    for driver in drivers:
+        ok, why = gpu_capability_ok(driver) if plat == "gpu" else (True, "")
+        reason = unsupported(driver) if ok else why
+        if reason is None:
+            return "pallas", driver, None
+        reasons.append(reason)
+    _log_once(op, "; ".join(reasons))
+    return "chunked", None, None
 
 
 def is_pow2(x: int) -> bool:

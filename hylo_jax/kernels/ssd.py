@@ -227,8 +227,8 @@ def ssd(
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t ⊗ B_t,  y_t = h_t @ C_t + D x_t, with dt as in ``ssd_step``.
     ``segment_ids`` reset the state to zero at every change of id; ``initial_state`` feeds the first
     segment only. ``impl``: "chunked" (SSD algorithm, chunks of ``chunk_size``), "reference"
-    (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, or on GPU those of `mosaic_ssd` under
-    `pallas_common.gpu_kernels("mosaic")` / HYLO_GPU_KERNELS=mosaic; matmul operands in x/B/C's dtype) or
+    (sequential scan), "pallas" (the Pallas kernels of `pallas_ssd`, or on a Hopper GPU those of `mosaic_ssd`:
+    `pallas_common.gpu_drivers`; matmul operands in x/B/C's dtype) or
     "auto" (Pallas on GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked"
     on CPU; on GPU with the Triton kernels, unless batch x heads fills the GPU (`fills_gpu`), the Pallas
     forward only where nothing differentiates and "chunked" under `jax.grad`: see
