@@ -74,18 +74,18 @@ def _segments(rng, b, t):
     return jnp.asarray(np.cumsum(rng.random((b, t)) < 3.0 / t, axis=1), jnp.int32)
 
 
-def check(dims, b, t, ops) -> None:
+def check(dims, b, t, ops, kernels) -> None:
     rng = np.random.default_rng(2)
     rows = []
     if "gdn" in ops:
-        rows += _check_gdn(dims, b, t, rng)
+        rows += _check_gdn(dims, b, t, rng, kernels)
     if "ssd" in ops:
-        rows += _check_ssd(dims, b, t, rng)
+        rows += _check_ssd(dims, b, t, rng, kernels)
     print_table(["op", "inputs", "output", "final state", "output (no grad)", *[f"d{n}" for n in
                  ("q/x", "k/dt", "v/A", "g/B", "beta/C", "s0/dt_bias", "D", "s0")]], rows)
 
 
-def _check_gdn(dims, b, t, rng):
+def _check_gdn(dims, b, t, rng, kernels):
     rows = []
     d = dims["gdn"]
     data, _, _, _ = mixers.gdn_case(rng, b, t, **d)
@@ -99,11 +99,11 @@ def _check_gdn(dims, b, t, rng):
         def f(*a, impl):
             return gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=seg, use_qk_l2norm=True,
                                     chunk_size=mixers.CHUNK, impl=impl)
-        rows += _compare_kernels("gdn", dtype, f, args, names, rng)
+        rows += _compare_kernels("gdn", dtype, f, args, names, rng, kernels)
     return rows
 
 
-def _check_ssd(dims, b, t, rng):
+def _check_ssd(dims, b, t, rng, kernels):
     rows = []
     seg = _segments(rng, b, t)
     for variant, d in dims["ssd"].items():
@@ -118,14 +118,15 @@ def _check_ssd(dims, b, t, rng):
             def f(*a, impl):
                 return ssd(*a[:5], dt_bias=a[5], D=a[6], initial_state=a[7], segment_ids=seg,
                            chunk_size=mixers.CHUNK, impl=impl)
-            rows += _compare_kernels(f"ssd {variant}", dtype, f, args, names, rng)
+            rows += _compare_kernels(f"ssd {variant}", dtype, f, args, names, rng, kernels)
     return rows
 
 
-def _compare_kernels(op, dtype, f, args, names, rng):
-    """pallas vs chunked on the Triton kernels and, on a GPU with bf16 inputs, on the Mosaic GPU kernels."""
-    rows = _compare(op, dtype, with_kernels(f, "triton"), args, names, rng)
-    if dtype == "bfloat16" and jax.default_backend() == "gpu":
+def _compare_kernels(op, dtype, f, args, names, rng, kernels):
+    """pallas vs chunked on the Triton kernels and, on a GPU with bf16 inputs, on the Mosaic GPU kernels (those
+    of `kernels`)."""
+    rows = _compare(op, dtype, with_kernels(f, "triton"), args, names, rng) if "triton" in kernels else []
+    if "mosaic" in kernels and dtype == "bfloat16" and jax.default_backend() == "gpu":
         try:
             rows += _compare(f"{op} mosaic", dtype, with_kernels(f, "mosaic"), args, names, rng)
         except Exception as err:  # report it and go on to the other ops
@@ -165,13 +166,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 20; 2 tiny)")
     parser.add_argument("--check", action="store_true", help="compare pallas vs chunked and exit")
     parser.add_argument("--check-shape", default="1x500", help="B x T of --check")
+    parser.add_argument("--check-kernels", default="triton,mosaic", help="kernel sets --check compares")
     args = parser.parse_args()
     dims = mixers.TINY if args.tiny else mixers.FULL
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}")
     if args.check:
         b, t = (int(v) for v in args.check_shape.split("x"))
-        check(dims, *((1, 40) if args.tiny else (b, t)), set(args.only.split(",")))
+        check(dims, *((1, 40) if args.tiny else (b, t)), set(args.only.split(",")), args.check_kernels.split(","))
         return
     ops = set(args.only.split(","))
     skip = [s for s in args.skip.split(",") if s]
