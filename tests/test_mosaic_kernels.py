@@ -292,6 +292,8 @@ def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     """On a Hopper GPU the Mosaic kernels are the Pallas path, Triton where they do not take the shape; elsewhere
     Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole ops then match the chunked path (fp32
     operands in the interpreter)."""
+    ok, why = pallas_common.gpu_capability_ok("mosaic_gpu")
+    assert not ok and "not 9.x" in why  # the CPU; an sm100 GPU too (no wgmma)
     monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
     monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda driver="gpu": (True, ""))
     takes_all = lambda be: None  # noqa: E731

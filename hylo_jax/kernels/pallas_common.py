@@ -365,15 +365,16 @@ def _log_once(op: str, reason: str) -> None:
 
 
 def gpu_capability_ok(driver: str = "gpu") -> tuple[bool, str]:
-    """Whether the first device can run the GPU `driver` ("gpu": Pallas Triton, sm80+; "mosaic_gpu": sm90+)."""
-    need = 9.0 if driver == "mosaic_gpu" else 8.0
-    dev = jax.devices()[0]
-    cap = getattr(dev, "compute_capability", None)
+    """Whether the first device can run the GPU `driver` ("gpu": Pallas Triton, sm80+; "mosaic_gpu": Hopper,
+    sm90: the kernels are wgmma ones)."""
+    cap = getattr(jax.devices()[0], "compute_capability", None)
+    if driver == "mosaic_gpu":
+        return is_hopper(), f"GPU compute capability {cap} is not 9.x ({GPU_DRIVERS[driver]} kernels: wgmma)"
     try:
-        ok = cap is not None and float(cap) >= need
+        ok = cap is not None and float(cap) >= 8.0
     except (TypeError, ValueError):
         ok = False
-    return ok, f"GPU compute capability {cap} < {need} ({GPU_DRIVERS[driver]} kernels)"
+    return ok, f"GPU compute capability {cap} < 8.0 ({GPU_DRIVERS[driver]} kernels)"
 
 
 GPU_DRIVERS = {"gpu": "Pallas Triton", "mosaic_gpu": "Mosaic GPU (Hopper)"}
