@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call, several benchmarks, each under its own time limit and all under CAP seconds, so that what
+# ran comes back even when the call's limit cuts the rest. Logs go to $OUT/<step>.log (the device tool returns
+# them); the tail of each is printed. Run from the repository root on the device machine:
+#   CAP=560 bash benchmarks/device_batch.sh            # the default steps below
+#   CAP=300 bash benchmarks/device_batch.sh check distill
+# The peers' pure-Python wheels (jax-linear-attention, equinox, wadler-lindig) are installed from .whl/ when
+# it is there (carry it: benchmarks/README.md).
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/device_batch}; mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+nvidia-smi --query-gpu=name --format=csv,noheader
+T0=$SECONDS
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2 left; shift 2
+  left=$(( ${CAP:-560} - SECONDS + T0 ))
+  if (( left < 30 )); then echo "== $name: skipped (time cap)"; return; fi
+  (( limit > left )) && limit=$left
+  echo "== $name (limit $limit s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc $? at $(( SECONDS - T0 )) s"
+  grep -v "^WARNING\|^I0000\|^W0000" "$OUT/$name.log" | tail -"${TAIL:-16}"
+}
+
+declare -A STEPS=(
+  [check]="150 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
+  [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto --shapes 4x4096,1x16384"
+  [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
+  [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
+)
+for name in "${@:-check kernels profile distill}"; do
+  for one in $name; do
+    [[ -n "${STEPS[$one]:-}" ]] || { echo "unknown step $one (${!STEPS[*]})"; exit 2; }
+    read -r limit cmd <<< "${STEPS[$one]}"
+    # shellcheck disable=SC2086
+    step "$one" "$limit" $cmd
+  done
+done
