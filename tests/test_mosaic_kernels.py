@@ -296,9 +296,11 @@ def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     assert not ok and "not 9.x" in why  # the CPU; an sm100 GPU too (no wgmma)
     monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
     monkeypatch.setattr(pallas_common, "gpu_capability_ok", lambda driver="gpu": (True, ""))
-    takes_all = lambda be: None  # noqa: E731
-    not_mosaic = lambda be: "no wgmma for this shape" if be == "mosaic_gpu" else None  # noqa: E731
-    neither = lambda be: f"{be} cannot"  # noqa: E731
+
+    def refused_by(*drivers):  # an op's `unsupported(driver)`: these drivers refuse its shape
+        return lambda driver: f"{driver} refuses the shape" if driver in drivers else None
+
+    takes_all, not_mosaic, neither = refused_by(), refused_by("mosaic_gpu"), refused_by("mosaic_gpu", "gpu")
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # the CPU is no Hopper
     monkeypatch.setattr(pallas_common, "is_hopper", lambda: True)
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")

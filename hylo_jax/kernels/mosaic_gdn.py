@@ -333,7 +333,7 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 
 class Kernels(NamedTuple):
-    """The three passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
+    """The four passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
     [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]):
 
     forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
