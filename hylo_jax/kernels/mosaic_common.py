@@ -187,19 +187,27 @@ def store(slots: int, *outputs) -> None:
     plgpu.commit_smem_to_gmem_group()
 
 
-def store_state(state, state_sm, dst) -> None:
-    """The final state (registers) to HBM through `state_sm`, waited for."""
-    state_sm[...] = state
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(state_sm, dst)
-    plgpu.wait_smem_to_gmem(0)
+def carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
+    """The kernel body around a chunk loop: the fp32 state block from `state_src` into registers (the wgmma
+    accumulator layout), `loop(state, *buffers) -> state` with its shared memory, the final state to
+    `final_dst`. Each runs in its own scope, so the loop's buffers take the state's staging space; the loop
+    must have waited for its own outgoing copies."""
 
+    def load(state_sm, barrier):
+        plgpu.copy_gmem_to_smem(state_src, state_sm, barrier)
+        plgpu.barrier_wait(barrier)
+        return ops.load(state_sm, WGMMA)
 
-def load_state(ops: Ops, src, state_sm, barrier):
-    """The initial state from HBM into registers (the wgmma accumulator layout) through `state_sm`."""
-    plgpu.copy_gmem_to_smem(src, state_sm, barrier)
-    plgpu.barrier_wait(barrier)
-    return ops.load(state_sm, WGMMA)
+    def send(state_sm):
+        state_sm[...] = state
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(state_sm, final_dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    staging = smem(state_src.shape, F32)
+    state = pl.run_scoped(load, staging, plgpu.Barrier())
+    state = pl.run_scoped(functools.partial(loop, state), *buffers)
+    pl.run_scoped(send, staging)
 
 
 LOWERING_SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}

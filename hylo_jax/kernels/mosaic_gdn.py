@@ -38,15 +38,14 @@ from .mosaic_common import (
     SMEM_BYTES,
     WGMMA,
     Ops,
+    carry_state,
     chunk_loop,
     compiler_params,
     device_dtype,
     dtype_reason,
     fit,
-    load_state,
     nbytes,
     smem,
-    store_state,
     vectors,
 )
 from .pallas_gdn import chunk_rows as rows
@@ -110,17 +109,6 @@ class _Call:
     interpret: object
 
 
-def _carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
-    """The kernel body around a chunk loop: the state block from `state_src` into registers, `loop(state,
-    *buffers) -> state` with its shared memory, the final state to `final_dst` (each in its own scope, so the
-    loop's buffers can take the space)."""
-    shape = state_src.shape
-    state = pl.run_scoped(lambda sm, barrier: load_state(ops, state_src, sm, barrier), smem(shape, F32),
-                          plgpu.Barrier())
-    state = pl.run_scoped(functools.partial(loop, state), *buffers)
-    pl.run_scoped(lambda sm: store_state(state, sm, final_dst), smem(shape, F32))
-
-
 def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool, save: bool = False):
     """One pass over the chunks (forward, or in reverse if `backward`) of a grid of (row, value block) CTAs.
     `ins` = (w, k, decay, attn, the per-token [X, n*C, ...] input, q, the carried block's start [X, dk, dv]);
@@ -152,7 +140,7 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
             plgpu.wait_smem_to_gmem(0)
             return state
 
-        _carry_state(ops, state_ref.at[row, :, vblock], out_refs[-1].at[row, :, vblock], loop,
+        carry_state(ops, state_ref.at[row, :, vblock], out_refs[-1].at[row, :, vblock], loop,
                      [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
                                                                   num_barriers=stages), plgpu.Barrier()])
 

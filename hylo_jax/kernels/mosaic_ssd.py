@@ -38,16 +38,15 @@ from .mosaic_common import (
     SMEM_BYTES,
     WGMMA,
     Ops,
+    carry_state,
     chunk_loop,
     compiler_params,
     device_dtype,
     dtype_reason,
     fit,
-    load_state,
     nbytes,
     smem,
     store,
-    store_state,
     vectors,
 )
 from .pallas_common import gpu_cores
@@ -161,9 +160,9 @@ def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
 
 
 def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """The scaled x, the state in and out (fp32) and, for y without saved states, the state as an operand
-    (saved states are the operand themselves)."""
-    return [smem((chunk, p), cdt), smem((p, n), F32)] + ([smem((p, n), cdt)] if mode == "y" else [])
+    """The scaled x and, for y without saved states, the state as an operand (saved states are the operand
+    themselves)."""
+    return [smem((chunk, p), cdt)] + ([smem((p, n), cdt)] if mode == "y" else [])
 
 
 def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
@@ -176,17 +175,18 @@ def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
 
 
 def _backward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """d_in o C, the cotangent in and out (fp32); for gradients dS'^T as an operand and the outputs, one slot
-    each (a chunk's stores have the next chunk's compute to leave): dx, dB, dC, d(dt), dG, out, chunk-end."""
-    buffers = [smem((chunk, n), cdt), smem((p, n), F32)]
+    """d_in o C; for gradients dS'^T as an operand and the outputs, one slot each (a chunk's stores have the
+    next chunk's compute to leave): dx, dB, dC (in the operand dtype), d(dt), dG, out, chunk-end."""
+    buffers = [smem((chunk, n), cdt)]
     if mode == "grads":
-        buffers += [smem((p, n), cdt), smem((chunk, p), cdt), smem((chunk, n), F32), smem((chunk, n), F32),
+        buffers += [smem((p, n), cdt), smem((chunk, p), cdt), smem((chunk, n), cdt), smem((chunk, n), cdt),
                     *[vectors((chunk,))] * 3, vectors((p,))]
     return buffers
 
 
 def _smem_need(chunk: int, p: int, n: int, dtype) -> int:
-    """Shared memory of the larger kernel (forward with saved states, or the backward) at one slot."""
+    """Shared memory of the larger chunk loop (forward with saved states, or the backward) at one slot (the
+    fp32 state's staging buffer has a scope of its own, `carry_state`)."""
     return max(nbytes(_forward_slots(chunk, p, n, dtype, "train", 1) + _forward_fixed(chunk, p, n, dtype, "train")),
                nbytes(_backward_slots(chunk, p, n, dtype, "grads", 1) + _backward_fixed(chunk, p, n, dtype, "grads")))
 
@@ -209,47 +209,50 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
     fixed = _forward_fixed(chunk, p, n, cdt, mode)
     stages = fit(slot_buffers, fixed, stages, n_chunks, "SSD forward", interpret)
 
-    def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, h0_ref, *refs):
-        n_out = 1 + with_y + save
-        outs, scratch = refs[:n_out], refs[n_out:]
+    def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, h0_ref, *outs):
         y_ref, ht_ref, states_ref = (outs[0], outs[1], outs[2] if save else None) if with_y else (None, outs[0], None)
-        x_sm, b_sm, dt_sm, g_sm, seg_sm, *rest = scratch
-        c_sm, y_sm, *rest = rest if with_y else (None, None, *rest)
-        states_sm, *rest = rest if save else (None, *rest)
-        xs_sm, state_sm, *rest = rest
-        s_sm, ready, state_ready = rest if mode == "y" else (None, *rest)
         at = _Where.here(per_group, chunk)
-        sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
-                   (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
-        if with_y:
-            sources.append((c_ref, c_sm, at.by_group))
 
-        def step(i, slot, state):
-            x_s, b_s = x_sm.at[slot], b_sm.at[slot]
-            ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-            xs_sm[...] = (ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
-            if save:  # the saved state is the operand: once the slot's last copies have left
-                plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
-            s_op = states_sm.at[slot] if save else s_sm
+        def loop(state, x_sm, b_sm, dt_sm, g_sm, seg_sm, *rest):
+            c_sm, y_sm, *rest = rest if with_y else (None, None, *rest)
+            states_sm, *rest = rest if save else (None, *rest)
+            xs_sm, *rest = rest
+            s_sm, ready = rest if mode == "y" else (None, *rest)
+            sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
+                       (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
             if with_y:
-                s_op[...] = state.astype(cdt)
-            plgpu.commit_smem()
-            if with_y:
-                c_s = c_sm.at[slot]
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
-                c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
-                y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op)))
-                outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
-                if save:
-                    outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
-                store(stages, *outputs)
-            return ops.matmul((p, n), (("T", xs_sm), b_s), init=state * ch.d_chunk)
+                sources.append((c_ref, c_sm, at.by_group))
 
-        state = load_state(ops, h0_ref.at[at.state], state_sm, state_ready)
-        state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
-                            reverse=False)
-        store_state(state, state_sm, ht_ref.at[at.state])
+            def step(i, slot, state):
+                x_s, b_s = x_sm.at[slot], b_sm.at[slot]
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                xs_sm[...] = (ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
+                if save:  # the saved state is the operand: once the slot's last copies have left
+                    plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+                s_op = states_sm.at[slot] if save else s_sm
+                if with_y:
+                    s_op[...] = state.astype(cdt)
+                plgpu.commit_smem()
+                if with_y:
+                    c_s = c_sm.at[slot]
+                    g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                    m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
+                    c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
+                    y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op)))
+                    outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
+                    if save:
+                        outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
+                    store(stages, *outputs)
+                return ops.matmul((p, n), (("T", xs_sm), b_s), init=state * ch.d_chunk)
+
+            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                               reverse=False)
+            plgpu.wait_smem_to_gmem(0)
+            return state
+
+        carry_state(ops, h0_ref.at[at.state], ht_ref.at[at.state], loop,
+                    [*slot_buffers(stages), *fixed,
+                     plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - with_y - save, num_barriers=stages)])
 
     final = jax.ShapeDtypeStruct((batch_size, heads, p, n), F32)
     out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
@@ -257,9 +260,6 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         out_type.append(jax.ShapeDtypeStruct((batch_size, heads, n_chunks, p, n), cdt))
     call = plgpu.kernel(
         kernel, out_type=tuple(out_type), grid=(batch_size, heads), grid_names=("batch", "heads"),
-        scratch_types=[*slot_buffers(stages), *fixed,
-                       plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - with_y - save, num_barriers=stages),
-                       plgpu.Barrier()],
         compiler_params=compiler_params(), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, h0)
     return outs if with_y else outs[0]
@@ -271,9 +271,10 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     state's cotangent). Inputs as `_forward`'s plus the entering states of mode "train" and dy [Bt, T, H, P]
     in x's dtype. `mode`:
       "state"  dS^T at the first token only (x, b, states unused): a span's state pass;
-      "grads"  (dx [Bt, T, H, P] in x's dtype, dB, dC per head [Bt, T, H, N] fp32, d(dt) [Bt, H, T],
-               dG without the chunk-end terms [Bt, H, T], the d_out terms dd_out * d_out [Bt, H, T],
-               dd_chunk * d_chunk by state row [Bt, H, T/C, P], dS^T at the first token), all fp32.
+      "grads"  (dx and dB, dC per head [Bt, T, H, N] in x's dtype (the wrapper sums dB, dC over a group's heads
+               in fp32), then fp32: d(dt) [Bt, H, T], dG without the chunk-end terms [Bt, H, T], the d_out terms
+               dd_out * d_out [Bt, H, T], dd_chunk * d_chunk by state row [Bt, H, T/C, P], dS^T at the first
+               token).
 
     Per chunk, with v = dt o x, M' = (C B^T) o E (y = M' v + (d_in o C) S) and dS' the carried cotangent:
       dv = M'^T dy + (d_out o B) dS'          dS^T = dy^T (d_in o C) + d_chunk dS'^T
@@ -291,85 +292,89 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     stages = fit(slot_buffers, fixed, stages, n_chunks, "SSD backward", interpret)
     n_in = len(slot_buffers(1))
 
-    def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *refs):
-        n_out = 8 if grads else 1
-        outs, scratch = refs[:n_out], refs[n_out:]
-        c_sm, dy_sm, dt_sm, g_sm, seg_sm, *rest = scratch
-        if grads:
-            x_sm, b_sm, st_sm, *rest = rest
-        cin_sm, state_sm, *rest = rest
-        if grads:
-            dst_sm, dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm, *rest = rest
-        ready, state_ready = rest
+    def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *outs):
         at = _Where.here(per_group, chunk)
-        sources = [(c_ref, c_sm, at.by_group), (dy_ref, dy_sm, at.by_head), (dt_ref, dt_sm, at.gates),
-                   (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
-        if grads:
-            sources += [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (states_ref, st_sm, at.per_chunk)]
 
-        def step(i, slot, dst):
-            c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
-            ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-            cin_sm[...] = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+        def loop(dst, c_sm, dy_sm, dt_sm, g_sm, seg_sm, *rest):
             if grads:
-                dst_sm[...] = dst.astype(cdt)
-            plgpu.commit_smem()
+                x_sm, b_sm, st_sm, *rest = rest
+            cin_sm, *rest = rest
             if grads:
-                _chunk_grads(i, slot, ch, dst)
-            return ops.matmul((p, n), (("T", dy_s), cin_sm), init=ch.d_chunk * dst)
+                dst_sm, dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm, *rest = rest
+            (ready,) = rest
+            sources = [(c_ref, c_sm, at.by_group), (dy_ref, dy_sm, at.by_head), (dt_ref, dt_sm, at.gates),
+                       (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
+            if grads:
+                sources += [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (states_ref, st_sm, at.per_chunk)]
 
-        def _chunk_grads(i, slot, ch, dst):
-            """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
-            to shared memory when ready and all leave as one TMA group at the end."""
-            x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
-            g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-            rows_of = ch.rows_of
-            # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
-            e_t = ch.decay(g_j, s_j, transposed=True)
-            d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ops.square(ch.dt_i, 0) * e_t
-            cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
-            z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
-            m_t = (cb_t * e_t).astype(cdt)
-            b_out = (ops.load(b_s, WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
-            dv = ops.matmul((chunk, p), (m_t, dy_s), (b_out, ("T", dst_sm)))
-            x_f32 = ops.load(x_s, WGMMA).astype(F32)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
-            dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
-            ddt_sm[...] = jnp.sum(dv * x_f32, axis=1)
-            v_ds = ops.matmul((chunk, n), ((x_f32 * rows_of(ch.dt_i, p)).astype(cdt), dst_sm))  # v dS'^T
-            dd_out = jnp.sum(v_ds * ops.load(b_s, WGMMA).astype(F32), axis=1)
-            db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s)) + rows_of(ch.d_out, n) * v_ds
-            # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
-            d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
-            z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
-            dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
-            dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)
-            dc_sm[...] = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s)) + rows_of(ch.d_in, n) * dy_s_t
-            # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
-            out = dd_out * ch.d_out
-            out_sm[...] = out
-            dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
-            dch_sm[...] = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
-            plgpu.commit_smem()
-            buffers = (dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm)
-            where = (at.by_head, at.by_head, at.by_head, at.gates, at.gates, at.gates, at.per_chunk)
-            for src, out_ref, index in zip(buffers, outs, where):  # outs[7], dS^T at the first token, comes last
-                plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            def step(i, slot, dst):
+                c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                cin_sm[...] = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+                if grads:
+                    dst_sm[...] = dst.astype(cdt)
+                plgpu.commit_smem()
+                if grads:
+                    _chunk_grads(i, slot, ch, dst)
+                return ops.matmul((p, n), (("T", dy_s), cin_sm), init=ch.d_chunk * dst)
 
-        dst = load_state(ops, dht_ref.at[at.state], state_sm, state_ready)
-        dst = chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
-        store_state(dst, state_sm, outs[-1].at[at.state])
+            def _chunk_grads(i, slot, ch, dst):
+                """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
+                to shared memory when ready and all leave as one TMA group at the end."""
+                x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                rows_of = ch.rows_of
+                # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
+                e_t = ch.decay(g_j, s_j, transposed=True)
+                d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ops.square(ch.dt_i, 0) * e_t
+                cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
+                z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
+                m_t = (cb_t * e_t).astype(cdt)
+                b_out = (ops.load(b_s, WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
+                dv = ops.matmul((chunk, p), (m_t, dy_s), (b_out, ("T", dst_sm)))
+                x_f32 = ops.load(x_s, WGMMA).astype(F32)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
+                dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
+                ddt_sm[...] = jnp.sum(dv * x_f32, axis=1)
+                v_ds = ops.matmul((chunk, n), ((x_f32 * rows_of(ch.dt_i, p)).astype(cdt), dst_sm))  # v dS'^T
+                dd_out = jnp.sum(v_ds * ops.load(b_s, WGMMA).astype(F32), axis=1)
+                db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), init=rows_of(ch.d_out, n) * v_ds)
+                db_sm[...] = db.astype(cdt)
+                # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
+                d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
+                z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
+                dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
+                dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)
+                dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), init=rows_of(ch.d_in, n) * dy_s_t)
+                dc_sm[...] = dc.astype(cdt)
+                # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
+                out = dd_out * ch.d_out
+                out_sm[...] = out
+                dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
+                dch_sm[...] = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
+                plgpu.commit_smem()
+                buffers = (dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm)
+                where = (at.by_head, at.by_head, at.by_head, at.gates, at.gates, at.gates, at.per_chunk)
+                for src, out_ref, index in zip(buffers, outs, where):  # outs[7], dS^T at the first token, comes last
+                    plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+
+            dst = chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                             reverse=True)
+            plgpu.wait_smem_to_gmem(0)
+            return dst
+
+        carry_state(ops, dht_ref.at[at.state], outs[-1].at[at.state], loop,
+                    [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)])
 
     sds = jax.ShapeDtypeStruct
     d0 = sds((batch_size, heads, p, n), F32)
     vec = sds((batch_size, heads, tp), F32)
-    out_type = (sds(x.shape, cdt), sds((batch_size, tp, heads, n), F32), sds((batch_size, tp, heads, n), F32),
-                vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32), d0) if grads else (d0,)
+    per_head = sds((batch_size, tp, heads, n), cdt)
+    out_type = ((sds(x.shape, cdt), per_head, per_head, vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32), d0)
+                if grads else (d0,))
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(batch_size, heads), grid_names=("batch", "heads"),
-        scratch_types=[*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages),
-                       plgpu.Barrier()],
         compiler_params=compiler_params(), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, states, dy, dht)
     return outs if grads else outs[0]
@@ -482,8 +487,10 @@ def _ssd_bwd(s: _Settings, residuals, cotangents):
     def whole(z):  # [b * spans, span, ...] -> [b, t, ...]
         return z.reshape(b, s.spans * span, *z.shape[2:])[:, :t]
 
-    def to_groups(z):  # per-head [.., h, N] -> per-group [.., g, N]
-        return whole(z).reshape(b, t, g, h // g, n).sum(3).astype(bs.dtype)
+    def to_groups(z):  # per-head [.., h, N] -> per-group [.., g, N], summed in fp32
+        if g == h:
+            return whole(z).astype(bs.dtype)
+        return whole(z).reshape(b, t, g, h // g, n).sum(3, dtype=F32).astype(bs.dtype)
 
     return (whole(dx), whole(jnp.swapaxes(d_dt, 1, 2)), d_a.astype(A.dtype), to_groups(db), to_groups(dc), None,
             dstart.reshape(b, s.spans, h, p, n)[:, 0])
