@@ -90,24 +90,25 @@ def unit_lower_inverse(m: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
     return inv.reshape(*lead, c, c)
 
 
-def _lowp(spec: str, a: Array, b: Array, dtype: Any) -> Array:
-    """einsum(spec, a, b) with operands rounded to `dtype`, accumulated and returned in fp32."""
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+def _lowp(spec: str, a: Array, b: Array, dtype: Any, out: Any = jnp.float32) -> Array:
+    """einsum(spec, a, b) with operands rounded to `dtype`, accumulated in fp32 and returned in `out` (a
+    narrower `out` is the matmul's own output type: no fp32 array in between)."""
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
-def matmul(spec: str, a: Array, b: Array, dtype: Any = jnp.float32) -> Float[Array, "..."]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def matmul(spec: str, a: Array, b: Array, dtype: Any = jnp.float32, out: Any = jnp.float32) -> Array:
     """`_lowp` whose VJP multiplies in `dtype` too (the cotangent rounded to it, fp32 accumulation), as
     fla's bf16 kernels do; plain autodiff would multiply an fp32 cotangent by the widened operand. Every
     index of each operand must appear in the output or in the other operand (no lone sums)."""
-    return _lowp(spec, a, b, dtype)
+    return _lowp(spec, a, b, dtype, out)
 
 
-def _matmul_fwd(spec, a, b, dtype):
-    return _lowp(spec, a, b, dtype), (a, b)
+def _matmul_fwd(spec, a, b, dtype, out):
+    return _lowp(spec, a, b, dtype, out), (a, b)
 
 
-def _matmul_bwd(spec, dtype, res, g):
+def _matmul_bwd(spec, dtype, _, res, g):
     a, b = res
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
@@ -462,8 +463,10 @@ def _chunked(
     inverse, attn = (kernels.factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
     decay_in = _masked_exp(cum, seg == 0)  # e^{G_i} while still in the segment the carried state belongs to
     decay_out = _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])  # e^{G_C - G_j} in the chunk's last segment
-    u = matmul("bhnij,bhnjv->bhniv", inverse * beta[..., None, :], v, dtype)
-    w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype)
+    # The Mosaic passes take u and w in the operand dtype (as fla's kernels); the recurrence keeps u in fp32.
+    uw = jnp.float32 if kernels.outputs is None else dtype
+    u = matmul("bhnij,bhnjv->bhniv", inverse * beta[..., None, :], v, dtype, uw)
+    w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype, uw)
     o, state = _outputs(kernels, jnp.dtype(dtype))(u, w, decay_out[..., None] * k, decay_in[..., -1], state,
                                                    decay_in[..., None] * q, attn)
     o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)

@@ -13,9 +13,11 @@ so the cotangents of the per-chunk states and deltas never exist as arrays. One 
 (the wgmma accumulator layout). w_c, k_c, attn_c and u_c (or o_bar_c) arrive by TMA `stages` chunks ahead; q_c
 has one buffer, fetched again once the chunk's last product has read it (two slots of it do not fit next to w
 and k at d_k 256). The forward may also send out what the backward and the remaining gradients need: the
-state entering each chunk in the operand dtype (it is the wgmma operand already) and delta_c (fp32). The
-reverse pass sends out G entering each chunk's end (in the operand dtype) and D_c (fp32, = u_bar). The initial
-and final states pass through a shared-memory buffer of their own scope, so the chunk loop can take the space.
+state entering each chunk and delta_c, both the wgmma operands already. The reverse pass sends out G entering
+each chunk's end and D_c (= u_bar). Everything read and sent is in the operand dtype (bf16 for bf16 layers, as
+fla's kernels keep u, w and the chunk states; their consumers multiply in that dtype anyway); the carried state
+and every accumulation are fp32. The initial and final states pass through a shared-memory buffer of their own
+scope, so the chunk loop can take the space.
 
 On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
 """
@@ -64,8 +66,7 @@ def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
         return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
     if dk * vb > 256 * 64:
         return f"state block {dk} x {vb} too large for one warpgroup's registers"
-    need = max(nbytes(_slots(chunk, dk, vb, dtype, 1, backward) + _fixed(chunk, dk, vb, dtype, True, backward))
-               for backward in (False, True))
+    need = nbytes(_slots(chunk, dk, vb, dtype, 1) + _fixed(chunk, dk, vb, dtype))
     if need > SMEM_BYTES:
         return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
     return None
@@ -82,23 +83,19 @@ def _swizzle(vb: int, cdt) -> int:
     return min(128, vb * jnp.dtype(cdt).itemsize)
 
 
-def _slots(chunk, dk, vb, cdt, stages: int, backward: bool) -> list:
-    """Per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c, and u_c (fp32) or o_bar_c (operand dtype)."""
+def _slots(chunk, dk, vb, cdt, stages: int) -> list:
+    """Per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c, and u_c or o_bar_c."""
     sw = _swizzle(vb, cdt)
     return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
-            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw) if backward
-            else smem((stages, chunk, vb), F32)]
+            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw)]
 
 
-def _fixed(chunk, dk, vb, cdt, save: bool, backward: bool) -> list:
+def _fixed(chunk, dk, vb, cdt) -> list:
     """q_c (one buffer); the carried block (S or G) as an operand, which is also what is sent out per chunk; the
-    chunk's [C, vb] result (delta_c or D_c) as an operand; then the forward's o_c on its way out, or the
-    reverse pass's D_c, and, when saved, the forward's delta_c (fp32)."""
+    chunk's [C, vb] result (delta_c, sent out when saved, or -D_c) as an operand; then the forward's o_c or the
+    reverse pass's D_c on its way out."""
     sw = _swizzle(vb, cdt)
-    buffers = [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw)]
-    if backward:
-        return buffers + [smem((chunk, vb), F32)]
-    return buffers + [smem((chunk, vb), cdt)] + ([smem((chunk, vb), F32)] if save else [])
+    return [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +106,7 @@ class _Call:
     interpret: object
 
 
-def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool, save: bool = False):
+def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool):
     """One pass over the chunks (forward, or in reverse if `backward`) of a grid of (row, value block) CTAs.
     `ins` = (w, k, decay, attn, the per-token [X, n*C, ...] input, q, the carried block's start [X, dk, dv]);
     `outs` the output types, the final carried block last; `step_of(refs) -> step(i, slot, carry)`."""
@@ -118,8 +115,8 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
     dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
-    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt, backward=backward)
-    fixed = _fixed(chunk, dk, vb, cdt, save, backward)
+    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
+    fixed = _fixed(chunk, dk, vb, cdt)
     stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN " + ("reverse" if backward else "forward"),
                  call.interpret)
 
@@ -129,10 +126,9 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
         def chunk_rows(i):
             return row, pl.ds(i * chunk, chunk)
 
-        def loop(state, w_sm, k_sm, d_sm, attn_sm, tok_sm, q_sm, carried_sm, result_sm, out_sm, *rest):
-            *delta_sm, ready, q_ready = rest
+        def loop(state, w_sm, k_sm, d_sm, attn_sm, tok_sm, q_sm, carried_sm, result_sm, out_sm, ready, q_ready):
             refs = _Refs(ops, cdt, n_chunks, row, vblock, chunk_rows, q_ref, out_refs, w_sm, k_sm, d_sm, attn_sm,
-                         tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm, *delta_sm)
+                         tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm)
             sources = [(w_ref, w_sm, chunk_rows), (k_ref, k_sm, chunk_rows), (d_ref, d_sm, chunk_rows),
                        (attn_ref, attn_sm, chunk_rows), (tok_ref, tok_sm, lambda i: (*chunk_rows(i), vblock))]
             state = chunk_loop(step_of(refs), state, sources=sources, ready=ready, stages=stages,
@@ -172,7 +168,6 @@ class _Refs:
     carried: object
     result: object
     out: object
-    delta: object = None  # the forward's delta_c when saved
 
     def fetch_q(self, i) -> None:
         plgpu.copy_gmem_to_smem(self.q_ref.at[self.chunk_rows(i)], self.q, self.q_ready)
@@ -196,10 +191,8 @@ def _forward_step(r: _Refs, save: bool):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
         r.carried[...] = state.astype(r.cdt)
         plgpu.commit_smem()
-        delta = ops.load(r.tok.at[slot], WGMMA) - ops.matmul((chunk, vb), (r.w.at[slot], r.carried))
+        delta = ops.load(r.tok.at[slot], WGMMA).astype(F32) - ops.matmul((chunk, vb), (r.w.at[slot], r.carried))
         r.result[...] = delta.astype(r.cdt)
-        if save:
-            r.delta[...] = delta
         plgpu.commit_smem()
         plgpu.barrier_wait(r.q_ready)
         r.out[...] = ops.matmul((chunk, vb), (r.q, r.carried), (r.attn.at[slot], r.result)).astype(r.cdt)
@@ -207,7 +200,7 @@ def _forward_step(r: _Refs, save: bool):
         plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.per_token(i)], commit_group=False)
         if save:
             plgpu.copy_smem_to_gmem(r.carried, r.outs[1].at[r.per_chunk(i)], commit_group=False)
-            plgpu.copy_smem_to_gmem(r.delta, r.outs[2].at[r.per_token(i)], commit_group=False)
+            plgpu.copy_smem_to_gmem(r.result, r.outs[2].at[r.per_token(i)], commit_group=False)
         plgpu.commit_smem_to_gmem_group()
 
         @pl.when(i + 1 < r.n_chunks)
@@ -230,7 +223,7 @@ def _reverse_step(r: _Refs):
         r.fetch_q(i)
         o_bar = r.tok.at[slot]
         d = ops.matmul((chunk, vb), (("T", r.attn.at[slot]), o_bar), (r.k.at[slot], r.carried))
-        r.out[...] = d
+        r.out[...] = d.astype(r.cdt)
         r.result[...] = (-d).astype(r.cdt)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(r.carried, r.outs[0].at[r.per_chunk(i)], commit_group=False)
@@ -246,10 +239,9 @@ GRAD_KB = 64  # key columns per CTA of the gradient pass: three [C, 64] fp32 acc
 
 
 def _grad_slots(chunk, kb, vb, cdt, stages: int) -> list:
-    """The gradient pass's inputs per TMA slot (a value block of `vb` columns): S_c and G_{c+1} [kb, vb], o_bar_c
-    (operand dtype), delta_c and D_c [C, vb] (fp32)."""
-    return [smem((stages, kb, vb), cdt), smem((stages, kb, vb), cdt), smem((stages, chunk, vb), cdt),
-            smem((stages, chunk, vb), F32), smem((stages, chunk, vb), F32)]
+    """The gradient pass's inputs per TMA slot (a value block of `vb` columns): S_c and G_{c+1} [kb, vb], then
+    o_bar_c, delta_c and D_c [C, vb], the wgmma operands."""
+    return [smem((stages, kb, vb), cdt)] * 2 + [smem((stages, chunk, vb), cdt)] * 3
 
 
 def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_bar, deltas, d_deltas):
@@ -257,11 +249,10 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
         q_bar = o_bar S_c^T,   w_bar = -D_c S_c^T,   k_bar = delta_c G_{c+1}^T,   d_bar by row = sum_v S_c o G_{c+1}
 
-    states, g_next [X, n, dk, dv] and o_bar [X, n*C, dv] in the operand dtype, deltas, d_deltas [X, n*C, dv]
-    fp32. One CTA per (key block of GRAD_KB rows, chunk, row) walks the value blocks (TMA `stages` ahead; the
-    key blocks of a chunk are neighbours in the launch order, so its [C, dv] inputs are read from L2 after the
-    first). Returns q_bar, w_bar, k_bar [X, n*C, dk] fp32 and d_bar per state row [X, n, dk] fp32 (the caller
-    sums it over dk)."""
+    states, g_next [X, n, dk, dv], o_bar, deltas and d_deltas [X, n*C, dv] in the operand dtype. One CTA per
+    (key block of GRAD_KB rows, chunk, row) walks the value blocks (TMA `stages` ahead; the key blocks of a
+    chunk are neighbours in the launch order, so its [C, dv] inputs are read from L2 after the first). Returns
+    q_bar, w_bar, k_bar [X, n*C, dk] fp32 and d_bar per state row [X, n, dk] fp32 (the caller sums it over dk)."""
     rows_, n, dk, dv = states.shape
     cdt, kb = states.dtype, min(GRAD_KB, dk)
     ops = Ops(bool(interpret), chunk)
@@ -286,9 +277,9 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
             def step(j, slot, carry):
                 q_bar, w_bar, k_bar, dec = carry
                 s_s, g_s = s_sm.at[slot], g_sm.at[slot]
-                delta, dd = (ops.load(v.at[slot], WGMMA).astype(cdt) for v in (delta_sm, dd_sm))
                 q_bar, w_bar, k_bar = ops.matmuls(([(ob_sm.at[slot], ("T", s_s))], q_bar),
-                                                  ([(dd, ("T", s_s))], w_bar), ([(delta, ("T", g_s))], k_bar))
+                                                  ([(dd_sm.at[slot], ("T", s_s))], w_bar),
+                                                  ([(delta_sm.at[slot], ("T", g_s))], k_bar))
                 dec = dec + ops.load(s_s, WGMMA).astype(F32) * ops.load(g_s, WGMMA).astype(F32)
                 plgpu.commit_smem()  # a warpgroup barrier: every warp is done with the slot before its refill
                 return q_bar, w_bar, k_bar, dec
@@ -322,11 +313,12 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 class Kernels(NamedTuple):
     """The four passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
-    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]):
+    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]). What goes in and out per
+    chunk or token is in the operand dtype, the initial and final states and their cotangents fp32:
 
     forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
-    forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv] in the operand dtype, delta_c fp32);
-    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk in the operand dtype, D_c fp32);
+    forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c);
+    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
     [b, h, n]), all fp32 (`_gradients`)."""
 
@@ -358,11 +350,10 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         sds = jax.ShapeDtypeStruct
         outs = [sds((x, tp, dv), dtype)]
         if save:
-            outs += [sds((x, n, dk, dv), dtype), sds((x, tp, dv), F32)]
-        w_, k_, q_, attn_ = operands(w, k, q, attn)
+            outs += [sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype)]
+        w_, k_, q_, attn_, u_ = operands(w, k, q, attn, u)
         outs = _pass(call, functools.partial(_forward_step, save=save), (*outs, sds((x, dk, dv), F32)),
-                     (w_, k_, decay_rows(decay, c), attn_, seq_rows(u).astype(F32), q_, rows(state).astype(F32)),
-                     backward=False, save=save)
+                     (w_, k_, decay_rows(decay, c), attn_, u_, q_, rows(state).astype(F32)), backward=False)
         o, *saved, final = outs
         o, final = o.reshape(u.shape), final.reshape(state.shape)
         if not save:
@@ -376,7 +367,7 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         sds = jax.ShapeDtypeStruct
         w_, k_, q_, attn_, o_bar_ = operands(w, k, q, attn, o_bar)
         g_next, d, g0 = _pass(call, _reverse_step,
-                              (sds((x, n, dk, dv), dtype), sds((x, tp, dv), F32), sds((x, dk, dv), F32)),
+                              (sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype), sds((x, dk, dv), F32)),
                               (w_, k_, decay_rows(decay, c), attn_, o_bar_, q_, rows(final_bar).astype(F32)),
                               backward=True)
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(o_bar.shape)
@@ -385,8 +376,7 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         b, h, n, c, dv = o_bar.shape
         dk = states.shape[-2]
         q_bar, w_bar, k_bar, dec = _gradients(c, min(64, dv), stages, interpret, rows(states).astype(dtype),
-                                              rows(g_next).astype(dtype), *operands(o_bar),
-                                              *(seq_rows(x).astype(F32) for x in (deltas, d_deltas)))
+                                              rows(g_next).astype(dtype), *operands(o_bar, deltas, d_deltas))
         return (*(x.reshape(b, h, n, c, dk) for x in (q_bar, w_bar, k_bar)), jnp.sum(dec, -1).reshape(b, h, n))
 
     return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,
