@@ -4,8 +4,10 @@
 # them); the tail of each is printed. Run from the repository root on the device machine:
 #   CAP=560 bash benchmarks/device_batch.sh            # the default steps below
 #   CAP=300 bash benchmarks/device_batch.sh check distill
-# The peers' pure-Python wheels (jax-linear-attention, equinox, wadler-lindig) are installed from .whl/ when
-# it is there (carry it: benchmarks/README.md).
+#   CAP=560 bash benchmarks/device_batch.sh peers       # ours (Mosaic) vs jla, fla, mamba_ssm in one run; the
+#                                                       # Triton peers tune themselves first (minutes)
+# The peers' pure-Python wheels (jax-linear-attention, equinox, wadler-lindig, fla-core, mamba-ssm) are
+# installed from .whl/ when it is there (carry it: benchmarks/README.md).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_batch}; mkdir -p "$OUT"
@@ -28,7 +30,8 @@ step() {  # step NAME SECONDS COMMAND...
 
 declare -A STEPS=(
   [check]="150 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
-  [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto --shapes 4x4096,1x16384"
+  [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
+  [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
   [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
