@@ -112,8 +112,7 @@ def _matmul_bwd(spec, dtype, _, res, g):
     a, b = res
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
-    return (_lowp(f"{out},{sb}->{sa}", g, b, dtype).astype(a.dtype),
-            _lowp(f"{out},{sa}->{sb}", g, a, dtype).astype(b.dtype))
+    return _lowp(f"{out},{sb}->{sa}", g, b, dtype, a.dtype), _lowp(f"{out},{sa}->{sb}", g, a, dtype, b.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
