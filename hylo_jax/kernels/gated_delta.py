@@ -410,8 +410,8 @@ def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
         g0, g_next, d_deltas = passes.reverse(w, k, decay, q, attn, o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", o_bar.astype(dtype), deltas.astype(dtype),
-                              preferred_element_type=jnp.float32)
-        return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar.astype(attn.dtype)
+                              preferred_element_type=attn.dtype)  # fp32 accumulation
+        return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar
 
     fused.defvjp(fwd, bwd)
     return fused
