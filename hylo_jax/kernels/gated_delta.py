@@ -531,7 +531,7 @@ def gated_delta_rule(
         reset = jnp.zeros((b, t), dtype=bool)
     else:
         reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
-    v32, g32, beta32 = (x.astype(jnp.float32) for x in (v, g, beta))
+    g32, beta32 = g.astype(jnp.float32), beta.astype(jnp.float32)
     if impl == "pallas":
         # q, k (normalised and scaled in fp32) and v go on in the matmul dtype: the chunk layout moves
         # and the matmuls read them without a widening and a narrowing in between.
@@ -539,7 +539,7 @@ def gated_delta_rule(
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
                             chunk_size, dtype, pallas_kernels(backend, interpret, dtype, dk, chunk_size))
         return o.astype(v.dtype), state
-    o, state = _IMPLS[impl](q, k, v32, g32, beta32, state, reset, chunk_size)
+    o, state = _IMPLS[impl](q, k, v.astype(jnp.float32), g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
 
 
