@@ -233,17 +233,20 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 if with_y:
                     s_op[...] = state.astype(cdt)
                 plgpu.commit_smem()
-                if with_y:
-                    c_s = c_sm.at[slot]
-                    g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-                    m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
-                    c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
-                    y = ops.matmul((chunk, p), (m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op)))
-                    outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
-                    if save:
-                        outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
-                    store(stages, *outputs)
-                return ops.matmul((p, n), (("T", xs_sm), b_s), init=state * ch.d_chunk)
+                update = ([(("T", xs_sm), b_s)], state * ch.d_chunk)  # S^T' = d_chunk S^T + (x scaled)^T B
+                if not with_y:
+                    return ops.matmuls(update)[0]
+                c_s = c_sm.at[slot]
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
+                c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
+                y, state = ops.matmuls(([(m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op))],
+                                        ops.zeros((chunk, p))), update)  # issued together, waited for once
+                outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
+                if save:
+                    outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
+                store(stages, *outputs)
+                return state
 
             state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                                reverse=False)
@@ -326,8 +329,9 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 rows_of = ch.rows_of
                 # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
                 e_t = ch.decay(g_j, s_j, transposed=True)
-                d_cb_t = ops.matmul((chunk, chunk), (x_s, ("T", dy_s))) * ops.square(ch.dt_i, 0) * e_t
-                cb_t = ops.matmul((chunk, chunk), (b_s, ("T", c_s)))
+                d_p_t, cb_t = ops.matmuls(([(x_s, ("T", dy_s))], ops.zeros((chunk, chunk))),
+                                          ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
+                d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
                 z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
                 m_t = (cb_t * e_t).astype(cdt)
                 b_out = (ops.load(b_s, WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
@@ -341,8 +345,10 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), init=rows_of(ch.d_out, n) * v_ds)
                 db_sm[...] = db.astype(cdt)
                 # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
-                d_cb = ops.matmul((chunk, chunk), (dy_s, ("T", x_s))) * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
-                z_rows = jnp.sum(d_cb * ops.matmul((chunk, chunk), (c_s, ("T", b_s))), axis=1)
+                d_p, cb = ops.matmuls(([(dy_s, ("T", x_s))], ops.zeros((chunk, chunk))),
+                                      ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
+                d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
+                z_rows = jnp.sum(d_cb * cb, axis=1)
                 dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
                 dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)
                 dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), init=rows_of(ch.d_in, n) * dy_s_t)
