@@ -181,7 +181,7 @@ class _Refs:
 
 def _forward_step(r: _Refs, save: bool):
     """delta = u - w S;  o = q S + attn delta;  S' = d S + k^T delta (module docstring)."""
-    ops, chunk, vb, dk = r.ops, r.ops.chunk, r.tok.shape[-1], r.w.shape[-1]
+    ops, chunk, vb = r.ops, r.ops.chunk, r.tok.shape[-1]
 
     def step(i, slot, state):
         @pl.when(i == 0)
@@ -195,7 +195,9 @@ def _forward_step(r: _Refs, save: bool):
         r.result[...] = delta.astype(r.cdt)
         plgpu.commit_smem()
         plgpu.barrier_wait(r.q_ready)
-        r.out[...] = ops.matmul((chunk, vb), (r.q, r.carried), (r.attn.at[slot], r.result)).astype(r.cdt)
+        o, state = ops.matmuls(([(r.q, r.carried), (r.attn.at[slot], r.result)], ops.zeros((chunk, vb))),
+                               ([(("T", r.k.at[slot]), r.result)], state * r.d[slot, 0]))  # waited for once
+        r.out[...] = o.astype(r.cdt)
         plgpu.commit_smem()  # (and every warp is past the product that read q)
         plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.per_token(i)], commit_group=False)
         if save:
@@ -207,7 +209,7 @@ def _forward_step(r: _Refs, save: bool):
         def _():
             r.fetch_q(i + 1)
 
-        return ops.matmul((dk, vb), (("T", r.k.at[slot]), r.result), init=state * r.d[slot, 0])
+        return state
 
     return step
 
