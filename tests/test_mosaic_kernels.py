@@ -126,6 +126,18 @@ def test_spans_fill_the_gpu_but_stay_long():
     assert mosaic_ssd.spans_for(batch_heads=2, n_chunks=3, cores=132) == 1
 
 
+@pytest.mark.parametrize("n, forward_slots, backward_slots", [(64, 3, 3), (128, 3, 2)])
+def test_ssd_kernels_prefetch_at_mamba2_sizes(n, forward_slots, backward_slots):
+    """At head_dim 64, chunk 64, bf16, the chunk loops keep TMA slots in flight (the fp32 state's staging buffer
+    has its own scope, dB and dC are bf16): at d_state 128 the backward once fit only one, with no prefetch."""
+    def slots(buffers, fixed, mode):
+        return mosaic_common.fit(functools.partial(buffers, 64, 64, n, jnp.bfloat16, mode),
+                                 fixed(64, 64, n, jnp.bfloat16, mode), 3, 64, "SSD", None)
+
+    assert slots(mosaic_ssd._forward_slots, mosaic_ssd._forward_fixed, "train") == forward_slots
+    assert slots(mosaic_ssd._backward_slots, mosaic_ssd._backward_fixed, "grads") == backward_slots
+
+
 # ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
     """u, w, k [b, h, n, C, d], the chunk decays [b, h, n], the initial state [b, h, dk, dv], q [b, h, n, C, dk]

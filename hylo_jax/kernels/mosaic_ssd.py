@@ -493,9 +493,7 @@ def _ssd_bwd(s: _Settings, residuals, cotangents):
     def whole(z):  # [b * spans, span, ...] -> [b, t, ...]
         return z.reshape(b, s.spans * span, *z.shape[2:])[:, :t]
 
-    def to_groups(z):  # per-head [.., h, N] -> per-group [.., g, N], summed in fp32
-        if g == h:
-            return whole(z).astype(bs.dtype)
+    def to_groups(z):  # per-head [.., h, N] -> per-group [.., g, N], summed in fp32 (XLA drops it when g == h)
         return whole(z).reshape(b, t, g, h // g, n).sum(3, dtype=F32).astype(bs.dtype)
 
     return (whole(dx), whole(jnp.swapaxes(d_dt, 1, 2)), d_a.astype(A.dtype), to_groups(db), to_groups(dc), None,
