@@ -224,6 +224,13 @@ def compiler_params() -> plgpu.CompilerParams:
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=LOWERING_SEMANTICS[name])
 
 
+def gpu_kernel(body, name: str, **kwargs):
+    """`plgpu.kernel` of `body` with every kernel's compiler settings and its entry point called `name` (what
+    profiles and ptxas report)."""
+    body.__name__ = body.__qualname__ = name
+    return plgpu.kernel(body, compiler_params=compiler_params(), **kwargs)
+
+
 @functools.cache
 def interpret_params():
     """GPU interpret mode (CPU tests)."""

@@ -42,10 +42,10 @@ from .mosaic_common import (
     Ops,
     carry_state,
     chunk_loop,
-    compiler_params,
     device_dtype,
     dtype_reason,
     fit,
+    gpu_kernel,
     nbytes,
     smem,
     vectors,
@@ -140,8 +140,8 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
                      [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
                                                                   num_barriers=stages), plgpu.Barrier()])
 
-    run = plgpu.kernel(kernel, out_type=outs, grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
-                       compiler_params=compiler_params(), interpret=call.interpret)
+    run = gpu_kernel(kernel, "gdn_" + ("reverse" if backward else "forward"), out_type=outs, grid=(rows_, dv // vb),
+                     grid_names=("rows", "vblocks"), interpret=call.interpret)
     return run(*ins)
 
 
@@ -307,9 +307,8 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
         pl.run_scoped(send, *outs)
 
     per_token = jax.ShapeDtypeStruct((rows_, n * chunk, dk), F32)
-    run = plgpu.kernel(kernel, out_type=(per_token,) * 3 + (jax.ShapeDtypeStruct((rows_, n, dk), F32),),
-                       grid=(dk // kb, n, rows_), grid_names=("kblocks", "chunks", "rows"),
-                       compiler_params=compiler_params(), interpret=interpret)
+    run = gpu_kernel(kernel, "gdn_gradients", out_type=(per_token,) * 3 + (jax.ShapeDtypeStruct((rows_, n, dk), F32),),
+                     grid=(dk // kb, n, rows_), grid_names=("kblocks", "chunks", "rows"), interpret=interpret)
     return run(states, g_next, o_bar, deltas, d_deltas)
 
 

@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from .mosaic_common import BY_COL, BY_ROW, F32, Ops, compiler_params, device_dtype, dtype_reason, smem, vectors
+from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, smem, vectors
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
@@ -123,8 +123,7 @@ def chunk_factors(
 
     seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
     out = jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), jax.ShapeDtypeStruct((rows, n * chunk, chunk), k.dtype)
-    call = plgpu.kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), out_type=out, grid=(rows, n),
-                        grid_names=("rows", "chunks"), compiler_params=compiler_params(),
-                        interpret=interpret)
+    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), "gdn_chunk_factors", out_type=out,
+                      grid=(rows, n), grid_names=("rows", "chunks"), interpret=interpret)
     t, attn = call(*(flat(x) for x in (q.astype(k.dtype), k, beta.astype(F32), cum.astype(F32), seg)))
     return t.reshape(b, h, n, chunk, chunk), attn.reshape(b, h, n, chunk, chunk)

@@ -40,10 +40,10 @@ from .mosaic_common import (
     Ops,
     carry_state,
     chunk_loop,
-    compiler_params,
     device_dtype,
     dtype_reason,
     fit,
+    gpu_kernel,
     nbytes,
     smem,
     store,
@@ -261,9 +261,8 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
     out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
     if save:
         out_type.append(jax.ShapeDtypeStruct((batch_size, heads, n_chunks, p, n), cdt))
-    call = plgpu.kernel(
-        kernel, out_type=tuple(out_type), grid=(batch_size, heads), grid_names=("batch", "heads"),
-        compiler_params=compiler_params(), interpret=interpret)
+    call = gpu_kernel(kernel, f"ssd_forward_{mode}", out_type=tuple(out_type), grid=(batch_size, heads),
+                      grid_names=("batch", "heads"), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, h0)
     return outs if with_y else outs[0]
 
@@ -379,9 +378,8 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     per_head = sds((batch_size, tp, heads, n), cdt)
     out_type = ((sds(x.shape, cdt), per_head, per_head, vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32), d0)
                 if grads else (d0,))
-    call = plgpu.kernel(
-        kernel, out_type=out_type, grid=(batch_size, heads), grid_names=("batch", "heads"),
-        compiler_params=compiler_params(), interpret=interpret)
+    call = gpu_kernel(kernel, f"ssd_backward_{mode}", out_type=out_type, grid=(batch_size, heads),
+                      grid_names=("batch", "heads"), interpret=interpret)
     outs = call(x, b, c, dt, g, seg, states, dy, dht)
     return outs if grads else outs[0]
 
