@@ -324,36 +324,37 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
                 to shared memory when ready and all leave as one TMA group at the end."""
                 x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 rows_of = ch.rows_of
-                # 1. the transposed side: dv = ((C B^T) o E)^T dy + (d_out o B) dS', dB = dCB^T C + d_out o (v dS'^T)
+                # 1. the transposed side: dv = ((C B^T) o E)^T dy + U, U = d_out o (B dS'),
+                #    dB = dCB^T C + (d_out o v) dS'^T
+                g_j, s_j, _ = ch.columns(g_sm, seg_sm, dt_sm, slot)  # read again for each phase: fewer live registers
                 e_t = ch.decay(g_j, s_j, transposed=True)
                 d_p_t, cb_t = ops.matmuls(([(x_s, ("T", dy_s))], ops.zeros((chunk, chunk))),
                                           ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
                 d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
                 z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
                 m_t = (cb_t * e_t).astype(cdt)
-                b_out = (ops.load(b_s, WGMMA).astype(F32) * rows_of(ch.d_out, n)).astype(cdt)
-                dv = ops.matmul((chunk, p), (m_t, dy_s), (b_out, ("T", dst_sm)))
-                x_f32 = ops.load(x_s, WGMMA).astype(F32)
+                u = ops.matmul((chunk, p), (b_s, ("T", dst_sm))) * rows_of(ch.d_out, p)
+                v = ops.load(x_s, WGMMA).astype(F32) * rows_of(ch.dt_i, p)
+                # dd_out o d_out: dd_out_k = sum_n B_kn (v dS'^T)_kn = sum_p v_kp (B dS')_kp
+                out = jnp.sum(v * u, axis=1)
+                dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
                 dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
-                ddt_sm[...] = jnp.sum(dv * x_f32, axis=1)
-                v_ds = ops.matmul((chunk, n), ((x_f32 * rows_of(ch.dt_i, p)).astype(cdt), dst_sm))  # v dS'^T
-                dd_out = jnp.sum(v_ds * ops.load(b_s, WGMMA).astype(F32), axis=1)
-                db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), init=rows_of(ch.d_out, n) * v_ds)
-                db_sm[...] = db.astype(cdt)
-                # 2. the direct side: dC = dCB B + d_in o (dy S^T), dCB = (dy v^T) o E
+                ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
+                v_out = (v * rows_of(ch.d_out, p)).astype(cdt)
+                db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), (v_out, dst_sm)).astype(cdt)
+                # 2. the direct side: dC = dCB B + (d_in o dy) S^T, dCB = (dy v^T) o E
                 d_p, cb = ops.matmuls(([(dy_s, ("T", x_s))], ops.zeros((chunk, chunk))),
                                       ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
                 z_rows = jnp.sum(d_cb * cb, axis=1)
-                dy_s_t = ops.matmul((chunk, n), (dy_s, s_s))  # dy S^T
-                dd_in = jnp.sum(dy_s_t * ops.load(c_s, WGMMA).astype(F32), axis=1)
-                dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), init=rows_of(ch.d_in, n) * dy_s_t)
-                dc_sm[...] = dc.astype(cdt)
+                dy_f32 = ops.load(dy_s, WGMMA).astype(F32)
+                dd_in = jnp.sum(dy_f32 * ops.matmul((chunk, p), (c_s, ("T", s_s))), axis=1)  # sum_p dy_kp (C S)_kp
+                dy_in = (dy_f32 * rows_of(ch.d_in, p)).astype(cdt)
+                dc_sm[...] = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), (dy_in, s_s)).astype(cdt)
                 # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
-                out = dd_out * ch.d_out
                 out_sm[...] = out
                 dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
                 dch_sm[...] = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
