@@ -148,9 +148,13 @@ def fit(slot_buffers, fixed_buffers, most: int, n_chunks: int, what: str, interp
     raise ValueError(f"Mosaic GPU {what} kernel: its buffers do not fit in shared memory")
 
 
-def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool):
+def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, reverse: bool, fetches: bool = True,
+               release=None):
     """carry = step(i, slot, carry) over the chunks i (last to first if `reverse`), each chunk's slices of the
-    `sources` (gmem ref, smem slots, index of chunk i) brought by TMA into slot i % stages, `stages` ahead."""
+    `sources` (gmem ref, smem slots, index of chunk i) brought by TMA into slot i % stages, `stages` ahead.
+    Several warpgroups may share the slots: one `fetches` (issues the copies), the others only wait for them, and
+    `release(slot)` waits until every reader has let go of a slot before it is refilled (None: the fetching
+    warpgroup is the only reader, done once its step returns)."""
     def chunk_of(k):
         return n_chunks - 1 - k if reverse else k
 
@@ -158,17 +162,20 @@ def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, rever
         for src, dst, index in sources:
             plgpu.copy_gmem_to_smem(src.at[index(chunk_of(k))], dst.at[slot], ready.at[slot])
 
-    for k in range(stages):
-        fetch(k, k)
+    if fetches:
+        for k in range(stages):
+            fetch(k, k)
 
     def body(k, carry):
         slot = lax.rem(k, stages)
         plgpu.barrier_wait(ready.at[slot])
         carry = step(chunk_of(k), slot, carry)
-
-        @pl.when(k + stages < n_chunks)
-        def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
-            fetch(k + stages, slot)
+        if fetches:
+            @pl.when(k + stages < n_chunks)
+            def _():  # the slot's inputs are read (wgmma results waited for, a warpgroup barrier since)
+                if release is not None:
+                    release(slot)
+                fetch(k + stages, slot)
         return carry
 
     return lax.fori_loop(0, n_chunks, body, carry)
@@ -187,11 +194,13 @@ def store(slots: int, *outputs) -> None:
     plgpu.commit_smem_to_gmem_group()
 
 
-def carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
+def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) -> None:
     """The kernel body around a chunk loop: the fp32 state block from `state_src` into registers (the wgmma
     accumulator layout), `loop(state, *buffers) -> state` with its shared memory, the final state to
     `final_dst`. Each runs in its own scope, so the loop's buffers take the state's staging space; the loop
-    must have waited for its own outgoing copies."""
+    must have waited for its own outgoing copies. In a kernel of several warpgroups (thread axis "wg") the
+    scopes are shared and only the warpgroup where `owner` holds loads and sends the state (zeros elsewhere)."""
+    scoped = pl.run_scoped if owner is None else functools.partial(pl.run_scoped, collective_axes="wg")
 
     def load(state_sm, barrier):
         plgpu.copy_gmem_to_smem(state_src, state_sm, barrier)
@@ -204,10 +213,13 @@ def carry_state(ops: Ops, state_src, final_dst, loop, buffers) -> None:
         plgpu.copy_smem_to_gmem(state_sm, final_dst)
         plgpu.wait_smem_to_gmem(0)
 
+    def load_owned(*refs):
+        return lax.cond(owner, lambda: load(*refs), lambda: ops.zeros(state_src.shape))
+
     staging = smem(state_src.shape, F32)
-    state = pl.run_scoped(load, staging, plgpu.Barrier())
-    state = pl.run_scoped(functools.partial(loop, state), *buffers)
-    pl.run_scoped(send, staging)
+    state = scoped(load if owner is None else load_owned, staging, plgpu.Barrier())
+    state = scoped(functools.partial(loop, state), *buffers)
+    scoped(send if owner is None else lambda state_sm: pl.when(owner)(lambda: send(state_sm)), staging)
 
 
 LOWERING_SEMANTICS = {"lane": plgpu.LoweringSemantics.Lane, "warpgroup": plgpu.LoweringSemantics.Warpgroup}

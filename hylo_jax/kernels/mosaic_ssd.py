@@ -175,12 +175,13 @@ def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
 
 
 def _backward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """d_in o C; for gradients dS'^T as an operand and the outputs, one slot each (a chunk's stores have the
-    next chunk's compute to leave): dx, dB, dC (in the operand dtype), d(dt), dG, out, chunk-end."""
+    """d_in o C; for gradients dS'^T as an operand in two buffers (the direct side writes chunk i's while the
+    transposed side reads chunk i+1's), then each side's outputs, one slot each (a chunk's stores have the next
+    chunk's compute to leave): dx, dB (operand dtype), d(dt), out, its part of dG; dC, its part of dG, chunk-end."""
     buffers = [smem((chunk, n), cdt)]
     if mode == "grads":
-        buffers += [smem((p, n), cdt), smem((chunk, p), cdt), smem((chunk, n), cdt), smem((chunk, n), cdt),
-                    *[vectors((chunk,))] * 3, vectors((p,))]
+        buffers += [smem((2, p, n), cdt), smem((chunk, p), cdt), smem((chunk, n), cdt), *[vectors((chunk,))] * 3,
+                    smem((chunk, n), cdt), vectors((chunk,)), vectors((p,))]
     return buffers
 
 
@@ -272,16 +273,20 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     """The backward kernel, chunks in reverse, carrying dS^T [P, N] from `dht` [Bt, H, P, N] (the final
     state's cotangent). Inputs as `_forward`'s plus the entering states of mode "train" and dy [Bt, T, H, P]
     in x's dtype. `mode`:
-      "state"  dS^T at the first token only (x, b, states unused): a span's state pass;
+      "state"  dS^T at the first token only (x, b, states unused): a span's state pass; one warpgroup;
       "grads"  (dx and dB, dC per head [Bt, T, H, N] in x's dtype (the wrapper sums dB, dC over a group's heads
-               in fp32), then fp32: d(dt) [Bt, H, T], dG without the chunk-end terms [Bt, H, T], the d_out terms
-               dd_out * d_out [Bt, H, T], dd_chunk * d_chunk by state row [Bt, H, T/C, P], dS^T at the first
-               token).
+               in fp32), then fp32: d(dt) [Bt, H, T], dG without the chunk-end terms in two parts [Bt, H, T]
+               (one per warpgroup, summed by the wrapper), the d_out terms dd_out * d_out [Bt, H, T],
+               dd_chunk * d_chunk by state row [Bt, H, T/C, P], dS^T at the first token).
 
     Per chunk, with v = dt o x, M' = (C B^T) o E (y = M' v + (d_in o C) S) and dS' the carried cotangent:
-      dv = M'^T dy + (d_out o B) dS'          dS^T = dy^T (d_in o C) + d_chunk dS'^T
-      dP = dy v^T, dCB = dP o E               dC = dCB B + d_in o (dy S^T),  dB = dCB^T C + d_out o (v dS'^T)
+      dv = M'^T dy + d_out o (B dS')          dS^T = dy^T (d_in o C) + d_chunk dS'^T
+      dP = dy v^T, dCB = dP o E               dC = dCB B + (d_in o dy) S^T,  dB = dCB^T C + (d_out o v) dS'^T
       dG_k = sum_j z_kj - sum_i z_ik + dd_in_k d_in_k - dd_out_k d_out_k (+ chunk-end terms), z = dCB o C B^T
+    For gradients two warpgroups share the TMA slots, each with its own registers (a thread has 255; one
+    warpgroup spilled at N = 128): the direct side carries dS (and hands each chunk's dS' over in shared
+    memory), issues the copies and computes dC, z's row sums, dd_in and the chunk-end terms; the transposed side
+    computes dv, dx, d(dt), dB, z's column sums and dd_out.
     """
     batch_size, tp, heads, p = x.shape
     groups, n = b.shape[2:]
@@ -297,90 +302,139 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
     def kernel(x_ref, b_ref, c_ref, dt_ref, g_ref, seg_ref, states_ref, dy_ref, dht_ref, *outs):
         at = _Where.here(per_group, chunk)
 
+        def carry_back(ch, slot, dst, c_sm, dy_sm, cin_sm):
+            """dS^T entering the chunk from dS'^T leaving it: dy^T (d_in o C) + d_chunk dS'^T."""
+            cin_sm[...] = (ops.load(c_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+            plgpu.commit_smem()
+            return ops.matmul((p, n), (("T", dy_sm.at[slot]), cin_sm), init=ch.d_chunk * dst)
+
+        def send(i, *outputs):
+            """(smem buffer, gmem ref, index of chunk i) as one TMA group."""
+            plgpu.commit_smem()
+            for src, out_ref, index in outputs:
+                plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+
         def loop(dst, c_sm, dy_sm, dt_sm, g_sm, seg_sm, *rest):
-            if grads:
-                x_sm, b_sm, st_sm, *rest = rest
-            cin_sm, *rest = rest
-            if grads:
-                dst_sm, dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm, *rest = rest
-            (ready,) = rest
             sources = [(c_ref, c_sm, at.by_group), (dy_ref, dy_sm, at.by_head), (dt_ref, dt_sm, at.gates),
                        (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
-            if grads:
-                sources += [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (states_ref, st_sm, at.per_chunk)]
+            if not grads:
+                cin_sm, ready = rest
 
-            def step(i, slot, dst):
-                c_s, dy_s = c_sm.at[slot], dy_sm.at[slot]
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-                cin_sm[...] = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
-                if grads:
-                    dst_sm[...] = dst.astype(cdt)
-                plgpu.commit_smem()
-                if grads:
-                    _chunk_grads(i, slot, ch, dst)
-                return ops.matmul((p, n), (("T", dy_s), cin_sm), init=ch.d_chunk * dst)
+                def state_step(i, slot, dst):
+                    return carry_back(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot, dst, c_sm, dy_sm, cin_sm)
 
-            def _chunk_grads(i, slot, ch, dst):
-                """The chunk's gradients, in three phases so that few [C, C] blocks live at once; each output goes
-                to shared memory when ready and all leave as one TMA group at the end."""
+                return chunk_loop(state_step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                                  reverse=True)
+
+            (x_sm, b_sm, st_sm, cin_sm, ds_sm, dx_sm, db_sm, ddt_sm, out_sm, dga_sm, dc_sm, dgb_sm, dch_sm,
+             ready, consumed, ds_ready, ds_free) = rest
+            sources += [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (states_ref, st_sm, at.per_chunk)]
+            dx_ref, db_ref, dc_ref, ddt_ref, dga_ref, dgb_ref, out_ref, dch_ref, _ = outs
+
+            def handover(i):  # the dS' buffer of chunk i and its position (chunks run last to first)
+                k = n_chunks - 1 - i
+                return lax.rem(k, 2), k
+
+            def direct_side(i, slot, dst):
+                """dS' to the transposed side, then dC = dCB B + (d_in o dy) S^T, dCB = (dy v^T) o E, z's row sums,
+                dd_in, the chunk-end terms, and dS for the next chunk."""
+                buf, k = handover(i)
                 x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
-                rows_of = ch.rows_of
-                # 1. the transposed side: dv = ((C B^T) o E)^T dy + U, U = d_out o (B dS'),
-                #    dB = dCB^T C + (d_out o v) dS'^T
-                g_j, s_j, _ = ch.columns(g_sm, seg_sm, dt_sm, slot)  # read again for each phase: fewer live registers
-                e_t = ch.decay(g_j, s_j, transposed=True)
-                d_p_t, cb_t = ops.matmuls(([(x_s, ("T", dy_s))], ops.zeros((chunk, chunk))),
-                                          ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
-                d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
-                z_cols = jnp.sum(d_cb_t * cb_t, axis=1)  # column sums of z = dCB o C B^T
-                m_t = (cb_t * e_t).astype(cdt)
-                u = ops.matmul((chunk, p), (b_s, ("T", dst_sm))) * rows_of(ch.d_out, p)
-                v = ops.load(x_s, WGMMA).astype(F32) * rows_of(ch.dt_i, p)
-                # dd_out o d_out: dd_out_k = sum_n B_kn (v dS'^T)_kn = sum_p v_kp (B dS')_kp
-                out = jnp.sum(v * u, axis=1)
-                dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left their buffers
-                dx_sm[...] = (dv * rows_of(ch.dt_i, p)).astype(cdt)
-                ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
-                v_out = (v * rows_of(ch.d_out, p)).astype(cdt)
-                db_sm[...] = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), (v_out, dst_sm)).astype(cdt)
-                # 2. the direct side: dC = dCB B + (d_in o dy) S^T, dCB = (dy v^T) o E
+
+                @pl.when(k >= 2)
+                def _():  # the transposed side is done with chunk i + 2's dS'
+                    plgpu.barrier_wait(ds_free.at[buf])
+                ds_sm.at[buf][...] = dst.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[buf])
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                chunk_end = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 d_p, cb = ops.matmuls(([(dy_s, ("T", x_s))], ops.zeros((chunk, chunk))),
                                       ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
                 d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
                 z_rows = jnp.sum(d_cb * cb, axis=1)
                 dy_f32 = ops.load(dy_s, WGMMA).astype(F32)
                 dd_in = jnp.sum(dy_f32 * ops.matmul((chunk, p), (c_s, ("T", s_s))), axis=1)  # sum_p dy_kp (C S)_kp
-                dy_in = (dy_f32 * rows_of(ch.d_in, p)).astype(cdt)
-                dc_sm[...] = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), (dy_in, s_s)).astype(cdt)
-                # 3. the gates: dG without the chunk-end terms, which the wrapper adds from `out` and `chunk-end`
+                dy_in = (dy_f32 * ch.rows_of(ch.d_in, p)).astype(cdt)
+                dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), (dy_in, s_s))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
+                dc_sm[...] = dc.astype(cdt)
+                dgb_sm[...] = z_rows + dd_in * ch.d_in
+                dch_sm[...] = chunk_end
+                send(i, (dc_sm, dc_ref, at.by_head), (dgb_sm, dgb_ref, at.gates), (dch_sm, dch_ref, at.per_chunk))
+                dst = carry_back(ch, slot, dst, c_sm, dy_sm, cin_sm)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dst
+
+            def transposed_side(i, slot, carry):
+                """dv = M'^T dy + U, U = d_out o (B dS'), dx = dt o dv, dB = dCB^T C + (d_out o v) dS'^T, z's column
+                sums and dd_out."""
+                buf, _ = handover(i)
+                x_s, b_s, c_s, dy_s, ds_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], ds_sm.at[buf]
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                g_j, s_j, _ = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                e_t = ch.decay(g_j, s_j, transposed=True)
+                d_p_t, cb_t = ops.matmuls(([(x_s, ("T", dy_s))], ops.zeros((chunk, chunk))),
+                                          ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
+                d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
+                z_cols = jnp.sum(d_cb_t * cb_t, axis=1)
+                m_t = (cb_t * e_t).astype(cdt)
+                plgpu.barrier_wait(ds_ready.at[buf])
+                u = ops.matmul((chunk, p), (b_s, ("T", ds_s))) * ch.rows_of(ch.d_out, p)
+                v = ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.dt_i, p)
+                out = jnp.sum(v * u, axis=1)  # dd_out o d_out: dd_out_k = sum_p v_kp (B dS')_kp
+                dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
+                v_out = (v * ch.rows_of(ch.d_out, p)).astype(cdt)
+                db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), (v_out, ds_s))
+                plgpu.barrier_arrive(ds_free.at[buf])
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
+                dx_sm[...] = (dv * ch.rows_of(ch.dt_i, p)).astype(cdt)
+                ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
+                db_sm[...] = db.astype(cdt)
                 out_sm[...] = out
-                dg_sm[...] = z_rows - z_cols + dd_in * ch.d_in - out
-                dch_sm[...] = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
-                plgpu.commit_smem()
-                buffers = (dx_sm, db_sm, dc_sm, ddt_sm, dg_sm, out_sm, dch_sm)
-                where = (at.by_head, at.by_head, at.by_head, at.gates, at.gates, at.gates, at.per_chunk)
-                for src, out_ref, index in zip(buffers, outs, where):  # outs[7], dS^T at the first token, comes last
-                    plgpu.copy_smem_to_gmem(src, out_ref.at[index(i)], commit_group=False)
-                plgpu.commit_smem_to_gmem_group()
+                dga_sm[...] = -z_cols - out
+                plgpu.barrier_arrive(consumed.at[slot])
+                send(i, (dx_sm, dx_ref, at.by_head), (db_sm, db_ref, at.by_head), (ddt_sm, ddt_ref, at.gates),
+                     (out_sm, out_ref, at.gates), (dga_sm, dga_ref, at.gates))
+                return carry
 
-            dst = chunk_loop(step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
-                             reverse=True)
-            plgpu.wait_smem_to_gmem(0)
-            return dst
+            loop_args = dict(sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
 
+            def direct(dst):
+                dst = chunk_loop(direct_side, dst, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
+                                 **loop_args)
+                for k in range(max(n_chunks - stages, 0), n_chunks):  # the phases no refetch waited for
+                    plgpu.barrier_wait(consumed.at[k % stages])
+                for k in range(max(n_chunks - 2, 0), n_chunks):
+                    plgpu.barrier_wait(ds_free.at[k % 2])
+                plgpu.wait_smem_to_gmem(0)
+                return dst
+
+            def transposed(dst):
+                chunk_loop(transposed_side, None, fetches=False, **loop_args)
+                plgpu.wait_smem_to_gmem(0)
+                return dst
+
+            return lax.cond(lax.axis_index("wg") == 0, direct, transposed, dst)
+
+        barriers = [plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
+        if grads:  # slot consumed (both sides), dS' ready, dS' read
+            barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=2),
+                         plgpu.Barrier(num_barriers=2)]
         carry_state(ops, dht_ref.at[at.state], outs[-1].at[at.state], loop,
-                    [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)])
+                    [*slot_buffers(stages), *fixed, *barriers], owner=lax.axis_index("wg") == 0 if grads else None)
 
     sds = jax.ShapeDtypeStruct
     d0 = sds((batch_size, heads, p, n), F32)
     vec = sds((batch_size, heads, tp), F32)
     per_head = sds((batch_size, tp, heads, n), cdt)
-    out_type = ((sds(x.shape, cdt), per_head, per_head, vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32), d0)
-                if grads else (d0,))
+    out_type = ((sds(x.shape, cdt), per_head, per_head, vec, vec, vec, vec, sds((batch_size, heads, n_chunks, p), F32),
+                 d0) if grads else (d0,))
+    threads = dict(num_threads=2, thread_name="wg") if grads else {}
     call = gpu_kernel(kernel, f"ssd_backward_{mode}", out_type=out_type, grid=(batch_size, heads),
-                      grid_names=("batch", "heads"), interpret=interpret)
+                      grid_names=("batch", "heads"), interpret=interpret, **threads)
     outs = call(x, b, c, dt, g, seg, states, dy, dht)
     return outs if grads else outs[0]
 
@@ -480,8 +534,9 @@ def _ssd_bwd(s: _Settings, residuals, cotangents):
     if s.spans > 1:
         local = s.kernel(_backward, xs, bs, cs, dts, gs, segs, states, dy, jnp.zeros_like(ends), mode="state")
         ends = _across_spans(through, local.reshape(b, s.spans, h, p, n), dfinal.astype(F32), reverse=True)
-    dx, db, dc, ddt, dg, out, d_chunk, dstart = s.kernel(_backward, xs, bs, cs, dts, gs, segs, states, dy, ends,
-                                                         mode="grads")
+    dx, db, dc, ddt, dg_a, dg_b, out, d_chunk, dstart = s.kernel(_backward, xs, bs, cs, dts, gs, segs, states, dy,
+                                                                 ends, mode="grads")
+    dg = dg_a + dg_b
     n_chunks = span // s.chunk
     chunk_end = (jnp.sum(out.reshape(b * s.spans, h, n_chunks, s.chunk), axis=-1) + jnp.sum(d_chunk, axis=-1))
     dg = dg.reshape(b * s.spans, h, n_chunks, s.chunk).at[..., -1].add(chunk_end)
