@@ -11,9 +11,10 @@ bf16/fp16, fp32 accumulation):
 
 The forward's products are 4 wgmmas (M from registers, S^T and the scaled x stored in the operand dtype and
 read transposed); the backward walks the chunks in reverse carrying dS^T, from the entering states the
-forward saved, in 11 (`_backward`). x, B, C, dy are read in their own [b, t, heads or groups, dim] layout (TMA
-boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors; TMA brings them ``stages`` chunks ahead
-into tiled, 128-byte-swizzled shared memory (one barrier per slot), outputs leave by TMA from shared memory.
+forward saved, in 11, split over two warpgroups of one CTA (`_backward`). x, B, C, dy are read in their own
+[b, t, heads or groups, dim] layout (TMA boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors;
+TMA brings them ``stages`` chunks ahead into tiled, 128-byte-swizzled shared memory (one barrier per slot),
+outputs leave by TMA from shared memory.
 Batches of fewer sequence-heads than SMs are cut into spans run side by side (`ssd_mosaic`).
 
 On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
