@@ -356,10 +356,11 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                                       ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
                 d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
                 z_rows = jnp.sum(d_cb * cb, axis=1)
+                d_cb = d_cb.astype(cdt)
                 dy_f32 = ops.load(dy_s, WGMMA).astype(F32)
                 dd_in = jnp.sum(dy_f32 * ops.matmul((chunk, p), (c_s, ("T", s_s))), axis=1)  # sum_p dy_kp (C S)_kp
                 dy_in = (dy_f32 * ch.rows_of(ch.d_in, p)).astype(cdt)
-                dc = ops.matmul((chunk, n), (d_cb.astype(cdt), b_s), (dy_in, s_s))
+                dc = ops.matmul((chunk, n), (d_cb, b_s), (dy_in, s_s))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
                 dc_sm[...] = dc.astype(cdt)
                 dgb_sm[...] = z_rows + dd_in * ch.d_in
@@ -381,19 +382,19 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                                           ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
                 d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
                 z_cols = jnp.sum(d_cb_t * cb_t, axis=1)
+                d_cb_t = d_cb_t.astype(cdt)
                 m_t = (cb_t * e_t).astype(cdt)
                 plgpu.barrier_wait(ds_ready.at[buf])
                 u = ops.matmul((chunk, p), (b_s, ("T", ds_s))) * ch.rows_of(ch.d_out, p)
                 v = ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.dt_i, p)
                 out = jnp.sum(v * u, axis=1)  # dd_out o d_out: dd_out_k = sum_p v_kp (B dS')_kp
                 dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
-                v_out = (v * ch.rows_of(ch.d_out, p)).astype(cdt)
-                db = ops.matmul((chunk, n), (d_cb_t.astype(cdt), c_s), (v_out, ds_s))
-                plgpu.barrier_arrive(ds_free.at[buf])
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
                 dx_sm[...] = (dv * ch.rows_of(ch.dt_i, p)).astype(cdt)
                 ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
-                db_sm[...] = db.astype(cdt)
+                v_out = (v * ch.rows_of(ch.d_out, p)).astype(cdt)
+                db_sm[...] = ops.matmul((chunk, n), (d_cb_t, c_s), (v_out, ds_s)).astype(cdt)
+                plgpu.barrier_arrive(ds_free.at[buf])
                 out_sm[...] = out
                 dga_sm[...] = -z_cols - out
                 plgpu.barrier_arrive(consumed.at[slot])
