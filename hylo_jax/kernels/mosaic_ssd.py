@@ -150,20 +150,17 @@ class _Where:
 
 # ---------------------------------------------------------------------------------------------- buffers
 def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
-    """The forward's shared memory per TMA slot: x, B, dt, G, segment index; C and y with outputs; the
-    entering state saved for the backward."""
+    """The forward's shared memory per TMA slot: x, B, dt, G, segment index; with outputs C, y and the state
+    entering the chunk in the operand dtype (the output side's operand, and what "train" saves)."""
     buffers = [smem((stages, chunk, p), cdt), smem((stages, chunk, n), cdt), *[vectors((stages, chunk))] * 3]
     if mode != "state":
-        buffers += [smem((stages, chunk, n), cdt), smem((stages, chunk, p), cdt)]
-    if mode == "train":
-        buffers += [smem((stages, p, n), cdt)]
+        buffers += [smem((stages, chunk, n), cdt), smem((stages, chunk, p), cdt), smem((stages, p, n), cdt)]
     return buffers
 
 
 def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """The scaled x and, for y without saved states, the state as an operand (saved states are the operand
-    themselves)."""
-    return [smem((chunk, p), cdt)] + ([smem((p, n), cdt)] if mode == "y" else [])
+    """The scaled x (the state update's operand)."""
+    return [smem((chunk, p), cdt)]
 
 
 def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
@@ -197,10 +194,13 @@ def _smem_need(chunk: int, p: int, n: int, dtype) -> int:
 def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, interpret):
     """The forward kernel over the inputs' own layouts: x [Bt, T, H, P], b/c [Bt, T, G, N], dt/g [Bt, H, T]
     fp32, seg [Bt, T] fp32, h0 [Bt, H, P, N] fp32 (S^T); T a multiple of `chunk`. `mode`:
-      "state"  the final state only (c unused): a span's state pass;
+      "state"  the final state only (c unused): a span's state pass; one warpgroup;
       "y"      (y [Bt, T, H, P] in x's dtype, final state);
       "train"  (y, final state, the state entering every chunk [Bt, H, T/C, P, N] in x's dtype: the
-               backward's wgmma operand, half the bytes of fp32)."""
+               backward's wgmma operand, half the bytes of fp32).
+    With outputs two warpgroups share the TMA slots: the state side carries S^T, issues the copies and hands
+    each chunk's entering state (operand dtype) to the output side through its slot; the output side computes
+    M and y."""
     batch_size, tp, heads, p = x.shape
     groups, n = b.shape[2:]
     n_chunks, cdt = tp // chunk, x.dtype
@@ -216,55 +216,82 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
         at = _Where.here(per_group, chunk)
 
         def loop(state, x_sm, b_sm, dt_sm, g_sm, seg_sm, *rest):
-            c_sm, y_sm, *rest = rest if with_y else (None, None, *rest)
-            states_sm, *rest = rest if save else (None, *rest)
-            xs_sm, *rest = rest
-            s_sm, ready = rest if mode == "y" else (None, *rest)
             sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
                        (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
             if with_y:
+                c_sm, y_sm, s_sm, xs_sm, ready, consumed, s_ready = rest
                 sources.append((c_ref, c_sm, at.by_group))
+            else:
+                xs_sm, ready = rest
 
-            def step(i, slot, state):
-                x_s, b_s = x_sm.at[slot], b_sm.at[slot]
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-                xs_sm[...] = (ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)).astype(cdt)
-                if save:  # the saved state is the operand: once the slot's last copies have left
-                    plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
-                s_op = states_sm.at[slot] if save else s_sm
-                if with_y:
-                    s_op[...] = state.astype(cdt)
+            def update(ch, slot, state):
+                """S^T' = d_chunk S^T + (d_out o dt o x)^T B."""
+                xs_sm[...] = (ops.load(x_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)
+                              ).astype(cdt)
                 plgpu.commit_smem()
-                update = ([(("T", xs_sm), b_s)], state * ch.d_chunk)  # S^T' = d_chunk S^T + (x scaled)^T B
-                if not with_y:
-                    return ops.matmuls(update)[0]
-                c_s = c_sm.at[slot]
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
-                m = ops.matmul((chunk, chunk), (c_s, ("T", b_s))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
-                c_in = ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)
-                y, state = ops.matmuls(([(m.astype(cdt), x_s), (c_in.astype(cdt), ("T", s_op))],
-                                        ops.zeros((chunk, p))), update)  # issued together, waited for once
-                outputs = [(y, y_sm.at[slot], y_ref.at[at.by_head(i)])]
+                return ops.matmul((p, n), (("T", xs_sm), b_sm.at[slot]), init=state * ch.d_chunk)
+
+            if not with_y:
+                return chunk_loop(lambda i, slot, state: update(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot,
+                                                                state),
+                                  state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
+
+            def state_side(i, slot, state):
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                if save:  # the slot's last saved state has left
+                    plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
+                s_sm.at[slot][...] = state.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(s_ready.at[slot])
                 if save:
-                    outputs.append((None, s_op, states_ref.at[at.per_chunk(i)]))
-                store(stages, *outputs)
+                    plgpu.copy_smem_to_gmem(s_sm.at[slot], states_ref.at[at.per_chunk(i)])
+                state = update(ch, slot, state)
+                plgpu.barrier_arrive(consumed.at[slot])
                 return state
 
-            state = chunk_loop(step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
-                               reverse=False)
-            plgpu.wait_smem_to_gmem(0)
-            return state
+            def output_side(i, slot, carry):
+                """y = M x + (d_in o C) S,  M = (C B^T) o E o dt_j."""
+                c_s = c_sm.at[slot]
+                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                m = ops.matmul((chunk, chunk), (c_s, ("T", b_sm.at[slot]))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
+                c_in = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+                plgpu.barrier_wait(s_ready.at[slot])
+                y = ops.matmul((chunk, p), (m.astype(cdt), x_sm.at[slot]), (c_in, ("T", s_sm.at[slot])))
+                plgpu.barrier_arrive(consumed.at[slot])
+                store(stages, (y, y_sm.at[slot], y_ref.at[at.by_head(i)]))
+                return carry
 
-        carry_state(ops, h0_ref.at[at.state], ht_ref.at[at.state], loop,
-                    [*slot_buffers(stages), *fixed,
-                     plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - with_y - save, num_barriers=stages)])
+            loop_args = dict(sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
+
+            def states(state):
+                state = chunk_loop(state_side, state, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
+                                   **loop_args)
+                for k in range(max(n_chunks - stages, 0), n_chunks):  # the phases no refill waited for
+                    plgpu.barrier_wait(consumed.at[k % stages])
+                plgpu.wait_smem_to_gmem(0)
+                return state
+
+            def outputs(state):
+                chunk_loop(output_side, None, fetches=False, **loop_args)
+                plgpu.wait_smem_to_gmem(0)
+                return state
+
+            return lax.cond(lax.axis_index("wg") == 0, states, outputs, state)
+
+        barriers = [plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - 2 * with_y, num_barriers=stages)]
+        if with_y:  # slot consumed (both sides), entering state ready
+            barriers += [plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_barriers=stages)]
+        carry_state(ops, h0_ref.at[at.state], ht_ref.at[at.state], loop, [*slot_buffers(stages), *fixed, *barriers],
+                    owner=lax.axis_index("wg") == 0 if with_y else None)
 
     final = jax.ShapeDtypeStruct((batch_size, heads, p, n), F32)
     out_type = [jax.ShapeDtypeStruct(x.shape, cdt), final] if with_y else [final]
     if save:
         out_type.append(jax.ShapeDtypeStruct((batch_size, heads, n_chunks, p, n), cdt))
+    threads = dict(num_threads=2, thread_name="wg") if with_y else {}
     call = gpu_kernel(kernel, f"ssd_forward_{mode}", out_type=tuple(out_type), grid=(batch_size, heads),
-                      grid_names=("batch", "heads"), interpret=interpret)
+                      grid_names=("batch", "heads"), interpret=interpret, **threads)
     outs = call(x, b, c, dt, g, seg, h0)
     return outs if with_y else outs[0]
 
