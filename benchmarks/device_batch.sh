@@ -7,7 +7,8 @@
 #   CAP=560 bash benchmarks/device_batch.sh peers       # ours (Mosaic) vs jla, fla, mamba_ssm in one run; the
 #                                                       # Triton peers tune themselves first (minutes)
 # The peers' pure-Python wheels (jax-linear-attention, equinox, wadler-lindig, fla-core, mamba-ssm) are
-# installed from .whl/ when it is there (carry it: benchmarks/README.md).
+# installed from .whl/ when it is there (carry it: benchmarks/README.md). check.log also has the device's ptxas
+# report of every Mosaic kernel (registers, spills), to set beside `kernel_resources.py`'s from a CPU machine.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/device_batch}; mkdir -p "$OUT"
@@ -29,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 declare -A STEPS=(
-  [check]="150 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
+  [check]="150 env MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"

@@ -1,6 +1,6 @@
 """Mosaic GPU (Hopper: wgmma, TMA) kernels for the chunked Mamba2 SSD scan, forward and backward.
 
-One CTA of one warpgroup per (sequence, head) walks the chunks with the fp32 state, held transposed as S^T
+One CTA per (sequence, head) walks the chunks with the fp32 state, held transposed as S^T
 [P, N] (the layout of the initial and final states), in registers. Per chunk of C tokens (G the chunk-local
 cumulative log-decay, masked at segment resets as in `pallas_common.decays`; matmul operands in the inputs'
 bf16/fp16, fp32 accumulation):
@@ -11,7 +11,9 @@ bf16/fp16, fp32 accumulation):
 
 The forward's products are 4 wgmmas (M from registers, S^T and the scaled x stored in the operand dtype and
 read transposed); the backward walks the chunks in reverse carrying dS^T, from the entering states the
-forward saved, in 11, split over two warpgroups of one CTA (`_backward`). x, B, C, dy are read in their own
+forward saved, in 11. Both run on two warpgroups of one CTA sharing the TMA slots: one carries the state (or
+dS^T) and hands each chunk's over in shared memory, the other computes the outputs (`_forward`, `_backward`);
+the span state passes run on one. x, B, C, dy are read in their own
 [b, t, heads or groups, dim] layout (TMA boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors;
 TMA brings them ``stages`` chunks ahead into tiled, 128-byte-swizzled shared memory (one barrier per slot),
 outputs leave by TMA from shared memory.
