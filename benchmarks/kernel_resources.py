@@ -13,8 +13,8 @@ asks the driver for the device's compute capability first and loads the compiled
 3. registers the plugin's LLVM targets first, as its GPU client does when it starts: their initialisers are
    local symbols of the plugin, called at their offsets from `nm`.
 One table: each kernel's entry point (named in `mosaic_common.gpu_kernel`), registers a thread, spilled bytes
-stored / loaded, stack frame, and the shared memory our kernels size themselves (`mosaic_common.fit`) is not
-reported by ptxas (it is dynamic).
+stored / loaded, stack frame. (Shared memory is dynamic, so ptxas does not see it: the kernels size it
+themselves, `mosaic_common.fit`.)
 
 Needs the jax-cuda12-pjrt wheel of the installed jax (`pip download --no-deps jax-cuda12-pjrt==<jax version>`;
 --plugin takes the wheel or the .so in it), a C compiler, `nm` (binutils) and ptxas (--cuda-root, default
@@ -59,8 +59,10 @@ def compile_module(plugin: str, module_path: str) -> None:
 def _symbol_offsets(plugin: str) -> dict[str, int]:
     wanted = {"MosaicGpuCompile"} | {f"LLVMInitialize{t}{p}" for t in TARGETS for p in TARGET_PARTS}
     table = subprocess.run(["nm", plugin], capture_output=True, text=True, check=True).stdout
-    found = {name: int(addr, 16) for addr, _, name in (line.split()[:3] for line in table.splitlines()
-                                                         if len(line.split()) >= 3) if name in wanted}
+    found = {}
+    for fields in map(str.split, table.splitlines()):  # address, kind, name
+        if len(fields) == 3 and fields[2] in wanted:
+            found[fields[2]] = int(fields[0], 16)
     if missing := wanted - found.keys():
         raise SystemExit(f"{plugin} has no symbols {sorted(missing)}: not a jax CUDA PJRT plugin?")
     return found

@@ -1,6 +1,7 @@
-"""Shared machinery of the Mosaic GPU (Hopper) chunk-scan kernels (`mosaic_ssd`): one CTA walks the chunks of
-a sequence with its state in registers, the chunks' inputs arriving by TMA into shared-memory slots a few
-chunks ahead, matmuls as wgmmas, outputs leaving by TMA.
+"""Shared machinery of the Mosaic GPU (Hopper) chunk-scan kernels (`mosaic_ssd`, `mosaic_gdn`): one CTA walks
+the chunks of a sequence with its state in registers, the chunks' inputs arriving by TMA into shared-memory
+slots a few chunks ahead, matmuls as wgmmas, outputs leaving by TMA; where one warpgroup's registers are too
+few, two share the slots (`chunk_loop`'s `fetches` / `release`, `carry_state`'s `owner`).
 
 On CPU the kernels run in the GPU interpreter (`interpret_params`), which has no rules for `plgpu.load`,
 `plgpu.broadcasted_iota` or transposed wgmma operands: `Ops` swaps in plain reads and `jnp.dot` there (only
