@@ -355,8 +355,8 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
         factors = kernel_chunk_factors(interpret, dtype)
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
-        _per_device(passes.forward, "sssctss", "st"), _per_device(passes.forward_saving, "sssctss", "stss"),
-        _per_device(passes.reverse, "sscssst", "tss"), _per_device(passes.gradients, "sssss", "sssc")))
+        _per_device(passes.forward, "sssctss", "ot"), _per_device(passes.forward_saving, "sssctss", "otss"),
+        _per_device(passes.reverse, "sscssot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -367,10 +367,11 @@ def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str |
 
 def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
     """`fn` per device under a set mesh (`pallas_common.on_mesh`). `ins` and `outs` give each argument's and
-    result's layout, batch and heads first: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "t" [b, h, dk, dv]."""
+    result's layout: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "t" [b, h, dk, dv], "o" [b, n*C, h, dv]."""
 
     def specs(rows, heads):
-        layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "t": P(rows, heads, None, None)}
+        layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "t": P(rows, heads, None, None),
+                  "o": P(rows, None, heads, None)}
         return tuple(layout[x] for x in ins), tuple(layout[x] for x in outs)
 
     def call(*args):
@@ -381,15 +382,17 @@ def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
 
 @functools.cache
 def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
-    """(o in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state recurrence, then
-    o = q S_c + attn delta_c as two batched matmuls; or the passes of `kernels.outputs`: the forward alone where
-    nothing differentiates, else the forward that saves S_c and delta_c, a reverse pass from o's cotangent (the
-    cotangents of S_c and delta_c are never formed) and a pass for the gradients that only read the sequences."""
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state
+    recurrence, then o = q S_c + attn delta_c as two batched matmuls; or the passes of `kernels.outputs`: the
+    forward alone where nothing differentiates, else the forward that saves S_c and delta_c, a reverse pass from
+    o's cotangent (the cotangents of S_c and delta_c are never formed) and a pass for the gradients that only
+    read the sequences. o is in the op's layout: the passes write it (and read its cotangent) there directly."""
 
     def two_step(u, w, k, decay, state, q, attn):
         states, deltas, final = kernels.recurrence(u, w, k, decay, state)
         o = matmul("bhnik,bhnkv->bhniv", q, states, dtype) + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype)
-        return o.astype(dtype), final
+        b, h, n, c, dv = o.shape
+        return jnp.moveaxis(o.reshape(b, h, n * c, dv), 1, 2).astype(dtype), final
 
     passes = kernels.outputs
     if passes is None:
@@ -409,7 +412,8 @@ def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
         o_bar, final_bar = cotangents
         g0, g_next, d_deltas = passes.reverse(w, k, decay, q, attn, o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
-        attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", o_bar.astype(dtype), deltas.astype(dtype),
+        b, h, n, c, dv = deltas.shape
+        attn_bar = jnp.einsum("bnihv,bhnjv->bhnij", o_bar.astype(dtype).reshape(b, n, c, h, dv), deltas.astype(dtype),
                               preferred_element_type=attn.dtype)  # fp32 accumulation
         return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar
 
@@ -468,7 +472,6 @@ def _chunked(
     w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype, uw)
     o, state = _outputs(kernels, jnp.dtype(dtype))(u, w, decay_out[..., None] * k, decay_in[..., -1], state,
                                                    decay_in[..., None] * q, attn)
-    o = jnp.moveaxis(o.reshape(b, h, n * chunk_size, -1), 1, 2)
     return o[:, :t], state
 
 

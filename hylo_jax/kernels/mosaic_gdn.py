@@ -104,11 +104,13 @@ class _Call:
     vb: int
     stages: int
     interpret: object
+    heads: int  # o and o_bar are in the op's [b, n*C, h, dv] layout: row = batch * heads + head
 
 
 def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool):
     """One pass over the chunks (forward, or in reverse if `backward`) of a grid of (row, value block) CTAs.
-    `ins` = (w, k, decay, attn, the per-token [X, n*C, ...] input, q, the carried block's start [X, dk, dv]);
+    `ins` = (w, k, decay, attn, the per-token input (forward: u [X, n*C, dv]; backward: o_bar [b, n*C, h, dv]), q,
+    the carried block's start [X, dk, dv]);
     `outs` the output types, the final carried block last; `step_of(refs) -> step(i, slot, carry)`."""
     w, _, _, _, _, _, state = ins
     rows_, tp, dk = w.shape
@@ -126,11 +128,15 @@ def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: 
         def chunk_rows(i):
             return row, pl.ds(i * chunk, chunk)
 
+        def in_sequence(i):  # o, o_bar [b, n*C, h, dv]
+            return row // call.heads, pl.ds(i * chunk, chunk), row % call.heads, vblock
+
         def loop(state, w_sm, k_sm, d_sm, attn_sm, tok_sm, q_sm, carried_sm, result_sm, out_sm, ready, q_ready):
-            refs = _Refs(ops, cdt, n_chunks, row, vblock, chunk_rows, q_ref, out_refs, w_sm, k_sm, d_sm, attn_sm,
-                         tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm)
+            refs = _Refs(ops, cdt, n_chunks, row, vblock, chunk_rows, in_sequence, q_ref, out_refs, w_sm, k_sm, d_sm,
+                         attn_sm, tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm)
+            tokens = in_sequence if backward else (lambda i: (*chunk_rows(i), vblock))  # o_bar, or u by rows
             sources = [(w_ref, w_sm, chunk_rows), (k_ref, k_sm, chunk_rows), (d_ref, d_sm, chunk_rows),
-                       (attn_ref, attn_sm, chunk_rows), (tok_ref, tok_sm, lambda i: (*chunk_rows(i), vblock))]
+                       (attn_ref, attn_sm, chunk_rows), (tok_ref, tok_sm, tokens)]
             state = chunk_loop(step_of(refs), state, sources=sources, ready=ready, stages=stages,
                                n_chunks=n_chunks, reverse=backward)
             plgpu.wait_smem_to_gmem(0)
@@ -156,6 +162,7 @@ class _Refs:
     row: object
     vblock: object
     chunk_rows: Callable
+    in_sequence: Callable
     q_ref: object
     outs: tuple
     w: object
@@ -199,7 +206,7 @@ def _forward_step(r: _Refs, save: bool):
                                ([(("T", r.k.at[slot]), r.result)], state * r.d[slot, 0]))  # waited for once
         r.out[...] = o.astype(r.cdt)
         plgpu.commit_smem()  # (and every warp is past the product that read q)
-        plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.per_token(i)], commit_group=False)
+        plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.in_sequence(i)], commit_group=False)
         if save:
             plgpu.copy_smem_to_gmem(r.carried, r.outs[1].at[r.per_chunk(i)], commit_group=False)
             plgpu.copy_smem_to_gmem(r.result, r.outs[2].at[r.per_token(i)], commit_group=False)
@@ -251,12 +258,13 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
         q_bar = o_bar S_c^T,   w_bar = -D_c S_c^T,   k_bar = delta_c G_{c+1}^T,   d_bar by row = sum_v S_c o G_{c+1}
 
-    states, g_next [X, n, dk, dv], o_bar, deltas and d_deltas [X, n*C, dv] in the operand dtype. One CTA per
-    (key block of GRAD_KB rows, chunk, row) walks the value blocks (TMA `stages` ahead; the key blocks of a
-    chunk are neighbours in the launch order, so its [C, dv] inputs are read from L2 after the first). Returns
+    states, g_next [X, n, dk, dv], o_bar [b, n*C, h, dv] (X = b h), deltas and d_deltas [X, n*C, dv], in the
+    operand dtype. One CTA per (key block of GRAD_KB rows, chunk, row) walks the value blocks (TMA `stages`
+    ahead; the key blocks of a chunk are neighbours in the launch order, so its [C, dv] inputs are read from L2
+    after the first). Returns
     q_bar, w_bar, k_bar [X, n*C, dk] fp32 and d_bar per state row [X, n, dk] fp32 (the caller sums it over dk)."""
     rows_, n, dk, dv = states.shape
-    cdt, kb = states.dtype, min(GRAD_KB, dk)
+    cdt, kb, heads = states.dtype, min(GRAD_KB, dk), o_bar.shape[2]
     ops = Ops(bool(interpret), chunk)
     slot_buffers = functools.partial(_grad_slots, chunk, kb, vb, cdt)
     outs = [smem((chunk, kb), F32)] * 3 + [vectors((kb,))]
@@ -273,7 +281,10 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
             def by_token(j):
                 return row, tokens, pl.ds(j * vb, vb)
 
-            sources = [(s_ref, s_sm, by_state), (g_ref, g_sm, by_state), (ob_ref, ob_sm, by_token),
+            def in_sequence(j):
+                return row // heads, tokens, row % heads, pl.ds(j * vb, vb)
+
+            sources = [(s_ref, s_sm, by_state), (g_ref, g_sm, by_state), (ob_ref, ob_sm, in_sequence),
                        (delta_ref, delta_sm, by_token), (dd_ref, dd_sm, by_token)]
 
             def step(j, slot, carry):
@@ -313,8 +324,9 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 
 class Kernels(NamedTuple):
-    """The four passes in the chunked layout of `gated_delta._chunked` (u, o, o_bar [b, h, n, C, dv]; w, k, q
-    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]). What goes in and out per
+    """The four passes in the chunked layout of `gated_delta._chunked` (u [b, h, n, C, dv]; w, k, q
+    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]), except o and o_bar, which are
+    in the op's own layout [b, n*C, h, dv] (no transposes on either side). What goes in and out per
     chunk or token is in the operand dtype, the initial and final states and their cotangents fp32:
 
     forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
@@ -332,11 +344,11 @@ class Kernels(NamedTuple):
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
     """The passes of this module with matmul operands in `dtype` (`Kernels`)."""
 
-    def settings(c, dk, dv) -> _Call:
+    def settings(c, dk, dv, heads) -> _Call:
         block = vb or default_vb(dv)
         if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-        return _Call(c, block, stages, interpret)
+        return _Call(c, block, stages, interpret, heads)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
@@ -346,38 +358,40 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
 
     def forward_pass(u, w, k, decay, state, q, attn, save):
         b, h, n, c, dv = u.shape
-        call = settings(c, w.shape[-1], dv)
+        call = settings(c, w.shape[-1], dv, h)
         x, tp, dk = b * h, n * c, w.shape[-1]
         sds = jax.ShapeDtypeStruct
-        outs = [sds((x, tp, dv), dtype)]
+        outs = [sds((b, tp, h, dv), dtype)]
         if save:
             outs += [sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype)]
         w_, k_, q_, attn_, u_ = operands(w, k, q, attn, u)
         outs = _pass(call, functools.partial(_forward_step, save=save), (*outs, sds((x, dk, dv), F32)),
                      (w_, k_, decay_rows(decay, c), attn_, u_, q_, rows(state).astype(F32)), backward=False)
         o, *saved, final = outs
-        o, final = o.reshape(u.shape), final.reshape(state.shape)
+        final = final.reshape(state.shape)
         if not save:
             return o, final
         return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(u.shape)
 
     def reverse(w, k, decay, q, attn, o_bar, final_bar):
-        b, h, n, c, dv = o_bar.shape
-        call = settings(c, w.shape[-1], dv)
-        x, tp, dk = b * h, n * c, w.shape[-1]
+        (b, h, n, c, dk), dv = w.shape, o_bar.shape[-1]
+        call = settings(c, dk, dv, h)
+        x, tp = b * h, n * c
         sds = jax.ShapeDtypeStruct
-        w_, k_, q_, attn_, o_bar_ = operands(w, k, q, attn, o_bar)
+        w_, k_, q_, attn_ = operands(w, k, q, attn)
+        o_bar_ = o_bar.astype(dtype)
         g_next, d, g0 = _pass(call, _reverse_step,
                               (sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype), sds((x, dk, dv), F32)),
                               (w_, k_, decay_rows(decay, c), attn_, o_bar_, q_, rows(final_bar).astype(F32)),
                               backward=True)
-        return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(o_bar.shape)
+        return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, dv)
 
     def gradients(states, g_next, o_bar, deltas, d_deltas):
-        b, h, n, c, dv = o_bar.shape
+        b, h, n, c, dv = deltas.shape
         dk = states.shape[-2]
         q_bar, w_bar, k_bar, dec = _gradients(c, min(64, dv), stages, interpret, rows(states).astype(dtype),
-                                              rows(g_next).astype(dtype), *operands(o_bar, deltas, d_deltas))
+                                              rows(g_next).astype(dtype), o_bar.astype(dtype),
+                                              *operands(deltas, d_deltas))
         return (*(x.reshape(b, h, n, c, dk) for x in (q_bar, w_bar, k_bar)), jnp.sum(dec, -1).reshape(b, h, n))
 
     return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,
