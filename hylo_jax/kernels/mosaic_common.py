@@ -1,7 +1,7 @@
 """Shared machinery of the Mosaic GPU (Hopper) chunk-scan kernels (`mosaic_ssd`, `mosaic_gdn`): one CTA walks
 the chunks of a sequence with its state in registers, the chunks' inputs arriving by TMA into shared-memory
 slots a few chunks ahead, matmuls as wgmmas, outputs leaving by TMA; where one warpgroup's registers are too
-few, two share the slots (`chunk_loop`'s `fetches` / `release`, `carry_state`'s `owner`).
+few, two share the slots (`two_warpgroup_loop`, `carry_state`'s `owner`).
 
 On CPU the kernels run in the GPU interpreter (`interpret_params`), which has no rules for `plgpu.load`,
 `plgpu.broadcasted_iota` or transposed wgmma operands: `Ops` swaps in plain reads and `jnp.dot` there (only
@@ -180,6 +180,32 @@ def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, rever
         return carry
 
     return lax.fori_loop(0, n_chunks, body, carry)
+
+
+def two_warpgroup_loop(carrier_step, other_step, state, *, consumed, handovers=(), **loop_args):
+    """`chunk_loop` on two warpgroups (thread axis "wg") sharing the slots. Warpgroup 0 runs `carrier_step`
+    with the carried `state`, issues the copies and refills a slot once both warpgroups have arrived on its
+    `consumed` barrier; warpgroup 1 runs `other_step` with no carry. Each step arrives on `consumed[slot]`
+    itself. At the end warpgroup 0 also waits for the phases no refill waited for, of `consumed` and of each
+    (barriers, count) in `handovers` (barriers[k % count] that warpgroup 1 arrives on every chunk), and each
+    waits for its own outgoing copies. Returns the carried state (unchanged on warpgroup 1)."""
+    stages, n_chunks = loop_args["stages"], loop_args["n_chunks"]
+
+    def carrier(state):
+        state = chunk_loop(carrier_step, state, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
+                           **loop_args)
+        for barriers, count in ((consumed, stages), *handovers):
+            for k in range(max(n_chunks - count, 0), n_chunks):
+                plgpu.barrier_wait(barriers.at[k % count])
+        plgpu.wait_smem_to_gmem(0)
+        return state
+
+    def other(state):
+        chunk_loop(other_step, None, fetches=False, **loop_args)
+        plgpu.wait_smem_to_gmem(0)
+        return state
+
+    return lax.cond(lax.axis_index("wg") == 0, carrier, other, state)
 
 
 def store(slots: int, *outputs) -> None:

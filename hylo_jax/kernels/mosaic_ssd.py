@@ -50,6 +50,7 @@ from .mosaic_common import (
     nbytes,
     smem,
     store,
+    two_warpgroup_loop,
     vectors,
 )
 from .pallas_common import gpu_cores
@@ -234,9 +235,11 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 return ops.matmul((p, n), (("T", xs_sm), b_sm.at[slot]), init=state * ch.d_chunk)
 
             if not with_y:
-                return chunk_loop(lambda i, slot, state: update(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot,
-                                                                state),
-                                  state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
+                def state_step(i, slot, state):
+                    return update(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot, state)
+
+                return chunk_loop(state_step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
+                                  reverse=False)
 
             def state_side(i, slot, state):
                 ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
@@ -264,22 +267,8 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 store(stages, (y, y_sm.at[slot], y_ref.at[at.by_head(i)]))
                 return carry
 
-            loop_args = dict(sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
-
-            def states(state):
-                state = chunk_loop(state_side, state, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
-                                   **loop_args)
-                for k in range(max(n_chunks - stages, 0), n_chunks):  # the phases no refill waited for
-                    plgpu.barrier_wait(consumed.at[k % stages])
-                plgpu.wait_smem_to_gmem(0)
-                return state
-
-            def outputs(state):
-                chunk_loop(output_side, None, fetches=False, **loop_args)
-                plgpu.wait_smem_to_gmem(0)
-                return state
-
-            return lax.cond(lax.axis_index("wg") == 0, states, outputs, state)
+            return two_warpgroup_loop(state_side, output_side, state, consumed=consumed, sources=sources,
+                                      ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
 
         barriers = [plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - 2 * with_y, num_barriers=stages)]
         if with_y:  # slot consumed (both sides), entering state ready
@@ -431,24 +420,8 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                      (out_sm, out_ref, at.gates), (dga_sm, dga_ref, at.gates))
                 return carry
 
-            loop_args = dict(sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
-
-            def direct(dst):
-                dst = chunk_loop(direct_side, dst, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
-                                 **loop_args)
-                for k in range(max(n_chunks - stages, 0), n_chunks):  # the phases no refetch waited for
-                    plgpu.barrier_wait(consumed.at[k % stages])
-                for k in range(max(n_chunks - 2, 0), n_chunks):
-                    plgpu.barrier_wait(ds_free.at[k % 2])
-                plgpu.wait_smem_to_gmem(0)
-                return dst
-
-            def transposed(dst):
-                chunk_loop(transposed_side, None, fetches=False, **loop_args)
-                plgpu.wait_smem_to_gmem(0)
-                return dst
-
-            return lax.cond(lax.axis_index("wg") == 0, direct, transposed, dst)
+            return two_warpgroup_loop(direct_side, transposed_side, dst, consumed=consumed, handovers=[(ds_free, 2)],
+                                      sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
 
         barriers = [plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
         if grads:  # slot consumed (both sides), dS' ready, dS' read
