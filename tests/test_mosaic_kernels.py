@@ -18,8 +18,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_gdn_factors, mosaic_ssd, pallas_common
 from hylo_jax.kernels.gated_delta import (
-    ChunkKernels,
+    _fused_outputs,
+    _in_chunks,
     _outputs,
+    _recurrence_inputs,
     chunk_factors,
     chunk_state_recurrence,
     gated_delta_rule,
@@ -140,41 +142,59 @@ def test_ssd_kernels_prefetch_at_mamba2_sizes(n, forward_slots, backward_slots):
 
 # ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
-    """u, w, k [b, h, n, C, d], the chunk decays [b, h, n], the initial state [b, h, dk, dv], q [b, h, n, C, dk]
-    and attn [b, h, n, C, C] (lower triangular, as the rule's)."""
+    """Ag = T diag(beta) [b, h, n, C, C] (lower triangular), v [b, n*C, h, dv], k, q [b, h, n, C, dk], G [b, h, n, C]
+    (decreasing within each chunk), segment indices [b, 1, n, C] (a reset in the first chunk), the initial state
+    [b, h, dk, dv] and attn = (q k^T) o E, consistent with q, k and G as the rule's (the forward kernel forms it
+    itself)."""
     rng = np.random.default_rng(seed)
-    shapes = ((b, h, n, c, dv), (b, h, n, c, dk), (b, h, n, c, dk))
-    args = [jnp.asarray(rng.standard_normal(s) * 0.1, F32) for s in shapes]
-    decay, state = rng.uniform(0.2, 1.0, (b, h, n)), rng.standard_normal((b, h, dk, dv))
-    q, attn = rng.standard_normal((b, h, n, c, dk)) * 0.1, np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1
-    return args + [jnp.asarray(z, F32) for z in (decay, state, q, attn)]
+    ag = np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1 + np.eye(c) * 0.5
+    v = rng.standard_normal((b, n * c, h, dv))
+    k, q = rng.standard_normal((2, b, h, n, c, dk)) * 0.1
+    cum = np.cumsum(-rng.uniform(0.0, 0.05, (b, h, n, c)), axis=-1)
+    reset = np.zeros((b, n, c), bool)
+    reset[0, 0, c // 2] = True
+    seg = jnp.asarray(np.cumsum(reset, axis=-1)[:, None], jnp.int32)
+    ag, v, k, q, cum = (jnp.asarray(z, F32) for z in (ag, v, k, q, cum))
+    attn = chunk_factors(q, k, jnp.ones(cum.shape, F32), cum, seg)[1]
+    return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32), attn
 
 
-@pytest.mark.parametrize("dtype, tol", [(F32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol):
-    """The Mosaic GDN passes (value blocks of 32: forward alone, forward saving S_c and delta_c, reverse from
-    o's cotangent) against the `lax.scan` recurrence and XLA's outputs: o, the final state, and every cotangent
-    (u, w, k, decay, initial state, q, attn)."""
-    args = recurrence_inputs(0, 2, 1, 3, 64, 64, 64)
-    passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=32)
-    ours, reference = _outputs(ChunkKernels(outputs=passes), jnp.dtype(dtype)), _outputs(ChunkKernels(), F32)
+@pytest.mark.parametrize("dtype, tol, vb", [(F32, 1e-5, None), (jnp.bfloat16, 2e-2, 32)])
+def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol, vb):
+    """The Mosaic GDN passes (the two-warpgroup forward alone and saving S_c and delta_c, the reverse pass from
+    o's cotangent, the gradient pass; value blocks of 64 and 32 or 32 throughout) against the `lax.scan`
+    recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs: o, the final state, S_c, delta_c and every
+    cotangent (Ag, v, k, q, G, initial state, attn)."""
+    args = recurrence_inputs(0, 2, 2, 3, 64, 64, 128)
+    ag, v, k, q, cum, seg, state, attn = args
+    passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=vb)
+    ours = _fused_outputs(passes, jnp.dtype(dtype))
+
+    def reference(ag, v, k, q, cum, seg, state, attn):
+        u, w, k_out, decay, q_in = _recurrence_inputs(ag, _in_chunks(v, 64), k, q, cum, seg, F32, F32)
+        return _outputs(chunk_state_recurrence, F32)(u, w, k_out, decay, state, q_in, attn)
+
     want = reference(*args)
-    for got in (ours(*args), passes.forward_saving(*args)[:2]):
+    segments = seg[:, 0].reshape(2, -1).astype(F32)
+    saving = passes.forward_saving(ag, v, k, q, cum, segments, state)
+    for got in (ours(*args), saving[:2]):
         for a, w in zip(got, want, strict=True):
             assert rel_err(a.astype(F32), w) < tol
-    states, deltas, _ = chunk_state_recurrence(*args[:5])
-    assert rel_err(passes.forward_saving(*args)[2].astype(F32), states) < tol
-    assert rel_err(passes.forward_saving(*args)[3], deltas) < tol
+    u, w, k_out, decay, _ = _recurrence_inputs(ag, _in_chunks(v, 64), k, q, cum, seg, F32, F32)
+    states, deltas, _ = chunk_state_recurrence(u, w, k_out, decay, state)
+    assert rel_err(saving[2].astype(F32), states) < tol
+    assert rel_err(saving[3].astype(F32), deltas) < tol
 
     def loss(fn):
-        def f(*a):
-            o, final = fn(*a)
+        def f(ag, v, k, q, cum, state, attn):
+            o, final = fn(ag, v, k, q, cum, seg, state, attn)
             return jnp.sum(jnp.sin(o.astype(F32))) + jnp.sum(final * final)
         return f
 
-    got = jax.grad(loss(ours), argnums=range(7))(*args)
-    want = jax.grad(loss(reference), argnums=range(7))(*args)
-    for name, a, w in zip(("u", "w", "k", "decay", "state", "q", "attn"), got, want, strict=True):
+    differentiable = (ag, v, k, q, cum, state, attn)
+    got = jax.grad(loss(ours), argnums=range(7))(*differentiable)
+    want = jax.grad(loss(reference), argnums=range(7))(*differentiable)
+    for name, a, w in zip(("ag", "v", "k", "q", "G", "state", "attn"), got, want, strict=True):
         assert rel_err(a, w) < tol, name
 
 

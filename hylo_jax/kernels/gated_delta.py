@@ -335,8 +335,9 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 @dataclasses.dataclass(frozen=True)
 class ChunkKernels:
     """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `factors`
-    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls; else the
-    passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs, see `_outputs`)."""
+    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls,
+    `_outputs`; else the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs from
+    Ag = T diag(beta) and v, `_fused_outputs`)."""
 
     recurrence: Callable = chunk_state_recurrence
     factors: Callable | None = None
@@ -355,23 +356,24 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
         factors = kernel_chunk_factors(interpret, dtype)
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
-        _per_device(passes.forward, "sssctss", "ot"), _per_device(passes.forward_saving, "sssctss", "otss"),
+        _per_device(passes.forward, "sossgbt", "ot"), _per_device(passes.forward_saving, "sossgbt", "otss"),
         _per_device(passes.reverse, "sscssot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
     if driver == "mosaic_gpu":
-        return mosaic_gdn.unsupported(dk, dv, chunk, mosaic_gdn.default_vb(dv), dtype)
+        return mosaic_gdn.unsupported(dk, dv, chunk, dtype)
     return pallas_gdn.unsupported(driver, dk, dv, chunk)
 
 
 def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
     """`fn` per device under a set mesh (`pallas_common.on_mesh`). `ins` and `outs` give each argument's and
-    result's layout: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "t" [b, h, dk, dv], "o" [b, n*C, h, dv]."""
+    result's layout: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "g" [b, h, n, C], "t" [b, h, dk, dv],
+    "o" [b, n*C, h, dv], "b" [b, n*C]."""
 
     def specs(rows, heads):
-        layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "t": P(rows, heads, None, None),
-                  "o": P(rows, None, heads, None)}
+        layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "g": P(rows, heads, None, None),
+                  "t": P(rows, heads, None, None), "o": P(rows, None, heads, None), "b": P(rows, None)}
         return tuple(layout[x] for x in ins), tuple(layout[x] for x in outs)
 
     def call(*args):
@@ -380,42 +382,73 @@ def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
     return call
 
 
+def _gate_decays(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tuple[Array, Array]:
+    """(d_in, d_out): e^{G_i} while still in the segment the carried state belongs to, e^{G_C - G_j} in the
+    chunk's last segment (exact zeros elsewhere)."""
+    return _masked_exp(cum, seg == 0), _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])
+
+
+def _recurrence_inputs(ag, v, k, q, cum, seg, dtype: Any, uw: Any):
+    """What the chunk-state recurrence and the outputs take (`_chunked`), from Ag = T diag(beta) [b, h, n, C, C]
+    and v, k, q in the chunk layout: u = Ag v, w = (Ag diag(d_in)) k (both in `uw`), the keys decayed to the
+    chunk's end d_out o k, each chunk's decay d_c = d_in[C] and the queries decayed from its start d_in o q."""
+    decay_in, decay_out = _gate_decays(cum, seg)
+    u = matmul("bhnij,bhnjv->bhniv", ag, v, dtype, uw)
+    w = matmul("bhnij,bhnjk->bhnik", ag * decay_in[..., None, :], k, dtype, uw)
+    return u, w, decay_out[..., None] * k, decay_in[..., -1], decay_in[..., None] * q
+
+
 @functools.cache
-def _outputs(kernels: ChunkKernels, dtype: Any) -> Callable:
+def _outputs(recurrence: Callable, dtype: Any) -> Callable:
     """(o [b, n*C, h, dv] in `dtype`, final state) = f(u, w, k, decay, state, q, attn): the chunk-state
-    recurrence, then o = q S_c + attn delta_c as two batched matmuls; or the passes of `kernels.outputs`: the
-    forward alone where nothing differentiates, else the forward that saves S_c and delta_c, a reverse pass from
-    o's cotangent (the cotangents of S_c and delta_c are never formed) and a pass for the gradients that only
-    read the sequences. o is in the op's layout: the passes write it (and read its cotangent) there directly."""
+    recurrence, then o = q S_c + attn delta_c as two batched matmuls."""
 
     def two_step(u, w, k, decay, state, q, attn):
-        states, deltas, final = kernels.recurrence(u, w, k, decay, state)
+        states, deltas, final = recurrence(u, w, k, decay, state)
         o = matmul("bhnik,bhnkv->bhniv", q, states, dtype) + matmul("bhnij,bhnjv->bhniv", attn, deltas, dtype)
         b, h, n, c, dv = o.shape
         return jnp.moveaxis(o.reshape(b, h, n * c, dv), 1, 2).astype(dtype), final
 
-    passes = kernels.outputs
-    if passes is None:
-        return two_step
+    return two_step
+
+
+def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c d"]:
+    """[b, n*C, h, ...] -> [b, h, n, C, ...]."""
+    b, t, h = x.shape[:3]
+    return jnp.moveaxis(x.reshape(b, t // chunk, chunk, h, *x.shape[3:]), 3, 1)
+
+
+@functools.cache
+def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v [b, n*C, h, dv], k, q, G, seg, state, attn) on the
+    passes of `mosaic_gdn`: the forward alone where nothing differentiates (it forms neither u, w nor attn),
+    else the forward that saves S_c and delta_c; backward, a reverse pass from o's cotangent (the cotangents of
+    S_c and delta_c are never formed), a pass for the gradients that only read the sequences, and XLA's VJP of
+    `_recurrence_inputs` (w recomputed in the operand dtype)."""
+
+    def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
+        return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
 
     @jax.custom_vjp
-    def fused(u, w, k, decay, state, q, attn):
-        return passes.forward(u, w, k, decay, state, q, attn)
+    def fused(ag, v, k, q, cum, seg, state, attn):
+        return passes.forward(ag, v, k, q, cum, kernel_segments(seg), state)
 
-    def fwd(u, w, k, decay, state, q, attn):
-        w, k, q = (x.astype(dtype) for x in (w, k, q))  # the kernels' operands, kept for the reverse
-        o, final, states, deltas = passes.forward_saving(u, w, k, decay, state, q, attn)
-        return (o, final), (w, k, decay, q, attn, states, deltas)
+    def fwd(ag, v, k, q, cum, seg, state, attn):
+        o, final, states, deltas = passes.forward_saving(ag, v, k, q, cum, kernel_segments(seg), state)
+        return (o, final), (ag, v, k, q, cum, seg, attn, states, deltas)
 
     def bwd(res, cotangents):
-        w, k, decay, q, attn, states, deltas = res
+        ag, v, k, q, cum, seg, attn, states, deltas = res
         o_bar, final_bar = cotangents
-        g0, g_next, d_deltas = passes.reverse(w, k, decay, q, attn, o_bar, final_bar)
+        c = ag.shape[-1]
+        (_, w, k_out, decay, q_in), vjp = jax.vjp(
+            lambda ag, v, k, q, cum: _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype),
+            ag, v, k, q, cum)
+        g0, g_next, d_deltas = passes.reverse(w, k_out, decay, q_in, attn, o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
-        b, h, n, c, dv = deltas.shape
-        attn_bar = jnp.einsum("bnihv,bhnjv->bhnij", o_bar.astype(dtype).reshape(b, n, c, h, dv), deltas.astype(dtype),
+        attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
                               preferred_element_type=attn.dtype)  # fp32 accumulation
-        return d_deltas, w_bar, k_bar, decay_bar, g0, q_bar, attn_bar
+        return (*vjp((d_deltas, w_bar.astype(w.dtype), k_bar, decay_bar, q_bar)), None, g0, attn_bar)
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -444,7 +477,8 @@ def _chunked(
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
     T and the weights attn_ij = e^{G_i - G_j} (q_i . k_j) are `chunk_factors`. Only delta and S_C need the
     carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
-    batched matmuls over all chunks at once (`_outputs`). `kernels` says what runs each part.
+    batched matmuls over all chunks at once (`_outputs`); or the Mosaic passes run it all from Ag = T diag(beta)
+    as delta = Ag (v - e^G o k S0), without u and w (`_fused_outputs`). `kernels` says what runs each part.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -456,22 +490,18 @@ def _chunked(
         )
     n = (t + pad) // chunk_size
 
-    def chunks(x: Array) -> Array:  # [b, n*C, h, ...] -> [b, h, n, C, ...]
-        return jnp.moveaxis(x.reshape(b, n, chunk_size, h, *x.shape[3:]), 3, 1)
-
-    q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
+    v_in_sequence = v
+    q, k, v, g, beta = (_in_chunks(x, chunk_size) for x in (q, k, v, g, beta))
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
     inverse, attn = (kernels.factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
-    decay_in = _masked_exp(cum, seg == 0)  # e^{G_i} while still in the segment the carried state belongs to
-    decay_out = _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])  # e^{G_C - G_j} in the chunk's last segment
-    # The Mosaic passes take u and w in the operand dtype (as fla's kernels); the recurrence keeps u in fp32.
-    uw = jnp.float32 if kernels.outputs is None else dtype
-    u = matmul("bhnij,bhnjv->bhniv", inverse * beta[..., None, :], v, dtype, uw)
-    w = matmul("bhnij,bhnjk->bhnik", inverse * (beta * decay_in)[..., None, :], k, dtype, uw)
-    o, state = _outputs(kernels, jnp.dtype(dtype))(u, w, decay_out[..., None] * k, decay_in[..., -1], state,
-                                                   decay_in[..., None] * q, attn)
+    ag = inverse * beta[..., None, :]  # T diag(beta)
+    if kernels.outputs is not None:
+        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v_in_sequence, k, q, cum, seg, state, attn)
+    else:
+        u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
+        o, state = _outputs(kernels.recurrence, jnp.dtype(dtype))(u, w, k_out, decay, state, q_in, attn)
     return o[:, :t], state
 
 

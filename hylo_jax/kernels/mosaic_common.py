@@ -16,6 +16,7 @@ import functools
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -113,6 +114,48 @@ class Ops:
         return pl.run_state(accumulate)(tuple(plgpu.ACC.init(init) for _, init in products))
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkGates:
+    """One chunk's gates in registers: G (the chunk-local cumulative log-decay) and the segment index within the
+    chunk as vectors by row (i), their last entries, and the decays built from them."""
+
+    ops: Ops
+    g_i: jax.Array
+    s_i: jax.Array
+    g_last: jax.Array
+    s_last: jax.Array
+
+    @classmethod
+    def load(cls, ops: Ops, g_sm, seg_sm, slot) -> ChunkGates:
+        g_i, s_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm))
+        return cls(ops, g_i, s_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
+
+    def columns(self, g_sm, seg_sm, slot):
+        """G and the segment index by column (j)."""
+        return tuple(self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm))
+
+    def rows_of(self, v, width: int):
+        """A [C] vector indexed by row, spread over [C, width]."""
+        return lax.broadcast_in_dim(v, (self.ops.chunk, width), [0])
+
+    def decay(self, g_j, s_j, transposed: bool = False):
+        """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
+        return self.ops.decay(self.g_i, self.s_i, g_j, s_j, transposed=transposed)
+
+    # cached: each use would otherwise emit its exps again (the kernel is traced op by op)
+    @functools.cached_property
+    def d_in(self):  # e^{G_i} while in the carried-in segment
+        return jnp.where(self.s_i == 0, jnp.exp(self.g_i), 0.0)
+
+    @functools.cached_property
+    def d_out(self):  # e^{G_last - G_j} in the last segment
+        return jnp.where(self.s_i == self.s_last, jnp.exp(self.g_last - self.g_i), 0.0)
+
+    @functools.cached_property
+    def d_chunk(self):  # e^{G_last} when the chunk has no reset
+        return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
+
+
 def _operand(z):
     """A wgmma operand: a shared-memory ref, ("T", ref) read transposed, or a register value."""
     return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z
@@ -182,13 +225,14 @@ def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, rever
     return lax.fori_loop(0, n_chunks, body, carry)
 
 
-def two_warpgroup_loop(carrier_step, other_step, state, *, consumed, handovers=(), **loop_args):
+def two_warpgroup_loop(ops: Ops, carrier_step, other_step, state, *, consumed, handovers=(), **loop_args):
     """`chunk_loop` on two warpgroups (thread axis "wg") sharing the slots. Warpgroup 0 runs `carrier_step`
-    with the carried `state`, issues the copies and refills a slot once both warpgroups have arrived on its
-    `consumed` barrier; warpgroup 1 runs `other_step` with no carry. Each step arrives on `consumed[slot]`
-    itself. At the end warpgroup 0 also waits for the phases no refill waited for, of `consumed` and of each
-    (barriers, count) in `handovers` (barriers[k % count] that warpgroup 1 arrives on every chunk), and each
-    waits for its own outgoing copies. Returns the carried state (unchanged on warpgroup 1)."""
+    with the carried `state` (fp32 blocks), issues the copies and refills a slot once both warpgroups have
+    arrived on its `consumed` barrier; warpgroup 1 runs `other_step` with no carry. Each step arrives on
+    `consumed[slot]` itself. At the end warpgroup 0 also waits for the phases no refill waited for, of `consumed`
+    and of each (barriers, count) in `handovers` (barriers[k % count] that warpgroup 1 arrives on every chunk),
+    and each waits for its own outgoing copies. Returns the carried state (zeros on warpgroup 1, made after its
+    loop: the state passed in is not live there, so its registers serve warpgroup 1's step)."""
     stages, n_chunks = loop_args["stages"], loop_args["n_chunks"]
 
     def carrier(state):
@@ -203,7 +247,7 @@ def two_warpgroup_loop(carrier_step, other_step, state, *, consumed, handovers=(
     def other(state):
         chunk_loop(other_step, None, fetches=False, **loop_args)
         plgpu.wait_smem_to_gmem(0)
-        return state
+        return jax.tree.map(lambda s: ops.zeros(s.shape), state)
 
     return lax.cond(lax.axis_index("wg") == 0, carrier, other, state)
 

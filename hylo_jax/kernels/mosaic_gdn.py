@@ -1,23 +1,33 @@
 """Mosaic GPU (Hopper: wgmma, TMA) kernels for the sequential part of the chunked gated delta rule together with
-the outputs it feeds (`gated_delta._outputs`): over chunks c, with u, w, the decayed keys k and queries q, the
-chunk weights attn and each chunk's decay d_c from the rest of the rule (`gated_delta._chunked`),
+the outputs it feeds (`gated_delta._fused_outputs`). Over chunks c, with q, k, v, the gated UT factor
+Ag = T diag(beta) (`gated_delta.chunk_factors`), and G, d_in, d_out, d_c the chunk's decays
+(`mosaic_common.ChunkGates`):
 
-    delta_c = u_c - w_c S_c,   o_c = q_c S_c + attn_c delta_c,   S_{c+1} = d_c S_c + k_c^T delta_c       (forward)
+    delta_c = Ag_c (v_c - d_in o k_c S_c)                 (= u - w S_c of `gated_delta._chunked`)
+    o_c     = d_in o (q_c S_c) + attn_c delta_c,   attn_c = (q_c k_c^T) o E_c
+    S_{c+1} = d_c S_c + k_c^T (d_out o delta_c)                                                       (forward)
 
-and, backward (c descending, G the cotangent of S_{c+1}, from the final state's; o_bar the outputs'),
+and, backward (c descending, G the cotangent of S_{c+1}, from the final state's; o_bar the outputs'; w, k, q the
+decayed ones of `gated_delta._chunked`),
 
     D_c = attn_c^T o_bar_c + k_c G,   G <- q_c^T o_bar_c + d_c G - w_c^T D_c                          (reverse)
 
-so the cotangents of the per-chunk states and deltas never exist as arrays. One CTA of one warpgroup per
-(batch*head, value block of `vb` columns) carries its [dk, vb] block of the fp32 state (or G) in registers
-(the wgmma accumulator layout). w_c, k_c, attn_c and u_c (or o_bar_c) arrive by TMA `stages` chunks ahead; q_c
-has one buffer, fetched again once the chunk's last product has read it (two slots of it do not fit next to w
-and k at d_k 256). The forward may also send out what the backward and the remaining gradients need: the
-state entering each chunk and delta_c, both the wgmma operands already. The reverse pass sends out G entering
-each chunk's end and D_c (= u_bar). Everything read and sent is in the operand dtype (bf16 for bf16 layers, as
-fla's kernels keep u, w and the chunk states; their consumers multiply in that dtype anyway); the carried state
-and every accumulation are fp32. The initial and final states pass through a shared-memory buffer of their own
-scope, so the chunk loop can take the space.
+so the cotangents of the per-chunk states and deltas never exist as arrays.
+
+The forward runs one CTA of two warpgroups per (batch*head, value block of `vb` columns, 64 by default). The
+state side carries the [dk, vb] block of S in fp32 registers (the wgmma accumulator layout), issues the copies
+and computes delta and the update; the output side computes attn (from the q and k it shares) and o. The
+state side hands each chunk's S and delta to the output side in shared memory (one buffer each: the next chunk's
+waits until the output side has read them). Neither u, w nor attn is read: the chunk's inputs are q, k, Ag and
+its v block, arriving by TMA `stages` chunks ahead, and v and o stay in the op's [b, t, h, dv] layout. The
+forward may also send out what the backward needs: S_c and delta_c, the wgmma operands already.
+
+The reverse pass runs one CTA of one warpgroup per (batch*head, value block of 32), G in registers; w_c, k_c,
+attn_c and o_bar_c arrive `stages` chunks ahead; q_c has one buffer, fetched again once the chunk's last product
+has read it (two slots of it do not fit next to w and k at d_k 256). It sends out G entering each chunk's end and
+D_c (= u_bar). Everything read and sent is in the operand dtype (bf16 for bf16 layers, as fla's kernels keep u, w
+and the chunk states); the carried blocks and every accumulation are fp32. The initial and final states pass
+through a shared-memory buffer of their own scope, so the chunk loop can take the space.
 
 On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
 """
@@ -39,6 +49,7 @@ from .mosaic_common import (
     F32,
     SMEM_BYTES,
     WGMMA,
+    ChunkGates,
     Ops,
     carry_state,
     chunk_loop,
@@ -48,33 +59,33 @@ from .mosaic_common import (
     gpu_kernel,
     nbytes,
     smem,
+    store,
+    two_warpgroup_loop,
     vectors,
 )
 from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+FORWARD_VB, REVERSE_VB = 64, 32  # value blocks: a [256, 64] fp32 state block is 128 registers a thread, [256, 32] 64
 
 
-def unsupported(dk: int, dv: int, chunk: int, vb: int, dtype) -> str | None:
-    """Why the kernels cannot take this shape (None if they can)."""
+def unsupported(dk: int, dv: int, chunk: int, dtype, vb: int | None = None) -> str | None:
+    """Why the kernels cannot take this shape (None if they can); `vb` sets both passes' value block."""
     if reason := dtype_reason(dtype):
         return reason
     if dk % 64 or chunk % 64 or dk > TMA_BOX or chunk > TMA_BOX:
         return f"d_k={dk} and chunk_size={chunk} must be multiples of 64 (wgmma rows), at most {TMA_BOX} (TMA)"
-    if dv % vb or vb % 16 or vb > 128:
-        return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
-    if dk * vb > 256 * 64:
-        return f"state block {dk} x {vb} too large for one warpgroup's registers"
-    need = nbytes(_slots(chunk, dk, vb, dtype, 1) + _fixed(chunk, dk, vb, dtype))
-    if need > SMEM_BYTES:
-        return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
+    for block, slots, fixed in ((vb or min(FORWARD_VB, dv), _forward_slots, _forward_fixed),
+                                (vb or min(REVERSE_VB, dv), _slots, _fixed)):
+        if dv % block or block % 16 or block > 128:
+            return f"value block {block} must divide d_v={dv} and be a multiple of 16, at most 128"
+        if dk * block > 256 * 64:
+            return f"state block {dk} x {block} too large for one warpgroup's registers"
+        need = nbytes(slots(chunk, dk, block, dtype, 1) + fixed(chunk, dk, block, dtype))
+        if need > SMEM_BYTES:
+            return f"chunk {chunk}, d_k {dk}, value block {block}: {need} B of shared memory > {SMEM_BYTES}"
     return None
-
-
-def default_vb(dv: int) -> int:
-    """32 columns: a [256, 32] fp32 state block is 64 registers a thread."""
-    return min(32, dv)
 
 
 def _swizzle(vb: int, cdt) -> int:
@@ -83,17 +94,31 @@ def _swizzle(vb: int, cdt) -> int:
     return min(128, vb * jnp.dtype(cdt).itemsize)
 
 
+def _forward_slots(chunk, dk, vb, cdt, stages: int) -> list:
+    """The forward's inputs per TMA slot: q_c, k_c, Ag_c, the v_c block, then G and the segment index ([C])."""
+    sw = _swizzle(vb, cdt)
+    return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw),
+            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw), *[vectors((stages, chunk))] * 2]
+
+
+def _forward_fixed(chunk, dk, vb, cdt) -> list:
+    """The state entering the chunk as an operand (both sides read it; also what is saved), the state side's
+    [C, vb] operand (v - d_in o k S, then d_out o delta), delta_c (the output side's operand; saved), o_c on its
+    way out."""
+    sw = _swizzle(vb, cdt)
+    return [smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
+
+
 def _slots(chunk, dk, vb, cdt, stages: int) -> list:
-    """Per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c, and u_c or o_bar_c."""
+    """The reverse pass's inputs per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c and o_bar_c."""
     sw = _swizzle(vb, cdt)
     return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
             smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw)]
 
 
 def _fixed(chunk, dk, vb, cdt) -> list:
-    """q_c (one buffer); the carried block (S or G) as an operand, which is also what is sent out per chunk; the
-    chunk's [C, vb] result (delta_c, sent out when saved, or -D_c) as an operand; then the forward's o_c or the
-    reverse pass's D_c on its way out."""
+    """The reverse pass's q_c (one buffer); G as an operand, which is also what is sent out per chunk; -D_c as an
+    operand; D_c on its way out."""
     sw = _swizzle(vb, cdt)
     return [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
 
@@ -104,144 +129,166 @@ class _Call:
     vb: int
     stages: int
     interpret: object
-    heads: int  # o and o_bar are in the op's [b, n*C, h, dv] layout: row = batch * heads + head
+    heads: int  # v, o and o_bar are in the op's [b, n*C, h, dv] layout: row = batch * heads + head
 
 
-def _pass(call: _Call, step_of: Callable, outs: tuple, ins: tuple, *, backward: bool):
-    """One pass over the chunks (forward, or in reverse if `backward`) of a grid of (row, value block) CTAs.
-    `ins` = (w, k, decay, attn, the per-token input (forward: u [X, n*C, dv]; backward: o_bar [b, n*C, h, dv]), q,
-    the carried block's start [X, dk, dv]);
-    `outs` the output types, the final carried block last; `step_of(refs) -> step(i, slot, carry)`."""
-    w, _, _, _, _, _, state = ins
+def _forward(call: _Call, ag, v, k, q, g, seg, state, *, save: bool):
+    """The forward (module docstring) over ag [X, n*C, C], v [b, n*C, h, dv], k, q [X, n*C, dk] (X = b h) in the
+    operand dtype, g (G) [X, n*C] and seg (the segment index within the chunk) [b, n*C] fp32, the initial state
+    [X, dk, dv] fp32. Returns o [b, n*C, h, dv], then if `save` S_c [X, n, dk, dv] and delta_c [X, n*C, dv] in
+    the operand dtype, then the final state fp32."""
+    rows_, tp, dk = k.shape
+    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, k.dtype
+    n_chunks = tp // chunk
+    ops = Ops(bool(call.interpret), chunk)
+    slot_buffers = functools.partial(_forward_slots, chunk, dk, vb, cdt)
+    fixed = _forward_fixed(chunk, dk, vb, cdt)
+    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN forward", call.interpret)
+
+    def kernel(ag_ref, v_ref, k_ref, q_ref, g_ref, seg_ref, state_ref, o_ref, *outs):
+        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
+
+        def by_row(i):
+            return row, pl.ds(i * chunk, chunk)
+
+        def in_sequence(i):  # v, o [b, n*C, h, dv]
+            return row // call.heads, pl.ds(i * chunk, chunk), row % call.heads, vblock
+
+        def by_batch(i):  # seg [b, n*C]
+            return row // call.heads, pl.ds(i * chunk, chunk)
+
+        def loop(state, q_sm, k_sm, ag_sm, v_sm, g_sm, seg_sm, s_sm, x_sm, delta_sm, o_sm, ready, consumed,
+                 s_ready, s_free, d_ready, d_free):
+            sources = [(q_ref, q_sm, by_row), (k_ref, k_sm, by_row), (ag_ref, ag_sm, by_row),
+                       (v_ref, v_sm, in_sequence), (g_ref, g_sm, by_row), (seg_ref, seg_sm, by_batch)]
+
+            def state_side(i, slot, state):
+                """delta = Ag (v - d_in o k S);  S' = d_c S + k^T (d_out o delta)."""
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
+                k_s = k_sm.at[slot]
+
+                @pl.when(i > 0)
+                def _():  # the output side has read the last chunk's S (and delta, before it could arrive here)
+                    plgpu.barrier_wait(s_free.at[0])
+                    if save:
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved ones have left
+                s_sm[...] = state.astype(cdt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(s_ready.at[0])
+                ks = ops.matmul((chunk, vb), (k_s, s_sm))
+                x_sm[...] = (ops.load(v_sm.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
+                plgpu.commit_smem()
+                delta = ops.matmul((chunk, vb), (ag_sm.at[slot], x_sm))
+
+                @pl.when(i > 0)
+                def _():
+                    plgpu.barrier_wait(d_free.at[0])
+                delta_sm[...] = delta.astype(cdt)
+                x_sm[...] = (delta * ch.rows_of(ch.d_out, vb)).astype(cdt)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(d_ready.at[0])
+                if save:
+                    plgpu.copy_smem_to_gmem(s_sm, outs[0].at[row, i, :, vblock], commit_group=False)
+                    plgpu.copy_smem_to_gmem(delta_sm, outs[1].at[(*by_row(i), vblock)], commit_group=False)
+                    plgpu.commit_smem_to_gmem_group()
+                state = ops.matmul((dk, vb), (("T", k_s), x_sm), init=state * ch.d_chunk)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return state
+
+            def output_side(i, slot, carry):
+                """o = d_in o (q S) + attn delta,  attn = (q k^T) o E."""
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
+                g_j, s_j = ch.columns(g_sm, seg_sm, slot)
+                q_s = q_sm.at[slot]
+                plgpu.barrier_wait(s_ready.at[0])
+                qk, qs = ops.matmuls(([(q_s, ("T", k_sm.at[slot]))], ops.zeros((chunk, chunk))),
+                                     ([(q_s, s_sm)], ops.zeros((chunk, vb))))
+                plgpu.barrier_arrive(s_free.at[0])
+                plgpu.barrier_arrive(consumed.at[slot])
+                attn = (qk * ch.decay(g_j, s_j)).astype(cdt)
+                plgpu.barrier_wait(d_ready.at[0])
+                o = ops.matmul((chunk, vb), (attn, delta_sm), init=qs * ch.rows_of(ch.d_in, vb))
+                plgpu.barrier_arrive(d_free.at[0])
+                store(1, (o, o_sm, o_ref.at[in_sequence(i)]))
+                return carry
+
+            return two_warpgroup_loop(ops, state_side, output_side, state, consumed=consumed,
+                                      handovers=[(s_free, 1), (d_free, 1)], sources=sources, ready=ready,
+                                      stages=stages, n_chunks=n_chunks, reverse=False)
+
+        handover = plgpu.Barrier(num_barriers=1)
+        barriers = [plgpu.Barrier(num_arrivals=len(slot_buffers(1)), num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[handover] * 4]
+        carry_state(ops, state_ref.at[row, :, vblock], outs[-1].at[row, :, vblock], loop,
+                    [*slot_buffers(stages), *fixed, *barriers], owner=lax.axis_index("wg") == 0)
+
+    sds = jax.ShapeDtypeStruct
+    out_type = [sds(v.shape, cdt)]
+    if save:
+        out_type += [sds((rows_, n_chunks, dk, dv), cdt), sds((rows_, tp, dv), cdt)]
+    out_type.append(sds((rows_, dk, dv), F32))
+    run = gpu_kernel(kernel, "gdn_forward_train" if save else "gdn_forward", out_type=tuple(out_type),
+                     grid=(rows_, dv // vb), grid_names=("rows", "vblocks"), interpret=call.interpret, num_threads=2,
+                     thread_name="wg")
+    return run(ag, v, k, q, g, seg, state)
+
+
+def _reverse(call: _Call, w, k, decay, attn, o_bar, q, g_final):
+    """The reverse pass (module docstring) over w, k, q [X, n*C, dk], decay [X, n*C] (each chunk's d_c repeated
+    over its tokens, fp32), attn [X, n*C, C], o_bar [b, n*C, h, dv] in the operand dtype and the final state's
+    cotangent [X, dk, dv] fp32: a grid of (row, value block) CTAs walking the chunks last to first. Returns G
+    entering each chunk's end [X, n, dk, dv] and D_c [X, n*C, dv] in the operand dtype, then G_0 fp32."""
     rows_, tp, dk = w.shape
-    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, w.dtype
+    dv, chunk, vb, cdt = g_final.shape[-1], call.chunk, call.vb, w.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
     slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
     fixed = _fixed(chunk, dk, vb, cdt)
-    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN " + ("reverse" if backward else "forward"),
-                 call.interpret)
+    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN reverse", call.interpret)
 
-    def kernel(w_ref, k_ref, d_ref, attn_ref, tok_ref, q_ref, state_ref, *out_refs):
+    def kernel(w_ref, k_ref, d_ref, attn_ref, ob_ref, q_ref, g_ref, g_next_ref, d_out_ref, g0_ref):
         row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
 
-        def chunk_rows(i):
+        def by_row(i):
             return row, pl.ds(i * chunk, chunk)
 
-        def in_sequence(i):  # o, o_bar [b, n*C, h, dv]
+        def in_sequence(i):  # o_bar [b, n*C, h, dv]
             return row // call.heads, pl.ds(i * chunk, chunk), row % call.heads, vblock
 
-        def loop(state, w_sm, k_sm, d_sm, attn_sm, tok_sm, q_sm, carried_sm, result_sm, out_sm, ready, q_ready):
-            refs = _Refs(ops, cdt, n_chunks, row, vblock, chunk_rows, in_sequence, q_ref, out_refs, w_sm, k_sm, d_sm,
-                         attn_sm, tok_sm, q_sm, q_ready, carried_sm, result_sm, out_sm)
-            tokens = in_sequence if backward else (lambda i: (*chunk_rows(i), vblock))  # o_bar, or u by rows
-            sources = [(w_ref, w_sm, chunk_rows), (k_ref, k_sm, chunk_rows), (d_ref, d_sm, chunk_rows),
-                       (attn_ref, attn_sm, chunk_rows), (tok_ref, tok_sm, tokens)]
-            state = chunk_loop(step_of(refs), state, sources=sources, ready=ready, stages=stages,
-                               n_chunks=n_chunks, reverse=backward)
-            plgpu.wait_smem_to_gmem(0)
-            return state
+        def loop(g, w_sm, k_sm, decay_sm, attn_sm, ob_sm, q_sm, carried_sm, minus_d_sm, d_sm_out, ready, q_ready):
+            def step(i, slot, g):
+                """D = attn^T o_bar + k G;  G <- q^T o_bar + d G - w^T D."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
+                carried_sm[...] = g.astype(cdt)
+                plgpu.commit_smem()  # (and every warp is past the last chunk's product that read q)
+                plgpu.copy_gmem_to_smem(q_ref.at[by_row(i)], q_sm, q_ready)
+                o_bar = ob_sm.at[slot]
+                d = ops.matmul((chunk, vb), (("T", attn_sm.at[slot]), o_bar), (k_sm.at[slot], carried_sm))
+                d_sm_out[...] = d.astype(cdt)
+                minus_d_sm[...] = (-d).astype(cdt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(carried_sm, g_next_ref.at[row, i, :, vblock], commit_group=False)
+                plgpu.copy_smem_to_gmem(d_sm_out, d_out_ref.at[(*by_row(i), vblock)], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+                plgpu.barrier_wait(q_ready)
+                return ops.matmul((dk, vb), (("T", q_sm), o_bar), (("T", w_sm.at[slot]), minus_d_sm),
+                                  init=g * decay_sm[slot, 0])
 
-        carry_state(ops, state_ref.at[row, :, vblock], out_refs[-1].at[row, :, vblock], loop,
-                     [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
+            sources = [(w_ref, w_sm, by_row), (k_ref, k_sm, by_row), (d_ref, decay_sm, by_row),
+                       (attn_ref, attn_sm, by_row), (ob_ref, ob_sm, in_sequence)]
+            g = chunk_loop(step, g, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
+            plgpu.wait_smem_to_gmem(0)
+            return g
+
+        carry_state(ops, g_ref.at[row, :, vblock], g0_ref.at[row, :, vblock], loop,
+                    [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
                                                                   num_barriers=stages), plgpu.Barrier()])
 
-    run = gpu_kernel(kernel, "gdn_" + ("reverse" if backward else "forward"), out_type=outs, grid=(rows_, dv // vb),
+    sds = jax.ShapeDtypeStruct
+    out_type = (sds((rows_, n_chunks, dk, dv), cdt), sds((rows_, tp, dv), cdt), sds((rows_, dk, dv), F32))
+    run = gpu_kernel(kernel, "gdn_reverse", out_type=out_type, grid=(rows_, dv // vb),
                      grid_names=("rows", "vblocks"), interpret=call.interpret)
-    return run(*ins)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Refs:
-    """What a chunk step reads and writes: the settings, the CTA's place, the HBM outputs and the shared memory
-    (`_slots`' slots, q and its barrier, then `_fixed`'s carried block, [C, vb] result and staging buffers)."""
-
-    ops: Ops
-    cdt: object
-    n_chunks: int
-    row: object
-    vblock: object
-    chunk_rows: Callable
-    in_sequence: Callable
-    q_ref: object
-    outs: tuple
-    w: object
-    k: object
-    d: object
-    attn: object
-    tok: object
-    q: object
-    q_ready: object
-    carried: object
-    result: object
-    out: object
-
-    def fetch_q(self, i) -> None:
-        plgpu.copy_gmem_to_smem(self.q_ref.at[self.chunk_rows(i)], self.q, self.q_ready)
-
-    def per_token(self, i):  # [X, n*C, dv] outputs
-        return (*self.chunk_rows(i), self.vblock)
-
-    def per_chunk(self, i):  # [X, n, dk, dv] outputs
-        return self.row, i, slice(None), self.vblock
-
-
-def _forward_step(r: _Refs, save: bool):
-    """delta = u - w S;  o = q S + attn delta;  S' = d S + k^T delta (module docstring)."""
-    ops, chunk, vb = r.ops, r.ops.chunk, r.tok.shape[-1]
-
-    def step(i, slot, state):
-        @pl.when(i == 0)
-        def _():
-            r.fetch_q(0)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
-        r.carried[...] = state.astype(r.cdt)
-        plgpu.commit_smem()
-        delta = ops.load(r.tok.at[slot], WGMMA).astype(F32) - ops.matmul((chunk, vb), (r.w.at[slot], r.carried))
-        r.result[...] = delta.astype(r.cdt)
-        plgpu.commit_smem()
-        plgpu.barrier_wait(r.q_ready)
-        o, state = ops.matmuls(([(r.q, r.carried), (r.attn.at[slot], r.result)], ops.zeros((chunk, vb))),
-                               ([(("T", r.k.at[slot]), r.result)], state * r.d[slot, 0]))  # waited for once
-        r.out[...] = o.astype(r.cdt)
-        plgpu.commit_smem()  # (and every warp is past the product that read q)
-        plgpu.copy_smem_to_gmem(r.out, r.outs[0].at[r.in_sequence(i)], commit_group=False)
-        if save:
-            plgpu.copy_smem_to_gmem(r.carried, r.outs[1].at[r.per_chunk(i)], commit_group=False)
-            plgpu.copy_smem_to_gmem(r.result, r.outs[2].at[r.per_token(i)], commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
-
-        @pl.when(i + 1 < r.n_chunks)
-        def _():
-            r.fetch_q(i + 1)
-
-        return state
-
-    return step
-
-
-def _reverse_step(r: _Refs):
-    """D = attn^T o_bar + k G;  G <- q^T o_bar + d G - w^T D (module docstring)."""
-    ops, chunk, vb, dk = r.ops, r.ops.chunk, r.tok.shape[-1], r.w.shape[-1]
-
-    def step(i, slot, g):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
-        r.carried[...] = g.astype(r.cdt)
-        plgpu.commit_smem()  # (and every warp is past the last chunk's product that read q)
-        r.fetch_q(i)
-        o_bar = r.tok.at[slot]
-        d = ops.matmul((chunk, vb), (("T", r.attn.at[slot]), o_bar), (r.k.at[slot], r.carried))
-        r.out[...] = d.astype(r.cdt)
-        r.result[...] = (-d).astype(r.cdt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(r.carried, r.outs[0].at[r.per_chunk(i)], commit_group=False)
-        plgpu.copy_smem_to_gmem(r.out, r.outs[1].at[r.per_token(i)], commit_group=False)
-        plgpu.commit_smem_to_gmem_group()
-        plgpu.barrier_wait(r.q_ready)
-        return ops.matmul((dk, vb), (("T", r.q), o_bar), (("T", r.w.at[slot]), r.result), init=g * r.d[slot, 0])
-
-    return step
+    return run(w, k, decay, attn, o_bar, q, g_final)
 
 
 GRAD_KB = 64  # key columns per CTA of the gradient pass: three [C, 64] fp32 accumulators
@@ -324,14 +371,16 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 
 class Kernels(NamedTuple):
-    """The four passes in the chunked layout of `gated_delta._chunked` (u [b, h, n, C, dv]; w, k, q
-    [b, h, n, C, dk]; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]), except o and o_bar, which are
-    in the op's own layout [b, n*C, h, dv] (no transposes on either side). What goes in and out per
-    chunk or token is in the operand dtype, the initial and final states and their cotangents fp32:
+    """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; k, q, w [b, h, n, C, dk];
+    G [b, h, n, C] fp32; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]), except v, o and o_bar,
+    which are in the op's own layout [b, n*C, h, dv] (no transposes on either side), and the segment index within
+    the chunk, [b, n*C] fp32. What goes in and out per chunk or token is in the operand dtype, the initial and final
+    states and their cotangents fp32:
 
-    forward(u, w, k, decay, state, q, attn) -> (o in the operand dtype, final state);
-    forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c);
-    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
+    forward(ag, v, k, q, g, seg, state) -> (o in the operand dtype, final state);
+    forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c [b, h, n, C, dv]);
+    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c) (k, q decayed as in
+    `gated_delta._chunked`);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
     [b, h, n]), all fp32 (`_gradients`)."""
 
@@ -342,48 +391,34 @@ class Kernels(NamedTuple):
 
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
-    """The passes of this module with matmul operands in `dtype` (`Kernels`)."""
+    """The passes of this module with matmul operands in `dtype` (`Kernels`); `vb` sets the value block of the
+    forward and the reverse pass (default `FORWARD_VB`, `REVERSE_VB`)."""
 
-    def settings(c, dk, dv, heads) -> _Call:
-        block = vb or default_vb(dv)
-        if reason := unsupported(dk, dv, c, block, device_dtype(dtype, interpret)):
+    def settings(c, dk, dv, heads, default_vb) -> _Call:
+        if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), vb):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-        return _Call(c, block, stages, interpret, heads)
+        return _Call(c, vb or min(default_vb, dv), stages, interpret, heads)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
 
-    def decay_rows(decay, c):  # [b, h, n] -> [b*h, n*C]: each chunk's decay repeated over its tokens
-        return jnp.repeat(rows(decay).astype(F32), c, axis=-1)
-
-    def forward_pass(u, w, k, decay, state, q, attn, save):
-        b, h, n, c, dv = u.shape
-        call = settings(c, w.shape[-1], dv, h)
-        x, tp, dk = b * h, n * c, w.shape[-1]
-        sds = jax.ShapeDtypeStruct
-        outs = [sds((b, tp, h, dv), dtype)]
-        if save:
-            outs += [sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype)]
-        w_, k_, q_, attn_, u_ = operands(w, k, q, attn, u)
-        outs = _pass(call, functools.partial(_forward_step, save=save), (*outs, sds((x, dk, dv), F32)),
-                     (w_, k_, decay_rows(decay, c), attn_, u_, q_, rows(state).astype(F32)), backward=False)
+    def forward_pass(ag, v, k, q, g, seg, state, save):
+        b, h, n, c, dk = k.shape
+        dv = v.shape[-1]
+        outs = _forward(settings(c, dk, dv, h, FORWARD_VB), *operands(ag), v.astype(dtype), *operands(k, q),
+                        g.reshape(b * h, n * c).astype(F32), seg.astype(F32), rows(state).astype(F32), save=save)
         o, *saved, final = outs
         final = final.reshape(state.shape)
         if not save:
             return o, final
-        return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(u.shape)
+        return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, dv)
 
     def reverse(w, k, decay, q, attn, o_bar, final_bar):
         (b, h, n, c, dk), dv = w.shape, o_bar.shape[-1]
-        call = settings(c, dk, dv, h)
-        x, tp = b * h, n * c
-        sds = jax.ShapeDtypeStruct
-        w_, k_, q_, attn_ = operands(w, k, q, attn)
-        o_bar_ = o_bar.astype(dtype)
-        g_next, d, g0 = _pass(call, _reverse_step,
-                              (sds((x, n, dk, dv), dtype), sds((x, tp, dv), dtype), sds((x, dk, dv), F32)),
-                              (w_, k_, decay_rows(decay, c), attn_, o_bar_, q_, rows(final_bar).astype(F32)),
-                              backward=True)
+        decay_rows = jnp.repeat(rows(decay).astype(F32), c, axis=-1)  # each chunk's decay over its tokens
+        w_, k_, attn_, q_ = operands(w, k, attn, q)
+        g_next, d, g0 = _reverse(settings(c, dk, dv, h, REVERSE_VB), w_, k_, decay_rows, attn_, o_bar.astype(dtype),
+                                 q_, rows(final_bar).astype(F32))
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, dv)
 
     def gradients(states, g_next, o_bar, deltas, d_deltas):

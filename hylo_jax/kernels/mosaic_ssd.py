@@ -40,6 +40,7 @@ from .mosaic_common import (
     F32,
     SMEM_BYTES,
     WGMMA,
+    ChunkGates,
     Ops,
     carry_state,
     chunk_loop,
@@ -70,48 +71,6 @@ def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
     if (need := _smem_need(chunk, p, n, dtype)) > SMEM_BYTES:
         return f"chunk {chunk}, head_dim {p}, d_state {n}: the backward needs {need} B of shared memory > {SMEM_BYTES}"
     return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Chunk:
-    """One chunk's gates in registers: G (chunk-local cumulative log-decay), the segment index and dt as
-    vectors by row (i) and by column (j), and the decays of `pallas_common.decays`."""
-
-    ops: Ops
-    g_i: jax.Array
-    s_i: jax.Array
-    dt_i: jax.Array
-    g_last: jax.Array
-    s_last: jax.Array
-
-    @classmethod
-    def load(cls, ops: Ops, g_sm, seg_sm, dt_sm, slot) -> _Chunk:
-        g_i, s_i, dt_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm, dt_sm))
-        return cls(ops, g_i, s_i, dt_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
-
-    def columns(self, g_sm, seg_sm, dt_sm, slot):
-        return tuple(self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm, dt_sm))
-
-    def rows_of(self, v, width: int):
-        """A [C] vector indexed by row, spread over [C, width]."""
-        return lax.broadcast_in_dim(v, (self.ops.chunk, width), [0])
-
-    def decay(self, g_j, s_j, transposed: bool = False):
-        """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
-        return self.ops.decay(self.g_i, self.s_i, g_j, s_j, transposed=transposed)
-
-    # cached: each use would otherwise emit its exps again (the kernel is traced op by op)
-    @functools.cached_property
-    def d_in(self):  # e^{G_i} while in the carried-in segment
-        return jnp.where(self.s_i == 0, jnp.exp(self.g_i), 0.0)
-
-    @functools.cached_property
-    def d_out(self):  # e^{G_last - G_j} in the last segment
-        return jnp.where(self.s_i == self.s_last, jnp.exp(self.g_last - self.g_i), 0.0)
-
-    @functools.cached_property
-    def d_chunk(self):  # e^{G_last} when the chunk has no reset
-        return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,20 +188,21 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
 
             def update(ch, slot, state):
                 """S^T' = d_chunk S^T + (d_out o dt o x)^T B."""
-                xs_sm[...] = (ops.load(x_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_out * ch.dt_i, p)
+                dt_i = ops.load(dt_sm.at[slot], BY_ROW)
+                xs_sm[...] = (ops.load(x_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_out * dt_i, p)
                               ).astype(cdt)
                 plgpu.commit_smem()
                 return ops.matmul((p, n), (("T", xs_sm), b_sm.at[slot]), init=state * ch.d_chunk)
 
             if not with_y:
                 def state_step(i, slot, state):
-                    return update(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot, state)
+                    return update(ChunkGates.load(ops, g_sm, seg_sm, slot), slot, state)
 
                 return chunk_loop(state_step, state, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                                   reverse=False)
 
             def state_side(i, slot, state):
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
                 if save:  # the slot's last saved state has left
                     plgpu.wait_smem_to_gmem(stages - 1, wait_read_only=True)
                 s_sm.at[slot][...] = state.astype(cdt)
@@ -257,8 +217,9 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
             def output_side(i, slot, carry):
                 """y = M x + (d_in o C) S,  M = (C B^T) o E o dt_j."""
                 c_s = c_sm.at[slot]
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
+                g_j, s_j = ch.columns(g_sm, seg_sm, slot)
+                dt_j = ops.load(dt_sm.at[slot], BY_COL)
                 m = ops.matmul((chunk, chunk), (c_s, ("T", b_sm.at[slot]))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
                 c_in = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
                 plgpu.barrier_wait(s_ready.at[slot])
@@ -267,7 +228,7 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 store(stages, (y, y_sm.at[slot], y_ref.at[at.by_head(i)]))
                 return carry
 
-            return two_warpgroup_loop(state_side, output_side, state, consumed=consumed, sources=sources,
+            return two_warpgroup_loop(ops, state_side, output_side, state, consumed=consumed, sources=sources,
                                       ready=ready, stages=stages, n_chunks=n_chunks, reverse=False)
 
         barriers = [plgpu.Barrier(num_arrivals=len(slot_buffers(1)) - 2 * with_y, num_barriers=stages)]
@@ -341,7 +302,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 cin_sm, ready = rest
 
                 def state_step(i, slot, dst):
-                    return carry_back(_Chunk.load(ops, g_sm, seg_sm, dt_sm, slot), slot, dst, c_sm, dy_sm, cin_sm)
+                    return carry_back(ChunkGates.load(ops, g_sm, seg_sm, slot), slot, dst, c_sm, dy_sm, cin_sm)
 
                 return chunk_loop(state_step, dst, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks,
                                   reverse=True)
@@ -367,9 +328,10 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 ds_sm.at[buf][...] = dst.astype(cdt)
                 plgpu.commit_smem()
                 plgpu.barrier_arrive(ds_ready.at[buf])
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
                 chunk_end = jnp.sum(ops.load(s_s, WGMMA).astype(F32) * dst * ch.d_chunk, axis=1)
-                g_j, s_j, dt_j = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                g_j, s_j = ch.columns(g_sm, seg_sm, slot)
+                dt_j = ops.load(dt_sm.at[slot], BY_COL)
                 d_p, cb = ops.matmuls(([(dy_s, ("T", x_s))], ops.zeros((chunk, chunk))),
                                       ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
                 d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
@@ -393,22 +355,23 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 sums and dd_out."""
                 buf, _ = handover(i)
                 x_s, b_s, c_s, dy_s, ds_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], ds_sm.at[buf]
-                ch = _Chunk.load(ops, g_sm, seg_sm, dt_sm, slot)
-                g_j, s_j, _ = ch.columns(g_sm, seg_sm, dt_sm, slot)
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
+                g_j, s_j = ch.columns(g_sm, seg_sm, slot)
+                dt_i = ops.load(dt_sm.at[slot], BY_ROW)
                 e_t = ch.decay(g_j, s_j, transposed=True)
                 d_p_t, cb_t = ops.matmuls(([(x_s, ("T", dy_s))], ops.zeros((chunk, chunk))),
                                           ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
-                d_cb_t = d_p_t * ops.square(ch.dt_i, 0) * e_t
+                d_cb_t = d_p_t * ops.square(dt_i, 0) * e_t
                 z_cols = jnp.sum(d_cb_t * cb_t, axis=1)
                 d_cb_t = d_cb_t.astype(cdt)
                 m_t = (cb_t * e_t).astype(cdt)
                 plgpu.barrier_wait(ds_ready.at[buf])
                 u = ops.matmul((chunk, p), (b_s, ("T", ds_s))) * ch.rows_of(ch.d_out, p)
-                v = ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(ch.dt_i, p)
+                v = ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(dt_i, p)
                 out = jnp.sum(v * u, axis=1)  # dd_out o d_out: dd_out_k = sum_p v_kp (B dS')_kp
                 dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
-                dx_sm[...] = (dv * ch.rows_of(ch.dt_i, p)).astype(cdt)
+                dx_sm[...] = (dv * ch.rows_of(dt_i, p)).astype(cdt)
                 ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
                 v_out = (v * ch.rows_of(ch.d_out, p)).astype(cdt)
                 db_sm[...] = ops.matmul((chunk, n), (d_cb_t, c_s), (v_out, ds_s)).astype(cdt)
@@ -420,8 +383,9 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                      (out_sm, out_ref, at.gates), (dga_sm, dga_ref, at.gates))
                 return carry
 
-            return two_warpgroup_loop(direct_side, transposed_side, dst, consumed=consumed, handovers=[(ds_free, 2)],
-                                      sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
+            return two_warpgroup_loop(ops, direct_side, transposed_side, dst, consumed=consumed,
+                                      handovers=[(ds_free, 2)], sources=sources, ready=ready, stages=stages,
+                                      n_chunks=n_chunks, reverse=True)
 
         barriers = [plgpu.Barrier(num_arrivals=n_in, num_barriers=stages)]
         if grads:  # slot consumed (both sides), dS' ready, dS' read
