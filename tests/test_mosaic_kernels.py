@@ -159,10 +159,10 @@ def recurrence_inputs(seed, b, h, n, c, dk, dv):
     return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32), attn
 
 
-@pytest.mark.parametrize("dtype, tol, vb", [(F32, 1e-5, None), (jnp.bfloat16, 2e-2, 32)])
+@pytest.mark.parametrize("dtype, tol, vb", [(F32, 1e-5, 64), (jnp.bfloat16, 2e-2, 32)])
 def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol, vb):
     """The Mosaic GDN passes (the two-warpgroup forward alone and saving S_c and delta_c, the reverse pass from
-    o's cotangent, the gradient pass; value blocks of 64 and 32 or 32 throughout) against the `lax.scan`
+    o's cotangent, the gradient pass; value blocks of 64 or 32) against the `lax.scan`
     recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs: o, the final state, S_c, delta_c and every
     cotangent (Ag, v, k, q, G, initial state, attn)."""
     args = recurrence_inputs(0, 2, 2, 3, 64, 64, 128)
@@ -296,10 +296,14 @@ def test_gdn_mosaic_forward_in_bf16_is_close_to_chunked():
     assert rel_err(o.astype(F32), o_ref) < 2e-2 and rel_err(final, final_ref) < 2e-2
 
 
-def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes():
+@pytest.mark.parametrize("cores, forward_vb", [(16, 64), (132, 32)])
+def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, forward_vb):
     """d_k 256, d_v 512, chunks of 64, bf16: under jax.grad the chunk-factor kernel, the forward saving states,
     the reverse pass and the gradient pass, without it the factors and the forward alone, pass the Mosaic GPU
-    lowering (shared memory, layouts, wgmma operands)."""
+    lowering (shared memory, layouts, wgmma operands); the forward's value block is 64 columns where the grid
+    (2 x 8 CTAs) fills the GPU, else 32."""
+    monkeypatch.setattr(mosaic_gdn, "gpu_cores", lambda: cores)
+    assert mosaic_gdn.forward_vb(2, 512, cores) == forward_vb
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512
     q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), jnp.bfloat16) for _ in range(2))

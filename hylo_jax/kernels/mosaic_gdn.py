@@ -63,11 +63,22 @@ from .mosaic_common import (
     two_warpgroup_loop,
     vectors,
 )
+from .pallas_common import gpu_cores
 from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
 FORWARD_VB, REVERSE_VB = 64, 32  # value blocks: a [256, 64] fp32 state block is 128 registers a thread, [256, 32] 64
+
+
+def forward_vb(rows: int, dv: int, cores: int) -> int:
+    """The forward's value block: `FORWARD_VB` columns (each CTA reads q, k and Ag once for twice the state
+    columns of 32) when that still gives every SM a CTA, else half as many (a short batch: 1 x 6 heads x 512
+    would fill 48 of 132 SMs at 64, 96 at 32)."""
+    vb = min(FORWARD_VB, dv)
+    if rows * (dv // vb) < cores and vb % 32 == 0:  # half of it is still a multiple of 16 dividing d_v
+        return vb // 2
+    return vb
 
 
 def unsupported(dk: int, dv: int, chunk: int, dtype, vb: int | None = None) -> str | None:
@@ -392,12 +403,12 @@ class Kernels(NamedTuple):
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
     """The passes of this module with matmul operands in `dtype` (`Kernels`); `vb` sets the value block of the
-    forward and the reverse pass (default `FORWARD_VB`, `REVERSE_VB`)."""
+    forward and the reverse pass (default `forward_vb`, `REVERSE_VB`)."""
 
-    def settings(c, dk, dv, heads, default_vb) -> _Call:
+    def settings(c, dk, dv, heads, block) -> _Call:
         if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), vb):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-        return _Call(c, vb or min(default_vb, dv), stages, interpret, heads)
+        return _Call(c, vb or block, stages, interpret, heads)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
@@ -405,7 +416,8 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
     def forward_pass(ag, v, k, q, g, seg, state, save):
         b, h, n, c, dk = k.shape
         dv = v.shape[-1]
-        outs = _forward(settings(c, dk, dv, h, FORWARD_VB), *operands(ag), v.astype(dtype), *operands(k, q),
+        block = forward_vb(b * h, dv, 132 if interpret else gpu_cores())
+        outs = _forward(settings(c, dk, dv, h, block), *operands(ag), v.astype(dtype), *operands(k, q),
                         g.reshape(b * h, n * c).astype(F32), seg.astype(F32), rows(state).astype(F32), save=save)
         o, *saved, final = outs
         final = final.reshape(state.shape)
@@ -417,8 +429,8 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         (b, h, n, c, dk), dv = w.shape, o_bar.shape[-1]
         decay_rows = jnp.repeat(rows(decay).astype(F32), c, axis=-1)  # each chunk's decay over its tokens
         w_, k_, attn_, q_ = operands(w, k, attn, q)
-        g_next, d, g0 = _reverse(settings(c, dk, dv, h, REVERSE_VB), w_, k_, decay_rows, attn_, o_bar.astype(dtype),
-                                 q_, rows(final_bar).astype(F32))
+        g_next, d, g0 = _reverse(settings(c, dk, dv, h, min(REVERSE_VB, dv)), w_, k_, decay_rows, attn_,
+                                 o_bar.astype(dtype), q_, rows(final_bar).astype(F32))
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, dv)
 
     def gradients(states, g_next, o_bar, deltas, d_deltas):
