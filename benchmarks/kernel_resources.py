@@ -157,8 +157,6 @@ def cases(ops: set[str]):
     if "gdn" in ops:
         s = FULL["gdn"]
         h, dk, dv = s["h"], s["dk"], s["dv"]
-        args = (sds((b, t, h, dk), bf16), sds((b, t, h, dk), bf16), sds((b, t, h, dv), bf16), sds((b, t, h), f32),
-                sds((b, t, h), f32))
 
         def gdn(*a):
             with pallas_common.force_backend("mosaic_gpu", None):
@@ -168,8 +166,11 @@ def cases(ops: set[str]):
             o, final = gdn(*a)
             return jnp.sum(o.astype(f32)) + jnp.sum(final)
 
-        yield "GDN o", gdn, args
-        yield "GDN grad", jax.grad(gdn_loss, argnums=range(5)), args
+        for batch in (1, 4):  # value blocks of 32 (6 heads: the grid would not fill the GPU at 64) and 64
+            args = (sds((batch, t, h, dk), bf16), sds((batch, t, h, dk), bf16), sds((batch, t, h, dv), bf16),
+                    sds((batch, t, h), f32), sds((batch, t, h), f32))
+            yield f"GDN o, batch {batch}", gdn, args
+            yield f"GDN grad, batch {batch}", jax.grad(gdn_loss, argnums=range(5)), args
 
 
 def main() -> None:

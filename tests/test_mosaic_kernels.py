@@ -296,14 +296,14 @@ def test_gdn_mosaic_forward_in_bf16_is_close_to_chunked():
     assert rel_err(o.astype(F32), o_ref) < 2e-2 and rel_err(final, final_ref) < 2e-2
 
 
-@pytest.mark.parametrize("cores, forward_vb", [(16, 64), (132, 32)])
-def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, forward_vb):
+@pytest.mark.parametrize("cores, vb", [(16, 64), (132, 32)])
+def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
     """d_k 256, d_v 512, chunks of 64, bf16: under jax.grad the chunk-factor kernel, the forward saving states,
     the reverse pass and the gradient pass, without it the factors and the forward alone, pass the Mosaic GPU
-    lowering (shared memory, layouts, wgmma operands); the forward's value block is 64 columns where the grid
+    lowering (shared memory, layouts, wgmma operands); the passes take value blocks of 64 columns where the grid
     (2 x 8 CTAs) fills the GPU, else 32."""
     monkeypatch.setattr(mosaic_gdn, "gpu_cores", lambda: cores)
-    assert mosaic_gdn.forward_vb(2, 512, cores) == forward_vb
+    assert mosaic_gdn.value_block(2, 512, cores) == vb
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512
     q, k = (jnp.asarray(rng.standard_normal((b, t, h, dk)), jnp.bfloat16) for _ in range(2))

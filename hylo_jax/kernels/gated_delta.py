@@ -357,7 +357,7 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sossgbt", "ot"), _per_device(passes.forward_saving, "sossgbt", "otss"),
-        _per_device(passes.reverse, "sscssot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
+        _per_device(passes.reverse, "sssgbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -421,10 +421,11 @@ def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c 
 @functools.cache
 def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
     """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v [b, n*C, h, dv], k, q, G, seg, state, attn) on the
-    passes of `mosaic_gdn`: the forward alone where nothing differentiates (it forms neither u, w nor attn),
-    else the forward that saves S_c and delta_c; backward, a reverse pass from o's cotangent (the cotangents of
-    S_c and delta_c are never formed), a pass for the gradients that only read the sequences, and XLA's VJP of
-    `_recurrence_inputs` (w recomputed in the operand dtype)."""
+    passes of `mosaic_gdn`: the forward alone where nothing differentiates, else the forward that saves S_c and
+    delta_c; backward, a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a
+    pass for the gradients that only read the sequences, and XLA's VJP of `_recurrence_inputs` for what those
+    gradients are of (u, w, the decayed keys and queries). No pass reads u, w or attn: they form what they need
+    from Ag, q and k (attn comes in for its cotangent only)."""
 
     def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
         return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
@@ -440,14 +441,14 @@ def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
     def bwd(res, cotangents):
         ag, v, k, q, cum, seg, attn, states, deltas = res
         o_bar, final_bar = cotangents
-        c = ag.shape[-1]
-        (_, w, k_out, decay, q_in), vjp = jax.vjp(
-            lambda ag, v, k, q, cum: _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype),
-            ag, v, k, q, cum)
-        g0, g_next, d_deltas = passes.reverse(w, k_out, decay, q_in, attn, o_bar, final_bar)
+        g0, g_next, d_deltas = passes.reverse(ag, k, q, cum, kernel_segments(seg), o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
+        c = ag.shape[-1]
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
                               preferred_element_type=attn.dtype)  # fp32 accumulation
+        (_, w, *_), vjp = jax.vjp(
+            lambda ag, v, k, q, cum: _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype),
+            ag, v, k, q, cum)
         return (*vjp((d_deltas, w_bar.astype(w.dtype), k_bar, decay_bar, q_bar)), None, g0, attn_bar)
 
     fused.defvjp(fwd, bwd)

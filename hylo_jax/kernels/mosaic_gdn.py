@@ -68,34 +68,35 @@ from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
-FORWARD_VB, REVERSE_VB = 64, 32  # value blocks: a [256, 64] fp32 state block is 128 registers a thread, [256, 32] 64
+VB = 64  # value columns a CTA: a [256, 64] fp32 state block is 128 registers a thread
 
 
-def forward_vb(rows: int, dv: int, cores: int) -> int:
-    """The forward's value block: `FORWARD_VB` columns (each CTA reads q, k and Ag once for twice the state
-    columns of 32) when that still gives every SM a CTA, else half as many (a short batch: 1 x 6 heads x 512
-    would fill 48 of 132 SMs at 64, 96 at 32)."""
-    vb = min(FORWARD_VB, dv)
+def value_block(rows: int, dv: int, cores: int) -> int:
+    """Both passes' value block: `VB` columns (each CTA reads q, k and Ag once for twice the state columns of 32)
+    when that still gives every SM a CTA, else half as many (a short batch: 1 x 6 heads x 512 would fill 48 of 132
+    SMs at 64, 96 at 32)."""
+    vb = min(VB, dv)
     if rows * (dv // vb) < cores and vb % 32 == 0:  # half of it is still a multiple of 16 dividing d_v
         return vb // 2
     return vb
 
 
 def unsupported(dk: int, dv: int, chunk: int, dtype, vb: int | None = None) -> str | None:
-    """Why the kernels cannot take this shape (None if they can); `vb` sets both passes' value block."""
+    """Why the kernels cannot take this shape with value blocks of `vb` (default the largest, `VB`) columns (None
+    if they can)."""
     if reason := dtype_reason(dtype):
         return reason
     if dk % 64 or chunk % 64 or dk > TMA_BOX or chunk > TMA_BOX:
         return f"d_k={dk} and chunk_size={chunk} must be multiples of 64 (wgmma rows), at most {TMA_BOX} (TMA)"
-    for block, slots, fixed in ((vb or min(FORWARD_VB, dv), _forward_slots, _forward_fixed),
-                                (vb or min(REVERSE_VB, dv), _slots, _fixed)):
-        if dv % block or block % 16 or block > 128:
-            return f"value block {block} must divide d_v={dv} and be a multiple of 16, at most 128"
-        if dk * block > 256 * 64:
-            return f"state block {dk} x {block} too large for one warpgroup's registers"
-        need = nbytes(slots(chunk, dk, block, dtype, 1) + fixed(chunk, dk, block, dtype))
+    vb = vb or min(VB, dv)
+    if dv % vb or vb % 16 or vb > 128:
+        return f"value block {vb} must divide d_v={dv} and be a multiple of 16, at most 128"
+    if dk * vb > 256 * 64:
+        return f"state block {dk} x {vb} too large for one warpgroup's registers"
+    for fixed in (_forward_fixed, _reverse_fixed):
+        need = nbytes(_slots(chunk, dk, vb, dtype, 1) + fixed(chunk, dk, vb, dtype))
         if need > SMEM_BYTES:
-            return f"chunk {chunk}, d_k {dk}, value block {block}: {need} B of shared memory > {SMEM_BYTES}"
+            return f"chunk {chunk}, d_k {dk}, value block {vb}: {need} B of shared memory > {SMEM_BYTES}"
     return None
 
 
@@ -105,8 +106,19 @@ def _swizzle(vb: int, cdt) -> int:
     return min(128, vb * jnp.dtype(cdt).itemsize)
 
 
-def _forward_slots(chunk, dk, vb, cdt, stages: int) -> list:
-    """The forward's inputs per TMA slot: q_c, k_c, Ag_c, the v_c block, then G and the segment index ([C])."""
+class _Slots(NamedTuple):
+    """Both passes' inputs per TMA slot: q_c, k_c, Ag_c, the chunk's block of v (forward) or o_bar (reverse), then
+    G and the segment index ([C] vectors)."""
+
+    q: object
+    k: object
+    ag: object
+    tok: object
+    g: object
+    seg: object
+
+
+def _slots(chunk, dk, vb, cdt, stages: int) -> list:
     sw = _swizzle(vb, cdt)
     return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw),
             smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw), *[vectors((stages, chunk))] * 2]
@@ -120,18 +132,11 @@ def _forward_fixed(chunk, dk, vb, cdt) -> list:
     return [smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
 
 
-def _slots(chunk, dk, vb, cdt, stages: int) -> list:
-    """The reverse pass's inputs per TMA slot: w_c, k_c, the decay (a [C] vector), attn_c and o_bar_c."""
+def _reverse_fixed(chunk, dk, vb, cdt) -> list:
+    """G entering the chunk's end as an operand (also sent out), then from the other side attn^T and d_in o o_bar,
+    D_c (sent out; the other side's operand) and y = -d_in o Ag^T D_c."""
     sw = _swizzle(vb, cdt)
-    return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw), vectors((stages, chunk)),
-            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw)]
-
-
-def _fixed(chunk, dk, vb, cdt) -> list:
-    """The reverse pass's q_c (one buffer); G as an operand, which is also what is sent out per chunk; -D_c as an
-    operand; D_c on its way out."""
-    sw = _swizzle(vb, cdt)
-    return [smem((chunk, dk), cdt, sw), smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
+    return [smem((dk, vb), cdt, sw), smem((chunk, chunk), cdt, sw), *[smem((chunk, vb), cdt, sw)] * 3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,163 +148,196 @@ class _Call:
     heads: int  # v, o and o_bar are in the op's [b, n*C, h, dv] layout: row = batch * heads + head
 
 
-def _forward(call: _Call, ag, v, k, q, g, seg, state, *, save: bool):
-    """The forward (module docstring) over ag [X, n*C, C], v [b, n*C, h, dv], k, q [X, n*C, dk] (X = b h) in the
-    operand dtype, g (G) [X, n*C] and seg (the segment index within the chunk) [b, n*C] fp32, the initial state
-    [X, dk, dv] fp32. Returns o [b, n*C, h, dv], then if `save` S_c [X, n, dk, dv] and delta_c [X, n*C, dv] in
-    the operand dtype, then the final state fp32."""
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """Where the CTA of (row = batch * heads + head, value block) reads and writes chunk i of `n_chunks`."""
+
+    row: jax.Array
+    vblock: pl.Slice
+    chunk: int
+    heads: int
+    n_chunks: int
+
+    def tokens(self, i):
+        return pl.ds(i * self.chunk, self.chunk)
+
+    def by_row(self, i):  # [X, n*C, ...]: q, k, Ag, G
+        return self.row, self.tokens(i)
+
+    def by_batch(self, i):  # [b, n*C]: the segment index
+        return self.row // self.heads, self.tokens(i)
+
+    def in_sequence(self, i):  # [b, n*C, h, dv]: v, o, o_bar
+        return self.row // self.heads, self.tokens(i), self.row % self.heads, self.vblock
+
+    def values(self, i):  # [X, n*C, dv]: delta_c, D_c
+        return self.row, self.tokens(i), self.vblock
+
+    def per_chunk(self, i):  # [X, n, dk, dv]: S_c, G_{c+1}
+        return self.row, i, slice(None), self.vblock
+
+    @property
+    def state(self):  # [X, dk, dv]
+        return self.row, slice(None), self.vblock
+
+
+def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, out_type: list, *, reverse: bool):
+    """One pass of two warpgroups over the chunks (last to first if `reverse`) of a grid of (row, value block)
+    CTAs. `ins` = (ag, the per-token input (v or o_bar) [b, n*C, h, dv], k, q [X, n*C, .] in the operand dtype,
+    G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32); `out_type` ends
+    with the carried block's end. `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers)) -> (carrier
+    step, other step, handovers the carrier drains)` (`mosaic_common.two_warpgroup_loop`)."""
+    k, start = ins[2], ins[-1]
     rows_, tp, dk = k.shape
-    dv, chunk, vb, cdt = state.shape[-1], call.chunk, call.vb, k.dtype
-    n_chunks = tp // chunk
-    ops = Ops(bool(call.interpret), chunk)
-    slot_buffers = functools.partial(_forward_slots, chunk, dk, vb, cdt)
-    fixed = _forward_fixed(chunk, dk, vb, cdt)
-    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN forward", call.interpret)
-
-    def kernel(ag_ref, v_ref, k_ref, q_ref, g_ref, seg_ref, state_ref, o_ref, *outs):
-        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
-
-        def by_row(i):
-            return row, pl.ds(i * chunk, chunk)
-
-        def in_sequence(i):  # v, o [b, n*C, h, dv]
-            return row // call.heads, pl.ds(i * chunk, chunk), row % call.heads, vblock
-
-        def by_batch(i):  # seg [b, n*C]
-            return row // call.heads, pl.ds(i * chunk, chunk)
-
-        def loop(state, q_sm, k_sm, ag_sm, v_sm, g_sm, seg_sm, s_sm, x_sm, delta_sm, o_sm, ready, consumed,
-                 s_ready, s_free, d_ready, d_free):
-            sources = [(q_ref, q_sm, by_row), (k_ref, k_sm, by_row), (ag_ref, ag_sm, by_row),
-                       (v_ref, v_sm, in_sequence), (g_ref, g_sm, by_row), (seg_ref, seg_sm, by_batch)]
-
-            def state_side(i, slot, state):
-                """delta = Ag (v - d_in o k S);  S' = d_c S + k^T (d_out o delta)."""
-                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
-                k_s = k_sm.at[slot]
-
-                @pl.when(i > 0)
-                def _():  # the output side has read the last chunk's S (and delta, before it could arrive here)
-                    plgpu.barrier_wait(s_free.at[0])
-                    if save:
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved ones have left
-                s_sm[...] = state.astype(cdt)
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(s_ready.at[0])
-                ks = ops.matmul((chunk, vb), (k_s, s_sm))
-                x_sm[...] = (ops.load(v_sm.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
-                plgpu.commit_smem()
-                delta = ops.matmul((chunk, vb), (ag_sm.at[slot], x_sm))
-
-                @pl.when(i > 0)
-                def _():
-                    plgpu.barrier_wait(d_free.at[0])
-                delta_sm[...] = delta.astype(cdt)
-                x_sm[...] = (delta * ch.rows_of(ch.d_out, vb)).astype(cdt)
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(d_ready.at[0])
-                if save:
-                    plgpu.copy_smem_to_gmem(s_sm, outs[0].at[row, i, :, vblock], commit_group=False)
-                    plgpu.copy_smem_to_gmem(delta_sm, outs[1].at[(*by_row(i), vblock)], commit_group=False)
-                    plgpu.commit_smem_to_gmem_group()
-                state = ops.matmul((dk, vb), (("T", k_s), x_sm), init=state * ch.d_chunk)
-                plgpu.barrier_arrive(consumed.at[slot])
-                return state
-
-            def output_side(i, slot, carry):
-                """o = d_in o (q S) + attn delta,  attn = (q k^T) o E."""
-                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
-                g_j, s_j = ch.columns(g_sm, seg_sm, slot)
-                q_s = q_sm.at[slot]
-                plgpu.barrier_wait(s_ready.at[0])
-                qk, qs = ops.matmuls(([(q_s, ("T", k_sm.at[slot]))], ops.zeros((chunk, chunk))),
-                                     ([(q_s, s_sm)], ops.zeros((chunk, vb))))
-                plgpu.barrier_arrive(s_free.at[0])
-                plgpu.barrier_arrive(consumed.at[slot])
-                attn = (qk * ch.decay(g_j, s_j)).astype(cdt)
-                plgpu.barrier_wait(d_ready.at[0])
-                o = ops.matmul((chunk, vb), (attn, delta_sm), init=qs * ch.rows_of(ch.d_in, vb))
-                plgpu.barrier_arrive(d_free.at[0])
-                store(1, (o, o_sm, o_ref.at[in_sequence(i)]))
-                return carry
-
-            return two_warpgroup_loop(ops, state_side, output_side, state, consumed=consumed,
-                                      handovers=[(s_free, 1), (d_free, 1)], sources=sources, ready=ready,
-                                      stages=stages, n_chunks=n_chunks, reverse=False)
-
-        handover = plgpu.Barrier(num_barriers=1)
-        barriers = [plgpu.Barrier(num_arrivals=len(slot_buffers(1)), num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[handover] * 4]
-        carry_state(ops, state_ref.at[row, :, vblock], outs[-1].at[row, :, vblock], loop,
-                    [*slot_buffers(stages), *fixed, *barriers], owner=lax.axis_index("wg") == 0)
-
-    sds = jax.ShapeDtypeStruct
-    out_type = [sds(v.shape, cdt)]
-    if save:
-        out_type += [sds((rows_, n_chunks, dk, dv), cdt), sds((rows_, tp, dv), cdt)]
-    out_type.append(sds((rows_, dk, dv), F32))
-    run = gpu_kernel(kernel, "gdn_forward_train" if save else "gdn_forward", out_type=tuple(out_type),
-                     grid=(rows_, dv // vb), grid_names=("rows", "vblocks"), interpret=call.interpret, num_threads=2,
-                     thread_name="wg")
-    return run(ag, v, k, q, g, seg, state)
-
-
-def _reverse(call: _Call, w, k, decay, attn, o_bar, q, g_final):
-    """The reverse pass (module docstring) over w, k, q [X, n*C, dk], decay [X, n*C] (each chunk's d_c repeated
-    over its tokens, fp32), attn [X, n*C, C], o_bar [b, n*C, h, dv] in the operand dtype and the final state's
-    cotangent [X, dk, dv] fp32: a grid of (row, value block) CTAs walking the chunks last to first. Returns G
-    entering each chunk's end [X, n, dk, dv] and D_c [X, n*C, dv] in the operand dtype, then G_0 fp32."""
-    rows_, tp, dk = w.shape
-    dv, chunk, vb, cdt = g_final.shape[-1], call.chunk, call.vb, w.dtype
+    dv, chunk, vb, cdt = start.shape[-1], call.chunk, call.vb, k.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
     slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
-    fixed = _fixed(chunk, dk, vb, cdt)
-    stages = fit(slot_buffers, fixed, call.stages, n_chunks, "GDN reverse", call.interpret)
+    fixed_buffers = fixed(chunk, dk, vb, cdt)
+    stages = fit(slot_buffers, fixed_buffers, call.stages, n_chunks, name, call.interpret)
 
-    def kernel(w_ref, k_ref, d_ref, attn_ref, ob_ref, q_ref, g_ref, g_next_ref, d_out_ref, g0_ref):
-        row, vblock = lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb)
+    def kernel(ag_ref, tok_ref, k_ref, q_ref, g_ref, seg_ref, start_ref, *outs):
+        at = _Place(lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb), chunk, call.heads, n_chunks)
 
-        def by_row(i):
-            return row, pl.ds(i * chunk, chunk)
+        def loop(carried, *refs):
+            slots = _Slots(*refs[:6])
+            fixed_refs, (ready, consumed, *handovers) = refs[6:6 + len(fixed_buffers)], refs[6 + len(fixed_buffers):]
+            sources = [(q_ref, slots.q, at.by_row), (k_ref, slots.k, at.by_row), (ag_ref, slots.ag, at.by_row),
+                       (tok_ref, slots.tok, at.in_sequence), (g_ref, slots.g, at.by_row),
+                       (seg_ref, slots.seg, at.by_batch)]
+            carrier, other, drained = sides(ops, at, outs, slots, fixed_refs, (consumed, *handovers))
+            return two_warpgroup_loop(ops, carrier, other, carried, consumed=consumed, handovers=drained,
+                                      sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=reverse)
 
-        def in_sequence(i):  # o_bar [b, n*C, h, dv]
-            return row // call.heads, pl.ds(i * chunk, chunk), row % call.heads, vblock
+        barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[plgpu.Barrier(num_barriers=1)] * 4]
+        carry_state(ops, start_ref.at[at.state], outs[-1].at[at.state], loop,
+                    [*slot_buffers(stages), *fixed_buffers, *barriers], owner=lax.axis_index("wg") == 0)
 
-        def loop(g, w_sm, k_sm, decay_sm, attn_sm, ob_sm, q_sm, carried_sm, minus_d_sm, d_sm_out, ready, q_ready):
-            def step(i, slot, g):
-                """D = attn^T o_bar + k G;  G <- q^T o_bar + d G - w^T D."""
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's copies out have left
-                carried_sm[...] = g.astype(cdt)
-                plgpu.commit_smem()  # (and every warp is past the last chunk's product that read q)
-                plgpu.copy_gmem_to_smem(q_ref.at[by_row(i)], q_sm, q_ready)
-                o_bar = ob_sm.at[slot]
-                d = ops.matmul((chunk, vb), (("T", attn_sm.at[slot]), o_bar), (k_sm.at[slot], carried_sm))
-                d_sm_out[...] = d.astype(cdt)
-                minus_d_sm[...] = (-d).astype(cdt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(carried_sm, g_next_ref.at[row, i, :, vblock], commit_group=False)
-                plgpu.copy_smem_to_gmem(d_sm_out, d_out_ref.at[(*by_row(i), vblock)], commit_group=False)
+    run = gpu_kernel(kernel, name, out_type=tuple(out_type), grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
+                     interpret=call.interpret, num_threads=2, thread_name="wg")
+    return run(*ins)
+
+
+def _forward_sides(save: bool) -> Callable:
+    """The forward's two sides (`_pass`): outs = (o, then if `save` S_c and delta_c, the final state)."""
+
+    def sides(ops, at, outs, sl, fixed_refs, barriers):
+        s_sm, x_sm, delta_sm, o_sm = fixed_refs
+        consumed, s_ready, s_free, d_ready, d_free = barriers
+        chunk, (dk, vb), cdt = ops.chunk, s_sm.shape, s_sm.dtype
+
+        def state_side(i, slot, state):
+            """delta = Ag (v - d_in o k S);  S' = d_c S + k^T (d_out o delta)."""
+            ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+            k_s = sl.k.at[slot]
+
+            @pl.when(i > 0)
+            def _():  # the output side has read the last chunk's S (and delta, before it could arrive here)
+                plgpu.barrier_wait(s_free.at[0])
+                if save:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved ones have left
+            s_sm[...] = state.astype(cdt)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(s_ready.at[0])
+            ks = ops.matmul((chunk, vb), (k_s, s_sm))
+            x_sm[...] = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
+            plgpu.commit_smem()
+            delta = ops.matmul((chunk, vb), (sl.ag.at[slot], x_sm))
+
+            @pl.when(i > 0)
+            def _():
+                plgpu.barrier_wait(d_free.at[0])
+            delta_sm[...] = delta.astype(cdt)
+            x_sm[...] = (delta * ch.rows_of(ch.d_out, vb)).astype(cdt)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(d_ready.at[0])
+            if save:
+                plgpu.copy_smem_to_gmem(s_sm, outs[1].at[at.per_chunk(i)], commit_group=False)
+                plgpu.copy_smem_to_gmem(delta_sm, outs[2].at[at.values(i)], commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-                plgpu.barrier_wait(q_ready)
-                return ops.matmul((dk, vb), (("T", q_sm), o_bar), (("T", w_sm.at[slot]), minus_d_sm),
-                                  init=g * decay_sm[slot, 0])
+            state = ops.matmul((dk, vb), (("T", k_s), x_sm), init=state * ch.d_chunk)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return state
 
-            sources = [(w_ref, w_sm, by_row), (k_ref, k_sm, by_row), (d_ref, decay_sm, by_row),
-                       (attn_ref, attn_sm, by_row), (ob_ref, ob_sm, in_sequence)]
-            g = chunk_loop(step, g, sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=True)
-            plgpu.wait_smem_to_gmem(0)
-            return g
+        def output_side(i, slot, carry):
+            """o = d_in o (q S) + attn delta,  attn = (q k^T) o E."""
+            ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+            g_j, s_j = ch.columns(sl.g, sl.seg, slot)
+            q_s = sl.q.at[slot]
+            plgpu.barrier_wait(s_ready.at[0])
+            qk, qs = ops.matmuls(([(q_s, ("T", sl.k.at[slot]))], ops.zeros((chunk, chunk))),
+                                 ([(q_s, s_sm)], ops.zeros((chunk, vb))))
+            plgpu.barrier_arrive(s_free.at[0])
+            plgpu.barrier_arrive(consumed.at[slot])
+            attn = (qk * ch.decay(g_j, s_j)).astype(cdt)
+            plgpu.barrier_wait(d_ready.at[0])
+            o = ops.matmul((chunk, vb), (attn, delta_sm), init=qs * ch.rows_of(ch.d_in, vb))
+            plgpu.barrier_arrive(d_free.at[0])
+            store(1, (o, o_sm, outs[0].at[at.in_sequence(i)]))
+            return carry
 
-        carry_state(ops, g_ref.at[row, :, vblock], g0_ref.at[row, :, vblock], loop,
-                    [*slot_buffers(stages), *fixed, plgpu.Barrier(num_arrivals=len(slot_buffers(1)),
-                                                                  num_barriers=stages), plgpu.Barrier()])
+        return state_side, output_side, [(s_free, 1), (d_free, 1)]
 
-    sds = jax.ShapeDtypeStruct
-    out_type = (sds((rows_, n_chunks, dk, dv), cdt), sds((rows_, tp, dv), cdt), sds((rows_, dk, dv), F32))
-    run = gpu_kernel(kernel, "gdn_reverse", out_type=out_type, grid=(rows_, dv // vb),
-                     grid_names=("rows", "vblocks"), interpret=call.interpret)
-    return run(w, k, decay, attn, o_bar, q, g_final)
+    return sides
+
+
+def _reverse_sides(ops, at, outs, sl, fixed_refs, barriers):
+    """The reverse pass's two sides (`_pass`): outs = (G_{c+1} per chunk, D_c, G_0). With the keys and queries of
+    the forward (k, q undecayed: d_out and d_in act on the [C, vb] factors) and w = Ag diag(d_in) k,
+    D = attn^T o_bar + d_out o (k G) and G <- d_c G + q^T (d_in o o_bar) + k^T y, y = -d_in o (Ag^T D)."""
+    g_sm, attn_t_sm, z_sm, d_sm, y_sm = fixed_refs
+    consumed, attn_ready, d_ready, y_ready, free = barriers
+    chunk, (dk, vb), cdt = ops.chunk, g_sm.shape, g_sm.dtype
+
+    def carrier_side(i, slot, g):
+        """D, then G for the chunk before (the carrier holds G)."""
+        ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+        k_s = sl.k.at[slot]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's G and D have left
+        g_sm[...] = g.astype(cdt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(g_sm, outs[0].at[at.per_chunk(i)])
+        plgpu.barrier_wait(attn_ready.at[0])
+        kg, d = ops.matmuls(([(k_s, g_sm)], ops.zeros((chunk, vb))),
+                            ([(attn_t_sm, sl.tok.at[slot])], ops.zeros((chunk, vb))))
+        d_sm[...] = (d + ch.rows_of(ch.d_out, vb) * kg).astype(cdt)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(d_ready.at[0])
+        plgpu.copy_smem_to_gmem(d_sm, outs[1].at[at.values(i)])
+        plgpu.barrier_wait(y_ready.at[0])
+        g = ops.matmul((dk, vb), (("T", sl.q.at[slot]), z_sm), (("T", k_s), y_sm), init=g * ch.d_chunk)
+
+        @pl.when(i > 0)
+        def _():  # attn^T, d_in o o_bar and y of this chunk are read (chunk 0 is the last)
+            plgpu.barrier_arrive(free.at[0])
+        plgpu.barrier_arrive(consumed.at[slot])
+        return g
+
+    def other_side(i, slot, carry):
+        """attn^T = (k q^T) o E^T and d_in o o_bar for the carrier, then y = -d_in o (Ag^T D)."""
+        ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+        g_j, s_j = ch.columns(sl.g, sl.seg, slot)
+        kq = ops.matmul((chunk, chunk), (sl.k.at[slot], ("T", sl.q.at[slot])))
+        attn_t = (kq * ch.decay(g_j, s_j, transposed=True)).astype(cdt)
+        z = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_in, vb)).astype(cdt)
+
+        @pl.when(i < at.n_chunks - 1)
+        def _():  # the carrier is done with the last chunk's (chunk i + 1's)
+            plgpu.barrier_wait(free.at[0])
+        attn_t_sm[...] = attn_t
+        z_sm[...] = z
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(attn_ready.at[0])
+        plgpu.barrier_wait(d_ready.at[0])
+        y = ops.matmul((chunk, vb), (("T", sl.ag.at[slot]), d_sm)) * ch.rows_of(-ch.d_in, vb)
+        y_sm[...] = y.astype(cdt)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(y_ready.at[0])
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+    return carrier_side, other_side, []
 
 
 GRAD_KB = 64  # key columns per CTA of the gradient pass: three [C, 64] fp32 accumulators
@@ -382,18 +420,17 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 
 class Kernels(NamedTuple):
-    """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; k, q, w [b, h, n, C, dk];
-    G [b, h, n, C] fp32; attn [b, h, n, C, C]; decay [b, h, n]; states [b, h, dk, dv]), except v, o and o_bar,
-    which are in the op's own layout [b, n*C, h, dv] (no transposes on either side), and the segment index within
-    the chunk, [b, n*C] fp32. What goes in and out per chunk or token is in the operand dtype, the initial and final
-    states and their cotangents fp32:
+    """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; k, q [b, h, n, C, dk];
+    G [b, h, n, C] fp32; states [b, h, dk, dv]), except v, o and o_bar, which are in the op's own layout
+    [b, n*C, h, dv] (no transposes on either side), and the segment index within the chunk, [b, n*C] fp32. What
+    goes in and out per chunk or token is in the operand dtype, the initial and final states and their cotangents
+    fp32:
 
     forward(ag, v, k, q, g, seg, state) -> (o in the operand dtype, final state);
     forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c [b, h, n, C, dv]);
-    reverse(w, k, decay, q, attn, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c) (k, q decayed as in
-    `gated_delta._chunked`);
+    reverse(ag, k, q, g, seg, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
-    [b, h, n]), all fp32 (`_gradients`)."""
+    [b, h, n]), all fp32 (`_gradients`), for the decayed q, k and w of `gated_delta._recurrence_inputs`."""
 
     forward: Callable
     forward_saving: Callable
@@ -403,35 +440,41 @@ class Kernels(NamedTuple):
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
     """The passes of this module with matmul operands in `dtype` (`Kernels`); `vb` sets the value block of the
-    forward and the reverse pass (default `forward_vb`, `REVERSE_VB`)."""
+    forward and the reverse pass (default `value_block`)."""
 
-    def settings(c, dk, dv, heads, block) -> _Call:
-        if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), vb):
+    def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse):
+        b, h, n, c, dk = k.shape
+        dv = tok.shape[-1]
+        block = vb or value_block(b * h, dv, 132 if interpret else gpu_cores())
+        if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), block):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
-        return _Call(c, vb or block, stages, interpret, heads)
+        sds = jax.ShapeDtypeStruct
+        types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds((b * h, dk, dv), F32)]
+        return _pass(_Call(c, block, stages, interpret, h), name, sides, fixed,
+                     (*operands(ag), tok.astype(dtype), *operands(k, q), g.reshape(b * h, n * c).astype(F32),
+                      seg.astype(F32), rows(start).astype(F32)), types, reverse=reverse)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
 
     def forward_pass(ag, v, k, q, g, seg, state, save):
-        b, h, n, c, dk = k.shape
-        dv = v.shape[-1]
-        block = forward_vb(b * h, dv, 132 if interpret else gpu_cores())
-        outs = _forward(settings(c, dk, dv, h, block), *operands(ag), v.astype(dtype), *operands(k, q),
-                        g.reshape(b * h, n * c).astype(F32), seg.astype(F32), rows(state).astype(F32), save=save)
-        o, *saved, final = outs
+        b, h, n, c, _ = k.shape
+
+        def out_type(x, n, c, dk, dv):
+            return [(b, n * c, h, dv)] + ([(x, n, dk, dv), (x, n * c, dv)] if save else [])
+
+        o, *saved, final = run(ag, v, k, q, g, seg, state, "gdn_forward_train" if save else "gdn_forward",
+                               _forward_sides(save), _forward_fixed, out_type, reverse=False)
         final = final.reshape(state.shape)
         if not save:
             return o, final
-        return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, dv)
+        return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, -1)
 
-    def reverse(w, k, decay, q, attn, o_bar, final_bar):
-        (b, h, n, c, dk), dv = w.shape, o_bar.shape[-1]
-        decay_rows = jnp.repeat(rows(decay).astype(F32), c, axis=-1)  # each chunk's decay over its tokens
-        w_, k_, attn_, q_ = operands(w, k, attn, q)
-        g_next, d, g0 = _reverse(settings(c, dk, dv, h, min(REVERSE_VB, dv)), w_, k_, decay_rows, attn_,
-                                 o_bar.astype(dtype), q_, rows(final_bar).astype(F32))
-        return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, dv)
+    def reverse(ag, k, q, g, seg, o_bar, final_bar):
+        b, h, n, c, _ = k.shape
+        g_next, d, g0 = run(ag, o_bar, k, q, g, seg, final_bar, "gdn_reverse", _reverse_sides, _reverse_fixed,
+                            lambda x, n, c, dk, dv: [(x, n, dk, dv), (x, n * c, dv)], reverse=True)
+        return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, -1)
 
     def gradients(states, g_next, o_bar, deltas, d_deltas):
         b, h, n, c, dv = deltas.shape
