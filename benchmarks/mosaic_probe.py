@@ -1,0 +1,126 @@
+"""Each Mosaic GPU kernel set on its own, each case in a subprocess under its own time limit, so that a kernel that
+hangs or compiles for minutes costs only its own row: compile seconds, run ms and the max relative error (max
+|a - b| / max |b| over the results) against the chunked path on the same bf16 inputs. Modes per op:
+  fwd    the output where nothing differentiates (GDN: factors + forward; SSD: the y kernel);
+  train  the output of jax.vjp's forward, with its residuals (GDN: the forward that saves S_c and delta_c;
+         SSD: the train kernel);
+  grad   every input cotangent (GDN: the reverse and gradient passes; SSD: the backward kernels).
+
+    python benchmarks/mosaic_probe.py [--shapes 1x1024,4x1024] [--cases gdn_fwd,ssd_g1n128_grad] [--limit 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import mixers  # noqa: E402  (sets the allocator environment before a JAX backend starts)
+import numpy as np  # noqa: E402
+from common import print_table  # noqa: E402
+from kernels import with_kernels  # noqa: E402
+
+from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
+from hylo_jax.kernels.ssd import ssd  # noqa: E402
+
+MODES = ("fwd", "train", "grad")
+OPS = ("gdn", *(f"ssd_{variant}" for variant in mixers.FULL["ssd"]))
+
+
+def op_case(op: str, b: int, t: int):
+    """(f(*args, impl) -> (output, final state), args) at the benchmark's full sizes, bf16 inputs."""
+    rng = np.random.default_rng(0)
+    if op == "gdn":
+        data, dtypes, _, _ = mixers.gdn_case(rng, b, t, **mixers.FULL["gdn"])
+        names = ("q", "k", "v", "g", "beta")
+
+        def f(*a, impl):
+            return gated_delta_rule(*a, use_qk_l2norm=True, chunk_size=mixers.CHUNK, impl=impl)
+    else:
+        data, dtypes, _, _ = mixers.ssd_case(rng, b, t, **mixers.FULL["ssd"][op.removeprefix("ssd_")])
+        names = ("x", "dt", "A", "B", "C", "dt_bias")
+
+        def f(*a, impl):
+            return ssd(*a[:5], dt_bias=a[5], chunk_size=mixers.CHUNK, impl=impl)
+    return f, [jnp.asarray(data[n], dtypes[n]) for n in names]
+
+
+def program(f, mode: str, impl: str):
+    """The jitted function of `mode` over f's inputs."""
+    if mode == "fwd":
+        return jax.jit(lambda *a: f(*a, impl=impl))
+
+    def loss(*a):
+        o, final = f(*a, impl=impl)
+        return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(final)
+
+    if mode == "train":
+        return jax.jit(lambda *a: jax.vjp(loss, *a))  # the primal, and the residuals (leaves of the VJP function)
+    return jax.jit(jax.grad(loss, argnums=range(5)))
+
+
+def run_case(op: str, mode: str, b: int, t: int) -> dict:
+    f, args = op_case(op, b, t)
+    ours = with_kernels(f, "mosaic")
+    start = time.perf_counter()
+    compiled = program(ours, mode, "pallas").lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    got = jax.block_until_ready(compiled(*args))
+    start = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(compiled(*args))
+    ms = (time.perf_counter() - start) / 3 * 1e3
+    want = program(f, mode, "chunked")(*args)
+    if mode == "train":
+        got, want = got[0], want[0]
+    error = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - w.astype(jnp.float32)))
+                      / jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32))), 1e-30))
+                for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True))
+    return dict(compile_s=round(compile_s, 1), ms=round(ms, 3), error=f"{error:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="1x1024,4x1024", help="B x T list (GDN: 1 x 6 heads takes value "
+                        "blocks of 32, 4 x 6 of 64)")
+    parser.add_argument("--cases", default="", help="comma list of <op>_<mode> (default all)")
+    parser.add_argument("--limit", type=float, default=60.0, help="seconds per case")
+    parser.add_argument("--run", default="", help=argparse.SUPPRESS)  # op,mode,b,t: one case, JSON on stdout
+    args = parser.parse_args()
+    if args.run:
+        op, mode, b, t = args.run.split(",")
+        print(json.dumps(run_case(op, mode, int(b), int(t))))
+        return
+    print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}", flush=True)
+    chosen = set(filter(None, args.cases.split(",")))
+    rows = []
+    for shape in args.shapes.split(","):
+        b, t = map(int, shape.split("x"))
+        for op in OPS:
+            for mode in MODES:
+                if chosen and f"{op}_{mode}" not in chosen:
+                    continue
+                cmd = [sys.executable, __file__, "--run", f"{op},{mode},{b},{t}"]
+                try:
+                    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.limit)
+                    if done.returncode:
+                        status, result = f"error: {done.stderr.strip().splitlines()[-1][-200:]}", {}
+                    else:
+                        status, result = "ok", json.loads(done.stdout.strip().splitlines()[-1])
+                except subprocess.TimeoutExpired:
+                    status, result = f"timeout ({args.limit:.0f} s)", {}
+                row = [op, mode, shape, status, result.get("compile_s", ""), result.get("ms", ""),
+                       result.get("error", "")]
+                print("  " + " | ".join(map(str, row)), flush=True)
+                rows.append(row)
+    print_table(["op", "mode", "B x T", "status", "compile s", "ms", "max rel err vs chunked"], rows)
+
+
+if __name__ == "__main__":
+    main()
