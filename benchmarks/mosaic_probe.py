@@ -71,6 +71,7 @@ def run_case(op: str, mode: str, b: int, t: int) -> dict:
     start = time.perf_counter()
     compiled = program(ours, mode, "pallas").lower(*args).compile()
     compile_s = time.perf_counter() - start
+    print(f"compiled in {compile_s:.1f} s", flush=True)  # what a timeout reports: compiled, or not
     got = jax.block_until_ready(compiled(*args))
     start = time.perf_counter()
     for _ in range(3):
@@ -113,8 +114,9 @@ def main() -> None:
                         status, result = f"error: {done.stderr.strip().splitlines()[-1][-200:]}", {}
                     else:
                         status, result = "ok", json.loads(done.stdout.strip().splitlines()[-1])
-                except subprocess.TimeoutExpired:
-                    status, result = f"timeout ({args.limit:.0f} s)", {}
+                except subprocess.TimeoutExpired as timeout:
+                    stage = "running" if "compiled in" in (timeout.stdout or b"").decode() else "compiling"
+                    status, result = f"timeout ({args.limit:.0f} s) {stage}", {}
                 row = [op, mode, shape, status, result.get("compile_s", ""), result.get("ms", ""),
                        result.get("error", "")]
                 print("  " + " | ".join(map(str, row)), flush=True)
