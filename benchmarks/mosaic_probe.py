@@ -115,7 +115,9 @@ def main() -> None:
                     else:
                         status, result = "ok", json.loads(done.stdout.strip().splitlines()[-1])
                 except subprocess.TimeoutExpired as timeout:
-                    stage = "running" if "compiled in" in (timeout.stdout or b"").decode() else "compiling"
+                    out = timeout.stdout or b""
+                    out = out.decode() if isinstance(out, bytes) else out
+                    stage = "running" if "compiled in" in out else "compiling"
                     status, result = f"timeout ({args.limit:.0f} s) {stage}", {}
                 row = [op, mode, shape, status, result.get("compile_s", ""), result.get("ms", ""),
                        result.get("error", "")]
