@@ -159,13 +159,13 @@ def recurrence_inputs(seed, b, h, n, c, dk, dv):
     return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32), attn
 
 
-@pytest.mark.parametrize("dtype, tol, vb", [(F32, 1e-5, 64), (jnp.bfloat16, 2e-2, 32)])
-def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol, vb):
+@pytest.mark.parametrize("b, dv, dtype, tol, vb", [(2, 128, F32, 1e-5, 64), (1, 64, jnp.bfloat16, 2e-2, 32)])
+def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     """The Mosaic GDN passes (the two-warpgroup forward alone and saving S_c and delta_c, the reverse pass from
     o's cotangent, the gradient pass; value blocks of 64 or 32) against the `lax.scan`
     recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs: o, the final state, S_c, delta_c and every
     cotangent (Ag, v, k, q, G, initial state, attn)."""
-    args = recurrence_inputs(0, 2, 2, 3, 64, 64, 128)
+    args = recurrence_inputs(0, b, 2, 3, 64, 64, dv)
     ag, v, k, q, cum, seg, state, attn = args
     passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=vb)
     ours = _fused_outputs(passes, jnp.dtype(dtype))
@@ -175,7 +175,7 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(dtype, tol, vb):
         return _outputs(chunk_state_recurrence, F32)(u, w, k_out, decay, state, q_in, attn)
 
     want = reference(*args)
-    segments = seg[:, 0].reshape(2, -1).astype(F32)
+    segments = seg[:, 0].reshape(b, -1).astype(F32)
     saving = passes.forward_saving(ag, v, k, q, cum, segments, state)
     for got in (ours(*args), saving[:2]):
         for a, w in zip(got, want, strict=True):
@@ -326,8 +326,8 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
 # ----------------------------------------------------------------------------- dispatch
 def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     """On a Hopper GPU the Mosaic kernels are the Pallas path once `MOSAIC_FIRST_ON_HOPPER` (Triton where they do
-    not take the shape), else opt-in; elsewhere Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole ops then match the chunked path (fp32
-    operands in the interpreter)."""
+    not take the shape), else opt-in; elsewhere Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole
+    ops then match the chunked path (fp32 operands in the interpreter)."""
     ok, why = pallas_common.gpu_capability_ok("mosaic_gpu")
     assert not ok and "not 9.x" in why  # the CPU; an sm100 GPU too (no wgmma)
     monkeypatch.setattr(pallas_common, "platform", lambda: "gpu")
