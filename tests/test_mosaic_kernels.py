@@ -22,7 +22,8 @@ from hylo_jax.kernels.gated_delta import (
     _in_chunks,
     _outputs,
     _recurrence_inputs,
-    chunk_factors,
+    chunk_attn,
+    chunk_inverse,
     chunk_state_recurrence,
     gated_delta_rule,
 )
@@ -143,9 +144,8 @@ def test_ssd_kernels_prefetch_at_mamba2_sizes(n, forward_slots, backward_slots):
 # ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
     """Ag = T diag(beta) [b, h, n, C, C] (lower triangular), v [b, n*C, h, dv], k, q [b, h, n, C, dk], G [b, h, n, C]
-    (decreasing within each chunk), segment indices [b, 1, n, C] (a reset in the first chunk), the initial state
-    [b, h, dk, dv] and attn = (q k^T) o E, consistent with q, k and G as the rule's (the forward kernel forms it
-    itself)."""
+    (decreasing within each chunk), segment indices [b, 1, n, C] (a reset in the first chunk) and the initial state
+    [b, h, dk, dv]."""
     rng = np.random.default_rng(seed)
     ag = np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1 + np.eye(c) * 0.5
     v = rng.standard_normal((b, n * c, h, dv))
@@ -155,23 +155,23 @@ def recurrence_inputs(seed, b, h, n, c, dk, dv):
     reset[0, 0, c // 2] = True
     seg = jnp.asarray(np.cumsum(reset, axis=-1)[:, None], jnp.int32)
     ag, v, k, q, cum = (jnp.asarray(z, F32) for z in (ag, v, k, q, cum))
-    attn = chunk_factors(q, k, jnp.ones(cum.shape, F32), cum, seg)[1]
-    return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32), attn
+    return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32)
 
 
 @pytest.mark.parametrize("b, dv, dtype, tol, vb", [(2, 128, F32, 1e-5, 64), (1, 64, jnp.bfloat16, 2e-2, 32)])
 def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     """The Mosaic GDN passes (the two-warpgroup forward alone and saving S_c and delta_c, the reverse pass from
     o's cotangent, the gradient pass; value blocks of 64 or 32) against the `lax.scan`
-    recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs: o, the final state, S_c, delta_c and every
-    cotangent (Ag, v, k, q, G, initial state, attn)."""
+    recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs with attn = (q k^T) o E: o, the final state, S_c,
+    delta_c and every cotangent (Ag, v, k, q, G, initial state)."""
     args = recurrence_inputs(0, b, 2, 3, 64, 64, dv)
-    ag, v, k, q, cum, seg, state, attn = args
+    ag, v, k, q, cum, seg, state = args
     passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=vb)
     ours = _fused_outputs(passes, jnp.dtype(dtype))
 
-    def reference(ag, v, k, q, cum, seg, state, attn):
+    def reference(ag, v, k, q, cum, seg, state):
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, _in_chunks(v, 64), k, q, cum, seg, F32, F32)
+        attn = chunk_attn(q, k, cum, seg)
         return _outputs(chunk_state_recurrence, F32)(u, w, k_out, decay, state, q_in, attn)
 
     want = reference(*args)
@@ -186,47 +186,45 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     assert rel_err(saving[3].astype(F32), deltas) < tol
 
     def loss(fn):
-        def f(ag, v, k, q, cum, state, attn):
-            o, final = fn(ag, v, k, q, cum, seg, state, attn)
+        def f(ag, v, k, q, cum, state):
+            o, final = fn(ag, v, k, q, cum, seg, state)
             return jnp.sum(jnp.sin(o.astype(F32))) + jnp.sum(final * final)
         return f
 
-    differentiable = (ag, v, k, q, cum, state, attn)
-    got = jax.grad(loss(ours), argnums=range(7))(*differentiable)
-    want = jax.grad(loss(reference), argnums=range(7))(*differentiable)
-    for name, a, w in zip(("ag", "v", "k", "q", "G", "state", "attn"), got, want, strict=True):
+    differentiable = (ag, v, k, q, cum, state)
+    got = jax.grad(loss(ours), argnums=range(6))(*differentiable)
+    want = jax.grad(loss(reference), argnums=range(6))(*differentiable)
+    for name, a, w in zip(("ag", "v", "k", "q", "G", "state"), got, want, strict=True):
         assert rel_err(a, w) < tol, name
 
 
 def factor_inputs(seed, b, h, n, dk, dtype, correlated):
-    """q, k (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries large),
-    beta, G and segment indices in the chunk layout of `gated_delta.chunk_factors`, chunks of 64."""
+    """k (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries large), beta, G
+    and segment indices in the chunk layout of `gated_delta.chunk_inverse`, chunks of 64."""
     rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, b, h, n, 64, dk))
+    k = rng.standard_normal((b, h, n, 64, dk))
     k = (1 - correlated) * k + 3 * correlated * rng.standard_normal((b, h, 1, 1, dk))
-    q, k = (z / np.linalg.norm(z, axis=-1, keepdims=True) for z in (q, k))
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
     beta = 1 / (1 + np.exp(-rng.standard_normal((b, h, n, 64))))
     cum = np.cumsum(-0.05 * np.logaddexp(0.0, rng.standard_normal((b, h, n, 64))), axis=-1)
     seg = np.cumsum(rng.random((b, 1, n, 64)) < 0.03, axis=-1)
-    return (jnp.asarray(q, dtype), jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32),
-            jnp.asarray(seg, jnp.int32))
+    return jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32), jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype, attn_tol", [(F32, 1e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
 @pytest.mark.parametrize("correlated", [0.0, 0.9])
-def test_gdn_chunk_factor_kernel_matches_xla(dtype, attn_tol, correlated):
-    """The kernel's T = (I + M)^{-1} and attn against `gated_delta.chunk_factors` on the same (rounded) q, k.
-    T is 1e-6 from fp32 operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts);
-    attn is rounded to bf16. The bf16 kernel is lowered for CUDA too."""
+def test_gdn_chunk_inverse_kernel_matches_xla(dtype, correlated):
+    """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
+    operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts). The bf16 kernel is
+    lowered for CUDA too."""
     args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
-        lowered = jax.jit(mosaic_gdn_factors.chunk_factors).trace(*args).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(mosaic_gdn_factors.chunk_inverse).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
-    t, attn = mosaic_gdn_factors.chunk_factors(*args, interpret=mosaic_common.interpret_params())
-    t_ref, attn_ref = chunk_factors(*(a.astype(F32) if a.dtype != jnp.int32 else a for a in args))
-    assert t.dtype == F32 and attn.dtype == dtype
+    t = mosaic_gdn_factors.chunk_inverse(*args, interpret=mosaic_common.interpret_params())
+    t_ref = chunk_inverse(args[0].astype(F32), *args[1:])
+    assert t.dtype == F32
     assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)
-    assert rel_err(attn.astype(F32), attn_ref) < attn_tol
 
 
 def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):
@@ -279,7 +277,7 @@ def test_gdn_mosaic_path_gradients_match_chunked():
 
 
 def test_gdn_mosaic_forward_in_bf16_is_close_to_chunked():
-    """The forward alone (the chunk factors, then the fused output pass) from bf16 q, k, v: bf16-level
+    """The forward alone (the chunk inverse, then the fused forward) from bf16 q, k, v: bf16-level
     agreement with the fp32 chunked path."""
     rng = np.random.default_rng(9)
     b, t, h, dk, dv = 1, 150, 2, 64, 128
@@ -298,7 +296,7 @@ def test_gdn_mosaic_forward_in_bf16_is_close_to_chunked():
 
 @pytest.mark.parametrize("cores, vb", [(16, 64), (132, 32)])
 def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
-    """d_k 256, d_v 512, chunks of 64, bf16: under jax.grad the chunk-factor kernel, the forward saving states,
+    """d_k 256, d_v 512, chunks of 64, bf16: under jax.grad the chunk-inverse kernel, the forward saving states,
     the reverse pass and the gradient pass, without it the factors and the forward alone, pass the Mosaic GPU
     lowering (shared memory, layouts, wgmma operands); the passes take value blocks of 64 columns where the grid
     (2 x 8 CTAs) fills the GPU, else 32."""

@@ -154,61 +154,72 @@ def _masked_exp(x: Array, mask: Array) -> Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def chunk_factors(
-    q: Float[Array, "b h n c dk"],
+def _chunk_masks(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tuple[Array, Array, Array]:
+    """(G_i - G_j, j <= i in one segment, j < i in one segment) for every chunk, [b, h, n, C, C]."""
+    c = cum.shape[-1]
+    same = seg[..., :, None] == seg[..., None, :]
+    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
+    return cum[..., :, None] - cum[..., None, :], causal & same, causal & ~jnp.eye(c, dtype=bool) & same
+
+
+def chunk_inverse(
     k: Float[Array, "b h n c dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
     seg: Int[Array, "b 1 n c"],
     dtype: Any = jnp.float32,
     inverse: Callable[[Array], Array] = lower_inverse,
-) -> tuple[Float[Array, "b h n c c"], Float[Array, "b h n c c"]]:
-    """The chunk-local factors of `_chunked`, every chunk at once: with G = `cum` (the chunk-local cumulative
-    log-decay), `seg` the segment index within the chunk and E_ij = e^{G_i - G_j} for j <= i in one segment,
+) -> Float[Array, "b h n c c"]:
+    """The UT transform of `_chunked`, every chunk at once: with G = `cum` (the chunk-local cumulative log-decay),
+    `seg` the segment index within the chunk and E_ij = e^{G_i - G_j} for j <= i in one segment,
 
-        T = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij  (j < i),      attn = (q k^T) o E.
+        T = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij  (j < i).
 
-    The products take operands in `dtype` (fp32 accumulation); T is fp32. Returns (T, attn)."""
-    c = q.shape[-2]
-    same = seg[..., :, None] == seg[..., None, :]
-    causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    strict = causal & ~jnp.eye(c, dtype=bool)
-    diff = cum[..., :, None] - cum[..., None, :]  # G_i - G_j
-    m = beta[..., :, None] * matmul("bhnik,bhnjk->bhnij", k, k, dtype) * _masked_exp(diff, strict & same)
-    attn = matmul("bhnik,bhnjk->bhnij", q, k, dtype) * _masked_exp(diff, causal & same)
-    return inverse(m), attn
+    k k^T takes operands in `dtype` (fp32 accumulation); T is fp32."""
+    diff, _, strict = _chunk_masks(cum, seg)
+    return inverse(beta[..., :, None] * matmul("bhnik,bhnjk->bhnij", k, k, dtype) * _masked_exp(diff, strict))
+
+
+def chunk_attn(
+    q: Float[Array, "b h n c dk"],
+    k: Float[Array, "b h n c dk"],
+    cum: Float[Array, "b h n c"],
+    seg: Int[Array, "b 1 n c"],
+    dtype: Any = jnp.float32,
+) -> Float[Array, "b h n c c"]:
+    """The chunks' own output weights attn = (q k^T) o E (`chunk_inverse`'s E), fp32, operands in `dtype`."""
+    diff, causal, _ = _chunk_masks(cum, seg)
+    return matmul("bhnik,bhnjk->bhnij", q, k, dtype) * _masked_exp(diff, causal)
 
 
 @functools.cache
-def kernel_chunk_factors(interpret: Any, dtype: Any) -> Callable:
-    """`chunk_factors` with its forward on the Mosaic GPU kernel (`mosaic_gdn_factors`; attn comes in `dtype`)
-    and its backward in XLA: the VJP of `chunk_factors` given the kernel's T (no inverse recomputed)."""
+def kernel_chunk_inverse(interpret: Any, dtype: Any) -> Callable:
+    """`chunk_inverse` with its forward on the Mosaic GPU kernel (`mosaic_gdn_factors`) and its backward in XLA:
+    the VJP of `chunk_inverse` given the kernel's T (no inverse recomputed)."""
 
-    def kernel(q, k, beta, cum, seg):
+    def kernel(k, beta, cum, seg):
         def specs(rows, heads):
             chunked, vec = P(rows, heads, None, None, None), P(rows, heads, None, None)
-            return (chunked, chunked, vec, vec, P(rows, None, None, None)), (chunked, chunked)
+            return (chunked, vec, vec, P(rows, None, None, None)), chunked
 
-        run = functools.partial(mosaic_gdn_factors.chunk_factors, interpret=interpret)
-        return pallas_common.on_mesh(run, specs, *k.shape[:2])(q, k, beta, cum, seg)
+        run = functools.partial(mosaic_gdn_factors.chunk_inverse, interpret=interpret)
+        return pallas_common.on_mesh(run, specs, *k.shape[:2])(k, beta, cum, seg)
 
     @jax.custom_vjp
-    def factors(q, k, beta, cum, seg):
-        return kernel(q, k, beta, cum, seg)
+    def inverse(k, beta, cum, seg):
+        return kernel(k, beta, cum, seg)
 
-    def fwd(q, k, beta, cum, seg):
-        t, attn = kernel(q, k, beta, cum, seg)
-        return (t, attn), (q, k, beta, cum, seg, t)
+    def fwd(k, beta, cum, seg):
+        t = kernel(k, beta, cum, seg)
+        return t, (k, beta, cum, seg, t)
 
-    def bwd(res, cotangents):
-        q, k, beta, cum, seg, t = res
-        t_bar, attn_bar = cotangents
-        _, vjp = jax.vjp(lambda *xs: chunk_factors(*xs, seg, dtype, lambda m: _known_inverse(m, t)),
-                         q, k, beta, cum)
-        return (*vjp((t_bar, attn_bar.astype(jnp.float32))), None)
+    def bwd(res, t_bar):
+        k, beta, cum, seg, t = res
+        _, vjp = jax.vjp(lambda *xs: chunk_inverse(*xs, seg, dtype, lambda m: _known_inverse(m, t)), k, beta, cum)
+        return (*vjp(t_bar), None)
 
-    factors.defvjp(fwd, bwd)
-    return factors
+    inverse.defvjp(fwd, bwd)
+    return inverse
 
 
 def _delta_step(
@@ -334,28 +345,28 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 
 @dataclasses.dataclass(frozen=True)
 class ChunkKernels:
-    """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `factors`
-    (`chunk_factors`' contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls,
+    """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `inverse`
+    (`chunk_inverse`'s contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls,
     `_outputs`; else the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs from
     Ag = T diag(beta) and v, `_fused_outputs`)."""
 
     recurrence: Callable = chunk_state_recurrence
-    factors: Callable | None = None
+    inverse: Callable | None = None
     outputs: mosaic_gdn.Kernels | None = None
 
 
 @functools.cache
 def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int) -> ChunkKernels:
     """The Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu"; the recurrence) or of `mosaic_gdn` and
-    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence with the outputs, and the chunk factors where that
+    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence with the outputs, and the UT transform's inverse where that
     kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
     if backend != "mosaic_gpu":
         return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)), "sssct", "sst"))
-    factors = None
+    inverse = None
     if not mosaic_gdn_factors.unsupported(dk, chunk, mosaic_common.device_dtype(dtype, interpret)):
-        factors = kernel_chunk_factors(interpret, dtype)
+        inverse = kernel_chunk_inverse(interpret, dtype)
     passes = mosaic_gdn.kernels(dtype, interpret)
-    return ChunkKernels(factors=factors, outputs=mosaic_gdn.Kernels(
+    return ChunkKernels(inverse=inverse, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sossgbt", "ot"), _per_device(passes.forward_saving, "sossgbt", "otss"),
         _per_device(passes.reverse, "sssgbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
@@ -420,36 +431,39 @@ def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c 
 
 @functools.cache
 def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
-    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v [b, n*C, h, dv], k, q, G, seg, state, attn) on the
-    passes of `mosaic_gdn`: the forward alone where nothing differentiates, else the forward that saves S_c and
-    delta_c; backward, a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a
-    pass for the gradients that only read the sequences, and XLA's VJP of `_recurrence_inputs` for what those
-    gradients are of (u, w, the decayed keys and queries). No pass reads u, w or attn: they form what they need
-    from Ag, q and k (attn comes in for its cotangent only)."""
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v [b, n*C, h, dv], k, q, G, seg, state) on the passes of
+    `mosaic_gdn`: the forward alone where nothing differentiates, else the forward that saves S_c and delta_c;
+    backward, a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
+    the gradients that only read the sequences, and XLA's VJPs of `_recurrence_inputs` (for what those gradients
+    are of: u, w, the decayed keys and queries) and of `chunk_attn` (for attn_bar = o_bar delta^T). No pass reads
+    u, w or attn: they form what they need from Ag, q and k."""
 
     def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
         return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
 
     @jax.custom_vjp
-    def fused(ag, v, k, q, cum, seg, state, attn):
+    def fused(ag, v, k, q, cum, seg, state):
         return passes.forward(ag, v, k, q, cum, kernel_segments(seg), state)
 
-    def fwd(ag, v, k, q, cum, seg, state, attn):
+    def fwd(ag, v, k, q, cum, seg, state):
         o, final, states, deltas = passes.forward_saving(ag, v, k, q, cum, kernel_segments(seg), state)
-        return (o, final), (ag, v, k, q, cum, seg, attn, states, deltas)
+        return (o, final), (ag, v, k, q, cum, seg, states, deltas)
 
     def bwd(res, cotangents):
-        ag, v, k, q, cum, seg, attn, states, deltas = res
+        ag, v, k, q, cum, seg, states, deltas = res
         o_bar, final_bar = cotangents
         g0, g_next, d_deltas = passes.reverse(ag, k, q, cum, kernel_segments(seg), o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
         c = ag.shape[-1]
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
-                              preferred_element_type=attn.dtype)  # fp32 accumulation
+                              preferred_element_type=jnp.float32)
         (_, w, *_), vjp = jax.vjp(
             lambda ag, v, k, q, cum: _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype),
             ag, v, k, q, cum)
-        return (*vjp((d_deltas, w_bar.astype(w.dtype), k_bar, decay_bar, q_bar)), None, g0, attn_bar)
+        ag_bar, v_bar, k_bar, q_bar, cum_bar = vjp((d_deltas, w_bar.astype(w.dtype), k_bar, decay_bar, q_bar))
+        _, attn_vjp = jax.vjp(lambda q, k, cum: chunk_attn(q, k, cum, seg, dtype), q, k, cum)
+        q_attn, k_attn, cum_attn = attn_vjp(attn_bar)
+        return ag_bar, v_bar, k_bar + k_attn, q_bar + q_attn, cum_bar + cum_attn, None, g0
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -476,7 +490,7 @@ def _chunked(
         delta = u - w S0
         o_i   = e^{G_i} S0^T q_i + sum_{j <= i} e^{G_i - G_j} (q_i . k_j) delta_j
         S_C   = e^{G_C} S0 + sum_j e^{G_C - G_j} k_j delta_j^T
-    T and the weights attn_ij = e^{G_i - G_j} (q_i . k_j) are `chunk_factors`. Only delta and S_C need the
+    T is `chunk_inverse`, the weights attn_ij = e^{G_i - G_j} (q_i . k_j) `chunk_attn`. Only delta and S_C need the
     carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
     batched matmuls over all chunks at once (`_outputs`); or the Mosaic passes run it all from Ag = T diag(beta)
     as delta = Ag (v - e^G o k S0), without u and w (`_fused_outputs`). `kernels` says what runs each part.
@@ -496,12 +510,13 @@ def _chunked(
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    inverse, attn = (kernels.factors or functools.partial(chunk_factors, dtype=dtype))(q, k, beta, cum, seg)
+    inverse = (kernels.inverse or functools.partial(chunk_inverse, dtype=dtype))(k, beta, cum, seg)
     ag = inverse * beta[..., None, :]  # T diag(beta)
     if kernels.outputs is not None:
-        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v_in_sequence, k, q, cum, seg, state, attn)
+        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v_in_sequence, k, q, cum, seg, state)
     else:
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
+        attn = chunk_attn(q, k, cum, seg, dtype)
         o, state = _outputs(kernels.recurrence, jnp.dtype(dtype))(u, w, k_out, decay, state, q_in, attn)
     return o[:, :t], state
 
@@ -530,7 +545,7 @@ def gated_delta_rule(
     whose id differs from the previous token's, so `initial_state` only feeds the first segment.
     `impl`: "chunked" (chunkwise UT transform, `chunk_size` a power of two), "reference" (token-by-token scan),
     "pallas" (the chunked form with its recurrence on the Pallas kernels of `pallas_gdn`, or on a Hopper GPU
-    those of `mosaic_gdn` and the chunk factors of `mosaic_gdn_factors`: `pallas_common.gpu_drivers`; the
+    those of `mosaic_gdn` and the UT inverse of `mosaic_gdn_factors`: `pallas_common.gpu_drivers`; the
     operands of every matmul in q's dtype: bf16 layers multiply in bf16 with fp32 accumulation) or "auto" (Pallas on
     GPU/TPU when the shape is supported, else "chunked" with a logged reason; "chunked" on CPU).
     Returns (o in v.dtype, final state in fp32).

@@ -300,7 +300,8 @@ def compiler_params() -> plgpu.CompilerParams:
     """Every kernel's compiler settings: approximate exp / division, and lane lowering semantics (per-thread
     arrays, laid out as the kernels say), which jax 0.10 and 0.11 lower alike, so the CPU lowering tests check
     what the GPU compiles. jax 0.11's default, warpgroup semantics, runs Mosaic's layout inference, which fails
-    the chunk-factor kernel (H200, jax 0.11.2). HYLO_MOSAIC_SEMANTICS=warpgroup picks it for experiments."""
+    the GDN chunk-factor kernel (H200, jax 0.11.2; now the chunk-inverse kernel). HYLO_MOSAIC_SEMANTICS=warpgroup
+    picks it for experiments."""
     name = os.environ.get("HYLO_MOSAIC_SEMANTICS", "lane")
     if name not in LOWERING_SEMANTICS:
         raise ValueError(f"HYLO_MOSAIC_SEMANTICS must be one of {list(LOWERING_SEMANTICS)}, got {name!r}")

@@ -1,10 +1,11 @@
-"""Mosaic GPU (Hopper: wgmma, TMA) kernel of the gated delta rule's chunk-local factors (`gated_delta.chunk_factors`),
-every chunk at once: one CTA (one warpgroup) per (batch*head, chunk), with G the chunk-local cumulative
-log-decay and segments as in `gated_delta._chunked`:
+"""Mosaic GPU (Hopper: wgmma, TMA) kernel of the gated delta rule's chunk-local UT transform
+(`gated_delta.chunk_inverse`), every chunk at once: one CTA (one warpgroup) per (batch*head, chunk), with G the
+chunk-local cumulative log-decay and segments as in `gated_delta._chunked`:
 
     E_ij = e^{G_i - G_j} for j <= i in the same segment, else 0
-    attn = (q k^T) o E                                    (the chunk's own output weights)
-    T    = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij for j < i      (the UT transform of the delta rule)
+    T    = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij for j < i
+
+(The chunk's own output weights (q k^T) o E are formed by the passes that use them, `mosaic_gdn`.)
 
 The inverse is six block doublings of the [C, C] tile in registers: T_2 = I - L_1, and T_2s = T_s - T_s (L_s T_s)
 with L_s the part of M inside the diagonal blocks of 2s rows but outside those of s rows (block triangular
@@ -38,7 +39,7 @@ def unsupported(dk: int, chunk: int, dtype) -> str | None:
     if reason := dtype_reason(dtype):
         return reason
     if chunk != CHUNK:
-        return f"chunk_size={chunk}: the chunk-factor kernel takes chunks of {CHUNK} (wgmma rows, registers)"
+        return f"chunk_size={chunk}: the chunk-inverse kernel takes chunks of {CHUNK} (wgmma rows, registers)"
     if dk % 64 or dk > TMA_BOX:
         return f"d_k={dk} must be a multiple of 64 (128-byte swizzled rows), at most {TMA_BOX} (TMA)"
     return None
@@ -52,27 +53,21 @@ def _kernel(ops: Ops, cdt):
         high = x.astype(cdt)
         return high, (x - high.astype(F32)).astype(cdt)
 
-    def kernel(q_ref, k_ref, beta_ref, g_ref, seg_ref, t_ref, attn_ref):
+    def kernel(k_ref, beta_ref, g_ref, seg_ref, t_ref):
         at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
 
-        def products(q_sm, k_sm, beta_sm, g_sm, seg_sm, attn_sm, ready):
-            """attn (sent out) and M (returned)."""
-            for src, dst in zip((q_ref, k_ref, beta_ref, g_ref, seg_ref), (q_sm, k_sm, beta_sm, g_sm, seg_sm)):
+        def products(k_sm, beta_sm, g_sm, seg_sm, ready):
+            """M (returned)."""
+            for src, dst in zip((k_ref, beta_ref, g_ref, seg_ref), (k_sm, beta_sm, g_sm, seg_sm)):
                 plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
             plgpu.barrier_wait(ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
             g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
-            e = ops.decay(g_i, s_i, g_j, s_j)
-            attn_sm[...] = (ops.matmul((c, c), (q_sm, ("T", k_sm))) * e).astype(cdt)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(attn_sm, attn_ref.at[at])
-            below = jnp.where(ops.iota(0) > ops.iota(1), e, 0.0) * ops.square(beta_i, 0)
-            m = ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
-            plgpu.wait_smem_to_gmem(0)
-            return m
+            below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
+            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
 
-        m = pl.run_scoped(products, smem((c, q_ref.shape[-1]), cdt), smem((c, k_ref.shape[-1]), cdt),
-                          vectors((c,)), vectors((c,)), vectors((c,)), smem((c, c), cdt), plgpu.Barrier(num_arrivals=5))
+        m = pl.run_scoped(products, smem((c, k_ref.shape[-1]), cdt), vectors((c,)), vectors((c,)), vectors((c,)),
+                          plgpu.Barrier(num_arrivals=4))
 
         def invert(b_high, b_low, t_sm):
             def product(a, b, pair: int):
@@ -102,28 +97,27 @@ def _kernel(ops: Ops, cdt):
     return kernel
 
 
-def chunk_factors(
-    q: Float[Array, "b h n c dk"],
+def chunk_inverse(
     k: Float[Array, "b h n c dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
     seg: Int[Array, "b 1 n c"],
     *,
     interpret=None,
-) -> tuple[Float[Array, "b h n c c"], Float[Array, "b h n c c"]]:
-    """(T fp32, attn in q's dtype) of every chunk (module docstring): q, k in the operand dtype (bf16 / fp16; the
-    interpreter also takes fp32), beta and G (`cum`) fp32, `seg` the segment index within the chunk."""
+) -> Float[Array, "b h n c c"]:
+    """T fp32 of every chunk (module docstring): k in the operand dtype (bf16 / fp16; the interpreter also takes
+    fp32), beta and G (`cum`) fp32, `seg` the segment index within the chunk."""
     b, h, n, chunk, dk = k.shape
     if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
-        raise ValueError(f"Mosaic GPU GDN chunk-factor kernel: {reason}")
+        raise ValueError(f"Mosaic GPU GDN chunk-inverse kernel: {reason}")
     rows = b * h
 
     def flat(x):  # [b, h, n, C, ...] -> [b*h, n*C, ...]
         return x.reshape(rows, n * chunk, *x.shape[4:])
 
     seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
-    out = jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), jax.ShapeDtypeStruct((rows, n * chunk, chunk), k.dtype)
-    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), "gdn_chunk_factors", out_type=out,
-                      grid=(rows, n), grid_names=("rows", "chunks"), interpret=interpret)
-    t, attn = call(*(flat(x) for x in (q.astype(k.dtype), k, beta.astype(F32), cum.astype(F32), seg)))
-    return t.reshape(b, h, n, chunk, chunk), attn.reshape(b, h, n, chunk, chunk)
+    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), "gdn_chunk_inverse",
+                      out_type=jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), grid=(rows, n),
+                      grid_names=("rows", "chunks"), interpret=interpret)
+    t = call(*(flat(x) for x in (k, beta.astype(F32), cum.astype(F32), seg)))
+    return t.reshape(b, h, n, chunk, chunk)
