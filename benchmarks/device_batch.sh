@@ -2,7 +2,8 @@
 # One device call, several benchmarks, each under its own time limit and all under CAP seconds, so that what
 # ran comes back even when the call's limit cuts the rest. Logs go to $OUT/<step>.log (the device tool returns
 # them); the tail of each is printed. Run from the repository root on the device machine:
-#   CAP=560 bash benchmarks/device_batch.sh            # the default steps below
+#   CAP=560 bash benchmarks/device_batch.sh            # the default steps below (probe: each Mosaic kernel
+#                                                       # set alone under a time limit, mosaic_probe.py)
 #   CAP=300 bash benchmarks/device_batch.sh check distill
 #   CAP=560 bash benchmarks/device_batch.sh peers       # ours (Mosaic) vs jla, fla, mamba_ssm in one run; the
 #                                                       # Triton peers tune themselves first (minutes)
@@ -30,13 +31,14 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 declare -A STEPS=(
+  [probe]="200 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_grad,ssd_g32n64_train,ssd_g32n64_grad,ssd_g1n128_grad --limit 30"
   [check]="150 env MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
   [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
-for name in "${@:-check kernels profile distill}"; do
+for name in "${@:-probe kernels profile distill}"; do
   for one in $name; do
     [[ -n "${STEPS[$one]:-}" ]] || { echo "unknown step $one (${!STEPS[*]})"; exit 2; }
     read -r limit cmd <<< "${STEPS[$one]}"
