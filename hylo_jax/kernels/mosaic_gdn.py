@@ -14,19 +14,20 @@ decayed ones of `gated_delta._chunked`),
 
 so the cotangents of the per-chunk states and deltas never exist as arrays.
 
-The forward runs one CTA of two warpgroups per (batch*head, value block of `vb` columns, 64 by default). The
-state side carries the [dk, vb] block of S in fp32 registers (the wgmma accumulator layout), issues the copies
-and computes delta and the update; the output side computes attn (from the q and k it shares) and o. The
-state side hands each chunk's S and delta to the output side in shared memory (one buffer each: the next chunk's
-waits until the output side has read them). Neither u, w nor attn is read: the chunk's inputs are q, k, Ag and
-its v block, arriving by TMA `stages` chunks ahead, and v and o stay in the op's [b, t, h, dv] layout. The
-forward may also send out what the backward needs: S_c and delta_c, the wgmma operands already.
-
-The reverse pass runs one CTA of one warpgroup per (batch*head, value block of 32), G in registers; w_c, k_c,
-attn_c and o_bar_c arrive `stages` chunks ahead; q_c has one buffer, fetched again once the chunk's last product
-has read it (two slots of it do not fit next to w and k at d_k 256). It sends out G entering each chunk's end and
-D_c (= u_bar). Everything read and sent is in the operand dtype (bf16 for bf16 layers, as fla's kernels keep u, w
-and the chunk states); the carried blocks and every accumulation are fp32. The initial and final states pass
+Both passes run one CTA of two warpgroups per (batch*head, value block of `vb` columns: `value_block`) over the
+same inputs per chunk, q, k, Ag, G, the segment index and the chunk's block of v (forward) or o_bar (reverse),
+arriving by TMA `stages` chunks ahead; v, o and o_bar stay in the op's [b, t, h, dv] layout. Neither u, w nor
+attn is read. One warpgroup (the carrier) holds the [dk, vb] fp32 block of S (or G) in registers (the wgmma
+accumulator layout) and issues the copies; the other forms what does not need it, and the two hand [C, vb] and
+[dk, vb] operands over in shared memory (one buffer each; the next chunk's waits until the reader is done):
+  forward: the carrier computes k S, delta and the update; the other side q k^T (attn) and q S, then o;
+  reverse: with w = Ag diag(d_in) k and k, q undecayed, D = attn^T o_bar + d_out o (k G) and
+           G <- d_c G + q^T (d_in o o_bar) + k^T y, y = -d_in o (Ag^T D); the carrier computes D and G, the
+           other side attn^T, d_in o o_bar and y.
+The forward may also send out what the backward needs (S_c and delta_c, the wgmma operands already); the
+reverse pass sends G entering each chunk's end and D_c (= u_bar), which a gradient pass per (key block, chunk)
+reads with S_c. Everything read and sent is in the operand dtype (bf16 for bf16 layers, as fla's kernels keep u,
+w and the chunk states); the carried blocks and every accumulation are fp32. The initial and final states pass
 through a shared-memory buffer of their own scope, so the chunk loop can take the space.
 
 On CPU the kernels run in the GPU interpreter and are lowered for CUDA (`mosaic_common`).
