@@ -198,6 +198,21 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
         assert rel_err(a, w) < tol, name
 
 
+def test_gdn_passes_have_no_races():
+    """The two-warpgroup forward (saving) and reverse pass in the GPU interpreter with race detection: every
+    shared-memory buffer one warpgroup writes and the other reads is ordered by a barrier."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    ag, v, k, q, cum, seg, state = recurrence_inputs(0, 1, 1, 3, 64, 64, 64)
+    passes = mosaic_gdn.kernels(F32, InterpretGPUParams(detect_races=True), vb=32)
+    segments = seg[:, 0].reshape(1, -1).astype(F32)
+    o, final, *_ = jax.block_until_ready(passes.forward_saving(ag, v, k, q, cum, segments, state))
+    assert not gpu_callbacks.get_races().races_found
+    jax.block_until_ready(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
+    assert not gpu_callbacks.get_races().races_found
+
+
 def factor_inputs(seed, b, h, n, dk, dtype, correlated):
     """k (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries large), beta, G
     and segment indices in the chunk layout of `gated_delta.chunk_inverse`, chunks of 64."""
