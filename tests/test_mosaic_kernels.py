@@ -198,19 +198,34 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
         assert rel_err(a, w) < tol, name
 
 
-def test_gdn_passes_have_no_races():
-    """The two-warpgroup forward (saving) and reverse pass in the GPU interpreter with race detection: every
-    shared-memory buffer one warpgroup writes and the other reads is ordered by a barrier."""
+def test_two_warpgroup_kernels_have_no_races():
+    """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
+    (saving) and reverse pass, the SSD forward (y, train) and gradient kernel. Every shared-memory buffer one
+    warpgroup writes and the other reads is ordered by a barrier (a removed wait is reported)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+    def no_races(out):
+        jax.block_until_ready(out)
+        return not gpu_callbacks.get_races().races_found
+
+    params = InterpretGPUParams(detect_races=True)
     ag, v, k, q, cum, seg, state = recurrence_inputs(0, 1, 1, 3, 64, 64, 64)
-    passes = mosaic_gdn.kernels(F32, InterpretGPUParams(detect_races=True), vb=32)
+    passes = mosaic_gdn.kernels(F32, params, vb=32)
     segments = seg[:, 0].reshape(1, -1).astype(F32)
-    o, final, *_ = jax.block_until_ready(passes.forward_saving(ag, v, k, q, cum, segments, state))
-    assert not gpu_callbacks.get_races().races_found
-    jax.block_until_ready(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
-    assert not gpu_callbacks.get_races().races_found
+    o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
+    assert no_races(saved)
+    assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
+
+    x, dt, A, B, C, reset, h0 = ssd_inputs(0, 1, 130, 2, 1, 64, 64, F32)
+
+    def ssd_loss(x, dt, B, C):
+        y, final = mosaic_ssd.ssd_mosaic(x, dt, A, B, C, reset, h0, chunk_size=64, spans=1, interpret=params)
+        return jnp.sum(jnp.sin(y)) + jnp.sum(final)
+
+    assert no_races(mosaic_ssd.ssd_mosaic(x, dt, A, B, C, reset, h0, chunk_size=64, spans=1, interpret=params))
+    assert no_races(jax.vjp(ssd_loss, x, dt, B, C)[0])  # the forward that saves the states
+    assert no_races(jax.grad(ssd_loss, argnums=range(4))(x, dt, B, C))  # its last kernel: the gradients
 
 
 def factor_inputs(seed, b, h, n, dk, dtype, correlated):
