@@ -367,9 +367,9 @@ def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     takes_all, not_mosaic, neither = refused_by(), refused_by("mosaic_gpu"), refused_by("mosaic_gpu", "gpu")
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # the CPU is no Hopper
     monkeypatch.setattr(pallas_common, "is_hopper", lambda: True)
-    if not pallas_common.MOSAIC_FIRST_ON_HOPPER:  # until the device checks pass: opt-in only
-        assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")
-        monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", True)
+    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", False)  # opt-in only
+    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")
+    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", True)
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
     assert pallas_common.choose("ssd", "auto", not_mosaic)[:2] == ("pallas", "gpu")
     assert pallas_common.choose("ssd", "pallas", not_mosaic)[:2] == ("pallas", "gpu")
