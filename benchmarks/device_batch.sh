@@ -36,7 +36,9 @@ declare -A STEPS=(
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
-  [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
+  [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked"
+  [accum]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --accum 4"
+  [packed]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
 for name in "${@:-probe kernels profile distill}"; do
   for one in $name; do

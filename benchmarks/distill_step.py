@@ -3,8 +3,11 @@
 Prints one table: seconds/step in the trainer's loop (each step queued before the host waits on the last;
 "synced": one step waited for, as sessions 1-9 reported it), tokens/s, MFU (student fwd+bwd + teacher fwd
 model FLOPs against the device's nominal bf16 peak, from the first) and peak device memory, with the dense
-KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights.
+KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights. A step is one
+row, or with --accum K, K rows run as K microbatches before one optimiser update (`StageConfig.grad_accum`, how
+a device takes its share of the recipe's 32 rows at 8K).
     python benchmarks/distill_step.py                 # on the GPU
+    python benchmarks/distill_step.py --seq 8192 --accum 4
     python benchmarks/distill_step.py --memory-only   # compiled memory of each variant, no run (CPU ok)
     python benchmarks/distill_step.py --tiny          # CPU smoke run of the same code
 """
@@ -12,7 +15,6 @@ KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -119,6 +121,8 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
     parser.add_argument("--docs", type=int, default=1, help="documents packed in each row (default 1)")
+    parser.add_argument("--accum", type=int, default=1, help="rows per step, one microbatch each (default 1)")
+    parser.add_argument("--kl", default="dense,chunked", help="comma list of the KL variants to run")
     add_remat_argument(parser)
     args = parser.parse_args()
     t_spec, s_spec = specs(args.tiny, args.remat, args.docs)
@@ -129,28 +133,31 @@ def main() -> None:
     peak = peak_flops()
     rows = []
     for seq in seqs:
-        batch = make_batch(1, seq, t_spec.model.vocab_size, args.docs)
-        flops = seq * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
-        for name, chunk in (("dense KL", 0), ("chunked KL", 2048 if not args.tiny else 128)):
-            stage = dataclasses.replace(StageConfig(), loss="kd", kl_chunk=chunk, steps=10)
+        batch = make_batch(args.accum, seq, t_spec.model.vocab_size, args.docs)
+        shape, tokens = f"{args.accum}x{seq}", args.accum * seq
+        flops = tokens * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
+        variants = {"dense": ("dense KL", 0), "chunked": ("chunked KL", 2048 if not args.tiny else 128)}
+        for name, chunk in (variants[v] for v in args.kl.split(",")):
+            stage = StageConfig(loss="kd", kl_chunk=chunk, steps=10, global_batch_size=args.accum,
+                                grad_accum=args.accum)
             distiller = Distiller(student, teacher, stage)
             try:
                 timings, peak_gib = measure_step(distiller, batch, memory_only=args.memory_only)
                 if timings is None:
-                    rows.append([f"1x{seq}", name, "-", "-", "-", "-", peak_gib])
+                    rows.append([shape, name, "-", "-", "-", "-", peak_gib])
                     continue
                 seconds, synced = timings
                 mfu = flops / seconds / peak if peak else float("nan")
-                rows.append([f"1x{seq}", name, seconds, synced, seq / seconds, mfu, peak_gib])
+                rows.append([shape, name, seconds, synced, tokens / seconds, mfu, peak_gib])
                 print("row:", rows[-1], file=sys.stderr, flush=True)
             except Exception as e:  # OOM at long context is a result, not a crash
-                print(f"1x{seq} {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
-                rows.append([f"1x{seq}", name, "OOM" if "memory" in str(e).lower() else type(e).__name__,
+                print(f"{shape} {name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+                rows.append([shape, name, "OOM" if "memory" in str(e).lower() else type(e).__name__,
                              "-", "-", "-", "-"])
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
           f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
           f"teacher {t_spec.model.num_layers} attention layers; "
-          + f"{args.docs} documents per row")
+          + f"{args.docs} documents per row, {args.accum} microbatches of one row per step")
     print_table(["B x T", "loss", "s/step", "s/step synced", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 

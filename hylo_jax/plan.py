@@ -26,10 +26,10 @@ from hylo_jax.errors import HyloError
 from hylo_jax.models.hybrid import ModelSpec
 from hylo_jax.parallel import context
 from hylo_jax.parallel.volume import fmt_bytes as _fmt
-from hylo_jax.sharding import check_divides, state_shardings
+from hylo_jax.sharding import state_shardings
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token
-from hylo_jax.train.step import Distiller, TrainState
+from hylo_jax.train.step import Distiller, TrainState, check_batch_divides
 
 # Cheapest recompute first: the first policy that fits is the one to use.
 REMAT_ORDER = ("none", "save_attention_out", "dots_no_batch", "dots", "full")
@@ -65,7 +65,7 @@ def _sharded_abstract(state: nnx.State, mesh) -> nnx.State:
 def compile_step(spec: ModelSpec, teacher: ModelSpec, stage: StageConfig, mesh, *,
                  cp_mode: str = "allgather", load_balance: bool = False):
     """The fused step of `stage` compiled for `mesh` from abstract arguments; returns `Compiled`."""
-    check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
+    check_batch_divides(mesh, stage)
     context.check_sequence(mesh, stage.seq_len, load_balance=load_balance, conv_kernel=spec.conv_kernel)
     spec.check_mesh(mesh)
     teacher.check_mesh(mesh)

@@ -39,11 +39,11 @@ def make_batch(b=4, t=32, seed=0):
                 loss_mask=np.ones((b, t), np.int32))
 
 
-def train(mesh=None, mode="allgather", load_balance=False, loss="kd"):
+def train(mesh=None, mode="allgather", load_balance=False, loss="kd", grad_accum=1):
     """Losses of STEPS steps of the fused distillation step, on one device or on `mesh`."""
     teacher = CausalLM(TEACHER, rngs=nnx.Rngs(1))
     student = upcycle(teacher, SPEC, seed=0)
-    stage = StageConfig(loss=loss, steps=STEPS, lr=1e-3, warmup_ratio=0.0, kl_chunk=16)
+    stage = StageConfig(loss=loss, steps=STEPS, lr=1e-3, warmup_ratio=0.0, kl_chunk=16, grad_accum=grad_accum)
     if mesh is None:
         distiller = Distiller(student, teacher, stage)
         state = distiller.init_state()
@@ -67,16 +67,16 @@ def train(mesh=None, mode="allgather", load_balance=False, loss="kd"):
     return out, state
 
 
-@pytest.mark.parametrize("mode, load_balance, loss", [
-    ("allgather", False, "kd"),
-    pytest.param("ring", True, "kd", marks=pytest.mark.slow),
-    pytest.param("ring", False, "ild", marks=pytest.mark.slow),
+@pytest.mark.parametrize("mode, load_balance, loss, grad_accum", [
+    ("allgather", False, "kd", 2),  # also: 2 microbatches of 2 rows, one per fsdp shard, give the whole batch's
+    pytest.param("ring", True, "kd", 1, marks=pytest.mark.slow),
+    pytest.param("ring", False, "ild", 1, marks=pytest.mark.slow),
 ])
-def test_fsdp_tensor_sequence_training_matches_one_device(mode, load_balance, loss):
+def test_fsdp_tensor_sequence_training_matches_one_device(mode, load_balance, loss, grad_accum):
     devices = jax.devices()[:8]
     mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2, sequence=2), devices)
     want, _ = train(loss=loss)
-    got, state = train(mesh, mode, load_balance, loss)
+    got, state = train(mesh, mode, load_balance, loss, grad_accum)
     np.testing.assert_allclose(got, want, rtol=2e-5)
     assert want[-1] < want[0]
     # parameters and optimiser moments stay sharded per the logical rules (fsdp on embed, tensor on heads)
@@ -108,9 +108,13 @@ def test_sequence_that_does_not_divide_is_a_mesh_error(mesh_cfg, seq_len, load_b
 
 
 def test_heads_and_batch_that_do_not_divide_are_mesh_errors():
-    from hylo_jax.sharding import check_divides
+    from hylo_jax.train.step import check_batch_divides
 
     with pytest.raises(MeshError, match=r"model.num_kv_heads=2 is not divisible by mesh axes \('tensor',\) of size 4"):
         SPEC.check_mesh(make_mesh(MeshConfig(fsdp=2, tensor=4)))
+    mesh = make_mesh(MeshConfig(fsdp=4, sequence=2))
     with pytest.raises(MeshError, match=r"global_batch_size=6 is not divisible by mesh axes \('data', 'fsdp'\)"):
-        check_divides(make_mesh(MeshConfig(fsdp=4, sequence=2)), "global_batch_size", 6, ("data", "fsdp"))
+        check_batch_divides(mesh, StageConfig(global_batch_size=6))
+    with pytest.raises(MeshError, match=r"global_batch_size / grad_accum=2 is not divisible by mesh axes"):
+        check_batch_divides(mesh, StageConfig(global_batch_size=8, grad_accum=4))
+    check_batch_divides(mesh, StageConfig(global_batch_size=8, grad_accum=2))

@@ -19,6 +19,9 @@ class StageConfig:
     steps: int = doc(100, "Optimiser steps.")
     seq_len: int = doc(2048, "Tokens per packed row (the stage's context length).")
     global_batch_size: int = doc(8, "Rows per step over all hosts.")
+    grad_accum: int = doc(1, "Microbatches per step: the global batch runs in this many parts one after the "
+                             "other inside the step, their gradients summed in fp32 before one optimiser update "
+                             "(the whole batch's update, for a batch that does not fit at once).")
     lr: float = doc(2e-4, "Peak learning rate (AdamW).")
     warmup_ratio: float = doc(0.01, "Fraction of the steps spent warming up linearly from 0.")
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.")
@@ -45,8 +48,11 @@ class StageConfig:
     keep_checkpoints: int = doc(2, "Checkpoints kept per stage.")
 
     def __post_init__(self) -> None:
-        require_positive(self, f"stage {self.name}: ", ("steps", "seq_len", "global_batch_size", "log_every",
-                                                        "save_every", "keep_checkpoints"))
+        require_positive(self, f"stage {self.name}: ", ("steps", "seq_len", "global_batch_size", "grad_accum",
+                                                        "log_every", "save_every", "keep_checkpoints"))
+        if self.global_batch_size % self.grad_accum:
+            raise ConfigError(f"stage {self.name}: global_batch_size={self.global_batch_size} is not divisible by "
+                              f"grad_accum={self.grad_accum}")
         if not 0 <= self.warmup_ratio < 1 or self.lr <= 0:
             raise ConfigError(f"stage {self.name}: need lr > 0 and 0 <= warmup_ratio < 1")
         if self.kl_chunk < 0:

@@ -14,12 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jaxtyping import Array, Float
 
 from hylo_jax.kernels.attention import count_segments
 from hylo_jax.models.transformer import CausalLM
 from hylo_jax.parallel import context
 from hylo_jax.parallel.distributed import largest_over_processes
-from hylo_jax.sharding import path_str
+from hylo_jax.sharding import check_divides, path_str
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.losses import chunked_kd, forward_kl, ild_loss, token_nll
 
@@ -74,6 +75,15 @@ def split_student(student: CausalLM, stage: StageConfig):
     return graphdef, trainable, frozen
 
 
+def averaged_tokens(batch: Batch, stage: StageConfig) -> Float[Array, "b t"]:
+    """The tokens the stage's loss is a mean over (1) or not (0): those of a document (ild), those with a target
+    (kd: the loss mask)."""
+    if stage.loss == "kd":
+        return batch["loss_mask"].astype(jnp.float32)
+    ids = batch["segment_ids"]
+    return jnp.ones(batch["tokens"].shape, jnp.float32) if ids is None else (ids > 0).astype(jnp.float32)
+
+
 def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: StageConfig
                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The stage's loss and its terms (the teacher's outputs carry no gradient)."""
@@ -82,13 +92,11 @@ def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: Stag
         hidden, mixed = teacher.model.trace(batch["tokens"], **kw)
         hidden, mixed = jax.lax.stop_gradient((hidden, mixed))
         outs, s_mixed = student.model.teacher_forced(hidden[:-1], **kw)
-        valid = (jnp.ones_like(batch["tokens"], jnp.float32) if batch["segment_ids"] is None
-                 else (batch["segment_ids"] > 0).astype(jnp.float32))
-        loss = ild_loss(outs, hidden[1:], s_mixed, mixed, valid, squared=stage.ild_squared)
+        loss = ild_loss(outs, hidden[1:], s_mixed, mixed, averaged_tokens(batch, stage), squared=stage.ild_squared)
         return loss, {"ild": loss}
     h_t = jax.lax.stop_gradient(teacher.hidden_states(batch["tokens"], **kw))
     h_s = student.hidden_states(batch["tokens"], **kw)
-    mask = batch["loss_mask"].astype(jnp.float32)
+    mask = averaged_tokens(batch, stage)
     if stage.kl_chunk:
         loss, kl, ce = chunked_kd(h_t, jax.lax.stop_gradient(teacher.head_kernel()), h_s, student.head_kernel(),
                                   batch["targets"], mask, chunk=stage.kl_chunk, temperature=stage.temperature,
@@ -98,6 +106,43 @@ def distill_loss(student: CausalLM, teacher: CausalLM, batch: Batch, stage: Stag
     kl = forward_kl(teacher.logits(h_t), s_logits, temperature=stage.temperature, mask=mask)
     ce = jnp.sum(token_nll(s_logits, batch["targets"]) * mask) / jnp.maximum(jnp.sum(mask), 1)
     return kl + stage.ce_weight * ce, {"kl": kl, "ce": ce}
+
+
+def microbatches(batch: Batch, count: int) -> Batch:
+    """[b, t] -> [count, b / count, t]: microbatch j takes rows j, j + count, j + 2 count, ..., so a batch whose
+    rows are split over devices in contiguous blocks (b / count divisible by their number) is split in place."""
+    def split(x):
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return {k: None if v is None else split(v) for k, v in batch.items()}
+
+
+def accumulated_value_and_grad(loss_fn, params: nnx.State, batch: Batch, stage: StageConfig):
+    """((loss, terms), gradients) of `loss_fn(params, rows)` over `batch`, in `stage.grad_accum` microbatches
+    run one after the other (a scan). Each microbatch's loss is a mean over its own tokens (`averaged_tokens`);
+    weighted by its share of the batch's, n_j / sum n, the sum is the whole batch's loss, terms and gradient.
+    Sums in fp32; the gradients return in the parameters' dtypes."""
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if stage.grad_accum == 1:
+        return value_and_grad(params, batch)
+    parts = microbatches(batch, stage.grad_accum)
+    counts = jnp.sum(averaged_tokens(parts, stage), axis=(1, 2))
+    shares = counts / jnp.maximum(jnp.sum(counts), 1)
+
+    def add(total, part):
+        rows, share = part
+        return jax.tree.map(lambda t, x: t + share * x.astype(jnp.float32), total, value_and_grad(params, rows)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                         jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], parts)))
+    (loss, terms), grads = jax.lax.scan(add, zeros, (parts, shares))[0]
+    return (loss, terms), jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+
+def check_batch_divides(mesh, stage: StageConfig) -> None:
+    """`MeshError` unless each microbatch's rows divide over the mesh's batch axes (data, fsdp)."""
+    what = "global_batch_size" if stage.grad_accum == 1 else "global_batch_size / grad_accum"
+    check_divides(mesh, f"stage {stage.name}: {what}", stage.global_batch_size // stage.grad_accum, ("data", "fsdp"))
 
 
 class Distiller:
@@ -124,10 +169,10 @@ class Distiller:
         teacher = nnx.merge(self.teacher_graphdef, teacher_state)
         batch = context.relayout(batch)  # zig-zag tokens when load balancing context parallelism
 
-        def loss_fn(params):
-            return distill_loss(nnx.merge(self.graphdef, params, frozen), teacher, batch, self.stage)
+        def loss_fn(params, rows):
+            return distill_loss(nnx.merge(self.graphdef, params, frozen), teacher, rows, self.stage)
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, terms), grads = accumulated_value_and_grad(loss_fn, state.params, batch, self.stage)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -36,7 +36,7 @@ from hylo_jax.sharding import check_divides, make_mesh, path_keys, place
 from hylo_jax.train.config import StageConfig
 from hylo_jax.train.flops import forward_flops_per_token, peak_flops
 from hylo_jax.train.logger import MetricsLogger
-from hylo_jax.train.step import Distiller, TrainState, host_packing
+from hylo_jax.train.step import Distiller, TrainState, check_batch_divides, host_packing
 
 log = logging.getLogger(__name__)
 DTYPE = Literal["float32", "bfloat16"]
@@ -142,7 +142,7 @@ def train_stage(run: RunConfig, stage: StageConfig, spec: ModelSpec, init: Calla
     if (final / "params").is_dir():
         log.info("[%s] already finished: %s", directory.name, final)
         return final
-    check_divides(mesh, f"stage {stage.name}: global_batch_size", stage.global_batch_size, ("data", "fsdp"))
+    check_batch_divides(mesh, stage)
     check_divides(mesh, f"stage {stage.name}: seq_len", stage.seq_len, ("sequence",))
     context.check_sequence(mesh, stage.seq_len, load_balance=run.mesh.load_balance, conv_kernel=spec.conv_kernel)
     spec.check_mesh(mesh)
