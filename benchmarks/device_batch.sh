@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 declare -A STEPS=(
-  [probe]="200 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_grad,ssd_g32n64_train,ssd_g32n64_grad,ssd_g1n128_grad --limit 30"
+  [probe]="240 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_reverse,gdn_gradients,gdn_grad,ssd_g32n64_train,ssd_g32n64_grad --limit 30"
   [check]="150 env MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"

@@ -4,7 +4,9 @@ hangs or compiles for minutes costs only its own row: compile seconds, run ms an
   fwd    the output where nothing differentiates (GDN: factors + forward; SSD: the y kernel);
   train  the output of jax.vjp's forward, with its residuals (GDN: the forward that saves S_c and delta_c;
          SSD: the train kernel);
-  grad   every input cotangent (GDN: the reverse and gradient passes; SSD: the backward kernels).
+  grad   every input cotangent (GDN: the reverse and gradient passes; SSD: the backward kernels);
+  reverse, gradients (GDN only): that pass alone on random inputs of the op's shapes (a hang is then its own;
+         the error column says whether its outputs are finite).
 
     python benchmarks/mosaic_probe.py [--shapes 1x1024,4x1024] [--cases gdn_fwd,ssd_g1n128_grad] [--limit 60]
 """
@@ -30,6 +32,7 @@ from hylo_jax.kernels.gated_delta import gated_delta_rule  # noqa: E402
 from hylo_jax.kernels.ssd import ssd  # noqa: E402
 
 MODES = ("fwd", "train", "grad")
+PASSES = ("reverse", "gradients")  # the GDN passes of the backward, each alone
 OPS = ("gdn", *(f"ssd_{variant}" for variant in mixers.FULL["ssd"]))
 
 
@@ -65,7 +68,47 @@ def program(f, mode: str, impl: str):
     return jax.jit(jax.grad(loss, argnums=range(5)))
 
 
+def gdn_pass(name: str, b: int, t: int):
+    """(the jitted Mosaic GDN pass `name`, bf16 inputs in its layout: `mosaic_gdn.Kernels`) at the benchmark's
+    GDN sizes, chunk 64."""
+    from hylo_jax.kernels import mosaic_gdn
+
+    h, dk, dv, c = mixers.FULL["gdn"]["h"], mixers.FULL["gdn"]["dk"], mixers.FULL["gdn"]["dv"], mixers.CHUNK
+    n, rng = t // c, np.random.default_rng(0)
+
+    def r(*shape, scale=1.0, dtype=jnp.bfloat16):
+        return jnp.asarray(rng.standard_normal(shape, np.float32) * scale, dtype)
+
+    passes = mosaic_gdn.kernels(jnp.bfloat16)
+    if name == "reverse":
+        ag = jnp.asarray(np.tril(rng.standard_normal((b, h, n, c, c), np.float32)) * 0.1 + np.eye(c) * 0.5,
+                         jnp.bfloat16)
+        g = jnp.asarray(np.cumsum(-rng.uniform(0, 0.05, (b, h, n, c)), -1), jnp.float32)
+        args = (ag, r(b, h, n, c, dk, scale=0.06), r(b, h, n, c, dk, scale=0.06), g, jnp.zeros((b, t), jnp.float32),
+                r(b, t, h, dv), r(b, h, dk, dv, dtype=jnp.float32))
+        return jax.jit(passes.reverse), args
+    args = (r(b, h, n, dk, dv), r(b, h, n, dk, dv), r(b, t, h, dv), r(b, h, n, c, dv), r(b, h, n, c, dv))
+    return jax.jit(passes.gradients), args
+
+
+def run_pass(name: str, b: int, t: int) -> dict:
+    fn, args = gdn_pass(name, b, t)
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    print(f"compiled in {compile_s:.1f} s", flush=True)
+    out = jax.block_until_ready(compiled(*args))
+    start = time.perf_counter()
+    for _ in range(3):
+        jax.block_until_ready(compiled(*args))
+    ms = (time.perf_counter() - start) / 3 * 1e3
+    finite = all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(out))
+    return dict(compile_s=round(compile_s, 1), ms=round(ms, 3), error="finite" if finite else "NON-FINITE")
+
+
 def run_case(op: str, mode: str, b: int, t: int) -> dict:
+    if mode in PASSES:
+        return run_pass(mode, b, t)
     f, args = op_case(op, b, t)
     ours = with_kernels(f, "mosaic")
     start = time.perf_counter()
@@ -104,7 +147,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
         for op in OPS:
-            for mode in MODES:
+            for mode in MODES + (PASSES if op == "gdn" else ()):
                 if chosen and f"{op}_{mode}" not in chosen:
                     continue
                 cmd = [sys.executable, __file__, "--run", f"{op},{mode},{b},{t}"]
