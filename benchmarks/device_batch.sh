@@ -37,7 +37,8 @@ declare -A STEPS=(
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
   [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked"
-  [accum]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --accum 4"
+  [rows2]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 2"
+  [accum]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 4 --accum 4"
   [packed]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
 for name in "${@:-probe kernels profile distill}"; do

@@ -3,11 +3,11 @@
 Prints one table: seconds/step in the trainer's loop (each step queued before the host waits on the last;
 "synced": one step waited for, as sessions 1-9 reported it), tokens/s, MFU (student fwd+bwd + teacher fwd
 model FLOPs against the device's nominal bf16 peak, from the first) and peak device memory, with the dense
-KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights. A step is one
-row, or with --accum K, K rows run as K microbatches before one optimiser update (`StageConfig.grad_accum`, how
-a device takes its share of the recipe's 32 rows at 8K).
+KL (full [T, vocab] logits) and the logit-free chunked KL, at 8K and 32K tokens. Random weights. A step takes
+--batch rows (default 1) in --accum microbatches run one after the other before one optimiser update
+(`StageConfig.grad_accum`): how a device takes its share of the recipe's 32 rows at 8K.
     python benchmarks/distill_step.py                 # on the GPU
-    python benchmarks/distill_step.py --seq 8192 --accum 4
+    python benchmarks/distill_step.py --seq 8192 --batch 4 --accum 4 --kl chunked
     python benchmarks/distill_step.py --memory-only   # compiled memory of each variant, no run (CPU ok)
     python benchmarks/distill_step.py --tiny          # CPU smoke run of the same code
 """
@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="compile and report memory; do not run")
     parser.add_argument("--seq", default=None, help="comma-separated sequence lengths (default 8192,32768)")
     parser.add_argument("--docs", type=int, default=1, help="documents packed in each row (default 1)")
-    parser.add_argument("--accum", type=int, default=1, help="rows per step, one microbatch each (default 1)")
+    parser.add_argument("--batch", type=int, default=1, help="rows per step (default 1)")
+    parser.add_argument("--accum", type=int, default=1, help="microbatches per step (default 1)")
     parser.add_argument("--kl", default="dense,chunked", help="comma list of the KL variants to run")
     add_remat_argument(parser)
     args = parser.parse_args()
@@ -133,12 +134,12 @@ def main() -> None:
     peak = peak_flops()
     rows = []
     for seq in seqs:
-        batch = make_batch(args.accum, seq, t_spec.model.vocab_size, args.docs)
-        shape, tokens = f"{args.accum}x{seq}", args.accum * seq
+        batch = make_batch(args.batch, seq, t_spec.model.vocab_size, args.docs)
+        shape, tokens = f"{args.batch}x{seq}" + (f" in {args.accum}" if args.accum > 1 else ""), args.batch * seq
         flops = tokens * (3 * forward_flops_per_token(s_spec, seq) + forward_flops_per_token(t_spec, seq))
         variants = {"dense": ("dense KL", 0), "chunked": ("chunked KL", 2048 if not args.tiny else 128)}
         for name, chunk in (variants[v] for v in args.kl.split(",")):
-            stage = StageConfig(loss="kd", kl_chunk=chunk, steps=10, global_batch_size=args.accum,
+            stage = StageConfig(loss="kd", kl_chunk=chunk, steps=10, global_batch_size=args.batch,
                                 grad_accum=args.accum)
             distiller = Distiller(student, teacher, stage)
             try:
@@ -157,7 +158,7 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}; student {s_spec.layer_kinds().count('mla')} MLA + "
           f"{s_spec.layer_kinds().count('gdn')} GDN layers, remat {args.remat}; "
           f"teacher {t_spec.model.num_layers} attention layers; "
-          + f"{args.docs} documents per row, {args.accum} microbatches of one row per step")
+          + f"{args.docs} documents per row; B x T [in microbatches]")
     print_table(["B x T", "loss", "s/step", "s/step synced", "tokens/s", "MFU", "compiled peak GiB"], rows)
 
 
