@@ -39,6 +39,7 @@ declare -A STEPS=(
   [distill]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked"
   [rows2]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 2"
   [accum]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 4 --accum 4"
+  [accum2]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 4 --accum 2"
   [packed]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
 for name in "${@:-probe kernels profile distill}"; do
