@@ -270,13 +270,23 @@ def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) ->
     accumulator layout), `loop(state, *buffers) -> state` with its shared memory, the final state to
     `final_dst`. Each runs in its own scope, so the loop's buffers take the state's staging space; the loop
     must have waited for its own outgoing copies. In a kernel of several warpgroups (thread axis "wg") the
-    scopes are shared and only the warpgroup where `owner` holds loads and sends the state (zeros elsewhere)."""
+    scopes are shared and only the warpgroup where `owner` holds loads and sends the state (zeros elsewhere).
+
+    Every warpgroup waits for the load, also where it does not read it: Mosaic GPU keeps a kernel's barriers in
+    a pool by configuration (arrivals, count) and hands a later scope's barrier of the same configuration the
+    same mbarrier, whose phase parity each thread tracks in its own register. A thread that skipped a phase
+    would wait for the wrong parity on that mbarrier in the loop's scope (there: a handover barrier of one
+    arrival): pass one phase early, then, once the other side is a chunk ahead, wait for a phase that needs
+    its own arrival first (a deadlock seen only on the device; the GPU interpreter gives each scope fresh
+    barriers)."""
     scoped = pl.run_scoped if owner is None else functools.partial(pl.run_scoped, collective_axes="wg")
 
     def load(state_sm, barrier):
-        plgpu.copy_gmem_to_smem(state_src, state_sm, barrier)
+        pl.when(True if owner is None else owner)(lambda: plgpu.copy_gmem_to_smem(state_src, state_sm, barrier))
         plgpu.barrier_wait(barrier)
-        return ops.load(state_sm, WGMMA)
+        if owner is None:
+            return ops.load(state_sm, WGMMA)
+        return lax.cond(owner, lambda: ops.load(state_sm, WGMMA), lambda: ops.zeros(state_src.shape))
 
     def send(state_sm):
         state_sm[...] = state
@@ -284,11 +294,8 @@ def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) ->
         plgpu.copy_smem_to_gmem(state_sm, final_dst)
         plgpu.wait_smem_to_gmem(0)
 
-    def load_owned(*refs):
-        return lax.cond(owner, lambda: load(*refs), lambda: ops.zeros(state_src.shape))
-
     staging = smem(state_src.shape, F32)
-    state = scoped(load if owner is None else load_owned, staging, plgpu.Barrier())
+    state = scoped(load, staging, plgpu.Barrier())
     state = scoped(functools.partial(loop, state), *buffers)
     scoped(send if owner is None else lambda state_sm: pl.when(owner)(lambda: send(state_sm)), staging)
 
