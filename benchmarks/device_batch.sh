@@ -31,7 +31,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 declare -A STEPS=(
-  [probe]="240 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_reverse,gdn_gradients,gdn_grad,ssd_g32n64_train,ssd_g32n64_grad --limit 30"
+  [probe]="240 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_reverse,gdn_gradients,gdn_grad,ssd_g32n64_grad --limit 40"
   [check]="150 env MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
@@ -40,6 +40,7 @@ declare -A STEPS=(
   [rows2]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 2"
   [accum]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 4 --accum 4"
   [accum2]="200 python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked --batch 4 --accum 2"
+  [mdistill]="170 env HYLO_GPU_KERNELS=mosaic python3 benchmarks/distill_step.py --seq 8192 --remat none --kl chunked"
   [packed]="170 python3 benchmarks/distill_step.py --seq 8192 --remat none --docs 8"
 )
 for name in "${@:-probe kernels profile distill}"; do
