@@ -353,8 +353,8 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
 
 # ----------------------------------------------------------------------------- dispatch
 def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
-    """On a Hopper GPU the Mosaic kernels are the Pallas path once `MOSAIC_FIRST_ON_HOPPER` (Triton where they do
-    not take the shape), else opt-in; elsewhere Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole
+    """On a Hopper GPU the Mosaic kernels are the Pallas path of the ops in `MOSAIC_FIRST_ON_HOPPER` (Triton where they
+    do not take the shape), else opt-in; elsewhere Triton; `gpu_kernels` (or HYLO_GPU_KERNELS) picks one. The whole
     ops then match the chunked path (fp32 operands in the interpreter)."""
     ok, why = pallas_common.gpu_capability_ok("mosaic_gpu")
     assert not ok and "not 9.x" in why  # the CPU; an sm100 GPU too (no wgmma)
@@ -367,9 +367,9 @@ def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     takes_all, not_mosaic, neither = refused_by(), refused_by("mosaic_gpu"), refused_by("mosaic_gpu", "gpu")
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # the CPU is no Hopper
     monkeypatch.setattr(pallas_common, "is_hopper", lambda: True)
-    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", False)  # opt-in only
-    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")
-    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", True)
+    assert pallas_common.choose("gated_delta_rule", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
+    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # opt-in for now
+    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", frozenset({"gated_delta_rule", "ssd"}))
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
     assert pallas_common.choose("ssd", "auto", not_mosaic)[:2] == ("pallas", "gpu")
     assert pallas_common.choose("ssd", "pallas", not_mosaic)[:2] == ("pallas", "gpu")

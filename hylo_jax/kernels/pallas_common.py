@@ -405,19 +405,19 @@ def is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
-# Whether "auto" tries the Mosaic GPU kernels first on Hopper. Off since session 15: the two-warpgroup kernels of
-# sessions 13-15 are checked in the GPU interpreter and the CUDA lowering only, and on an H200 (jax 0.11.2) the
-# GDN op under jax.grad did not finish within minutes (benchmarks/NOTES.md, session 15). Turn back on once
-# `benchmarks/mosaic_probe.py` passes on the device; HYLO_GPU_KERNELS=mosaic opts in meanwhile.
-MOSAIC_FIRST_ON_HOPPER = False
+# The ops whose "auto" tries the Mosaic GPU kernels first on Hopper. GDN since session 16 (every pass ran on an H100
+# under jax.grad, errors at the bf16 level: benchmarks/RESULTS.md). SSD stays opt-in (HYLO_GPU_KERNELS=mosaic):
+# its kernels ran too and are 3-13x faster than Triton, but the bf16 gradient error on the device (4.4e-2 at
+# 1 x 1024, 32 heads) is not yet set beside the chunked path's own (`benchmarks/mosaic_probe.py` prints both).
+MOSAIC_FIRST_ON_HOPPER: frozenset[str] = frozenset({"gated_delta_rule"})
 
 
-def gpu_drivers() -> tuple[str, ...]:
-    """The Pallas drivers to try on GPU, in order ("mosaic_gpu", "gpu": Triton), from `gpu_kernels` or
-    HYLO_GPU_KERNELS. "auto": Mosaic first on Hopper when `MOSAIC_FIRST_ON_HOPPER`, then Triton for the shapes
-    Mosaic does not take; Triton elsewhere."""
+def gpu_drivers(op: str) -> tuple[str, ...]:
+    """The Pallas drivers to try on GPU for `op` ("gated_delta_rule", "ssd"), in order ("mosaic_gpu", "gpu":
+    Triton), from `gpu_kernels` or HYLO_GPU_KERNELS. "auto": Mosaic first on Hopper for the ops in
+    `MOSAIC_FIRST_ON_HOPPER`, then Triton for the shapes Mosaic does not take; Triton elsewhere."""
     name = _check_gpu_kernels(_GPU_KERNELS[-1] if _GPU_KERNELS else os.environ.get("HYLO_GPU_KERNELS", "auto"))
-    if name == "auto" and not (MOSAIC_FIRST_ON_HOPPER and is_hopper()):
+    if name == "auto" and not (op in MOSAIC_FIRST_ON_HOPPER and is_hopper()):
         return ("gpu",)
     return GPU_KERNELS[name]
 
@@ -455,7 +455,7 @@ def choose(op: str, impl: str, unsupported: Callable[[str], str | None]) -> tupl
     if impl in ("chunked", "reference"):
         return impl, None, None
     plat = platform()
-    drivers = (plat,) if plat == "tpu" else gpu_drivers()
+    drivers = (plat,) if plat == "tpu" else gpu_drivers(op)
     if impl == "pallas":
         if _OVERRIDE:
             return "pallas", *_OVERRIDE[-1]
