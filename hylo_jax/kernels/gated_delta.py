@@ -457,13 +457,10 @@ def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
         c = ag.shape[-1]
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
                               preferred_element_type=jnp.float32)
-        _, vjp = jax.vjp(
-            lambda ag, v, k, q, cum: _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype),
+        _, vjp = jax.vjp(lambda ag, v, k, q, cum: (
+            _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)),
             ag, v, k, q, cum)
-        ag_bar, v_bar, k_bar, q_bar, cum_bar = vjp((d_deltas, w_bar.astype(dtype), k_bar, decay_bar, q_bar))
-        _, attn_vjp = jax.vjp(lambda q, k, cum: chunk_attn(q, k, cum, seg, dtype), q, k, cum)
-        q_attn, k_attn, cum_attn = attn_vjp(attn_bar)
-        return ag_bar, v_bar, k_bar + k_attn, q_bar + q_attn, cum_bar + cum_attn, None, g0
+        return *vjp(((d_deltas, w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar)), None, g0
 
     fused.defvjp(fwd, bwd)
     return fused

@@ -282,10 +282,15 @@ def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) ->
     scoped = pl.run_scoped if owner is None else functools.partial(pl.run_scoped, collective_axes="wg")
 
     def load(state_sm, barrier):
-        pl.when(True if owner is None else owner)(lambda: plgpu.copy_gmem_to_smem(state_src, state_sm, barrier))
-        plgpu.barrier_wait(barrier)
+        def copy():
+            plgpu.copy_gmem_to_smem(state_src, state_sm, barrier)
+
         if owner is None:
+            copy()
+            plgpu.barrier_wait(barrier)
             return ops.load(state_sm, WGMMA)
+        pl.when(owner)(copy)
+        plgpu.barrier_wait(barrier)  # every warpgroup: see the docstring
         return lax.cond(owner, lambda: ops.load(state_sm, WGMMA), lambda: ops.zeros(state_src.shape))
 
     def send(state_sm):
