@@ -185,23 +185,31 @@ def report(events: list[dict], calls: int, top: int) -> None:
 
 
 def gdn_target(args):
+    """The GDN op as benchmarks/kernels.py times it (no l2norm, o's VJP); --impl jla profiles jla's mosaic_gpu."""
     from hylo_jax.kernels.gated_delta import gated_delta_rule
 
     b, t = (int(v) for v in args.shape.split("x"))
     d = (mixers.TINY if args.tiny else mixers.FULL)["gdn"]
     rng = np.random.default_rng(0)
-    data, dtypes, _, _ = mixers.gdn_case(rng, b, t, **d)
+    data, dtypes, out_shape, _ = mixers.gdn_case(rng, b, t, **d)
     q, k, v, g, beta = (jnp.asarray(data[n], dtypes[n]) for n in ("q", "k", "v", "g", "beta"))
+    if args.impl == "jla":
+        linear_attention = mixers.load_peers()["jax-linear-attention"]
 
-    def forward(q, k, v, g, beta):
-        return gated_delta_rule(q, k, v, g, beta, use_qk_l2norm=True, impl=args.impl)
+        def forward(q, k, v, g, beta):
+            return linear_attention("gated_deltanet", q, k, v, g=g, beta=beta, scale=d["dk"] ** -0.5,
+                                    impl="mosaic_gpu")[0]
+    else:
+        def forward(q, k, v, g, beta):
+            return gated_delta_rule(q, k, v, g, beta, chunk_size=mixers.CHUNK, impl=args.impl)[0]
 
-    def loss(q, k, v, g, beta):
-        o, s = forward(q, k, v, g, beta)
-        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    if args.fwd:
+        return jax.jit(forward), (q, k, v, g, beta)
+    dout = jnp.asarray(rng.standard_normal(out_shape, dtype=np.float32), jnp.bfloat16)
 
-    fn = forward if args.fwd else jax.grad(loss, argnums=(0, 1, 2, 3, 4))
-    return jax.jit(fn), (q, k, v, g, beta)
+    def fwd_bwd(q, k, v, g, beta, dout):
+        return jax.vjp(forward, q, k, v, g, beta)[1](dout)
+    return jax.jit(fwd_bwd), (q, k, v, g, beta, dout)
 
 
 def distill_target(args):
@@ -230,7 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("target", choices=["gdn", "distill"])
     parser.add_argument("--shape", default="1x16384", help="gdn: B x T")
-    parser.add_argument("--impl", default="auto", help="gdn: impl")
+    parser.add_argument("--impl", default="auto", help="gdn: impl, or jla (its mosaic_gpu kernels)")
     parser.add_argument("--fwd", action="store_true", help="gdn: forward only (default fwd+bwd)")
     parser.add_argument("--seq", type=int, default=8192, help="distill: tokens")
     parser.add_argument("--docs", type=int, default=1, help="distill: documents per row")
