@@ -24,8 +24,8 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 def inputs(b: int, t: int, h: int, dk: int, c: int = 64):
     rng = np.random.default_rng(0)
     n = t // c
-    k = rng.standard_normal((b, h, n, c, dk))
-    k = 0.5 * k + rng.standard_normal((b, h, 1, 1, dk))  # correlated keys: large entries of T
+    k = rng.standard_normal((b, n * c, h, dk))  # the op's layout, which the kernel reads
+    k = 0.5 * k + rng.standard_normal((b, 1, h, dk))  # correlated keys: large entries of T
     k = jnp.asarray(k / np.linalg.norm(k, axis=-1, keepdims=True), BF16)
     beta = jnp.asarray(1 / (1 + np.exp(-rng.standard_normal((b, h, n, c)))), F32)
     cum = jnp.asarray(np.cumsum(-0.05 * np.logaddexp(0, rng.standard_normal((b, h, n, c))), -1), F32)
@@ -50,8 +50,8 @@ def main() -> None:
     for b, t in shapes:
         x = inputs(b, t, 2 if args.tiny else 6, 64 if args.tiny else 256)
         with jax.default_matmul_precision("highest"):
-            t_ref = jax.jit(gated_delta.chunk_inverse)(x[0].astype(F32), *x[1:])
-        xla = jax.jit(lambda *a: gated_delta.chunk_inverse(*a, dtype=BF16))
+            t_ref = jax.jit(gated_delta.chunk_inverse)(gated_delta._in_chunks(x[0].astype(F32), 64), *x[1:])
+        xla = jax.jit(lambda k, *a: gated_delta.chunk_inverse(gated_delta._in_chunks(k, 64), *a, dtype=BF16))
         xla_ms = time_jax(xla, *x, warmup=1, iters=iters) * 1e3
         kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_inverse(*a, interpret=interpret))
         try:

@@ -86,7 +86,7 @@ def gdn_pass(name: str, b: int, t: int):
         ag = jnp.asarray(np.tril(rng.standard_normal((b, h, n, c, c), np.float32)) * 0.1 + np.eye(c) * 0.5,
                          jnp.bfloat16)
         g = jnp.asarray(np.cumsum(-rng.uniform(0, 0.05, (b, h, n, c)), -1), jnp.float32)
-        args = (ag, r(b, h, n, c, dk, scale=0.06), r(b, h, n, c, dk, scale=0.06), g, jnp.zeros((b, t), jnp.float32),
+        args = (ag, r(b, t, h, dk, scale=0.06), r(b, t, h, dk, scale=0.06), g, jnp.zeros((b, t), jnp.float32),
                 r(b, t, h, dv), r(b, h, dk, dv, dtype=jnp.float32))
         return jax.jit(passes.reverse), args
     args = (r(b, h, n, dk, dv), r(b, h, n, dk, dv), r(b, t, h, dv), r(b, h, n, c, dv), r(b, h, n, c, dv))

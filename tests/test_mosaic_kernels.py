@@ -143,13 +143,13 @@ def test_ssd_kernels_prefetch_at_mamba2_sizes(n, forward_slots, backward_slots):
 
 # ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
-    """Ag = T diag(beta) [b, h, n, C, C] (lower triangular), v [b, n*C, h, dv], k, q [b, h, n, C, dk], G [b, h, n, C]
+    """Ag = T diag(beta) [b, h, n, C, C] (lower triangular), v [b, n*C, h, dv], k, q [b, n*C, h, dk], G [b, h, n, C]
     (decreasing within each chunk), segment indices [b, 1, n, C] (a reset in the first chunk) and the initial state
     [b, h, dk, dv]."""
     rng = np.random.default_rng(seed)
     ag = np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1 + np.eye(c) * 0.5
     v = rng.standard_normal((b, n * c, h, dv))
-    k, q = rng.standard_normal((2, b, h, n, c, dk)) * 0.1
+    k, q = rng.standard_normal((2, b, n * c, h, dk)) * 0.1
     cum = np.cumsum(-rng.uniform(0.0, 0.05, (b, h, n, c)), axis=-1)
     reset = np.zeros((b, n, c), bool)
     reset[0, 0, c // 2] = True
@@ -170,7 +170,8 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     ours = _fused_outputs(passes, jnp.dtype(dtype))
 
     def reference(ag, v, k, q, cum, seg, state):
-        u, w, k_out, decay, q_in = _recurrence_inputs(ag, _in_chunks(v, 64), k, q, cum, seg, F32, F32)
+        v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
+        u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
         attn = chunk_attn(q, k, cum, seg)
         return _outputs(chunk_state_recurrence, F32)(u, w, k_out, decay, state, q_in, attn)
 
@@ -180,7 +181,7 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     for got in (ours(*args), saving[:2]):
         for a, w in zip(got, want, strict=True):
             assert rel_err(a.astype(F32), w) < tol
-    u, w, k_out, decay, _ = _recurrence_inputs(ag, _in_chunks(v, 64), k, q, cum, seg, F32, F32)
+    u, w, k_out, decay, _ = _recurrence_inputs(ag, *(_in_chunks(x, 64) for x in (v, k, q)), cum, seg, F32, F32)
     states, deltas, _ = chunk_state_recurrence(u, w, k_out, decay, state)
     assert rel_err(saving[2].astype(F32), states) < tol
     assert rel_err(saving[3].astype(F32), deltas) < tol
@@ -229,11 +230,11 @@ def test_two_warpgroup_kernels_have_no_races():
 
 
 def factor_inputs(seed, b, h, n, dk, dtype, correlated):
-    """k (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries large), beta, G
-    and segment indices in the chunk layout of `gated_delta.chunk_inverse`, chunks of 64."""
+    """k [b, n*C, h, dk] (unit rows; `correlated` mixes a shared direction into the keys, which makes T's entries
+    large), beta, G and segment indices in the chunk layout of `gated_delta.chunk_inverse`, chunks of 64."""
     rng = np.random.default_rng(seed)
-    k = rng.standard_normal((b, h, n, 64, dk))
-    k = (1 - correlated) * k + 3 * correlated * rng.standard_normal((b, h, 1, 1, dk))
+    k = rng.standard_normal((b, n * 64, h, dk))
+    k = (1 - correlated) * k + 3 * correlated * rng.standard_normal((b, 1, h, dk))
     k = k / np.linalg.norm(k, axis=-1, keepdims=True)
     beta = 1 / (1 + np.exp(-rng.standard_normal((b, h, n, 64))))
     cum = np.cumsum(-0.05 * np.logaddexp(0.0, rng.standard_normal((b, h, n, 64))), axis=-1)
@@ -252,7 +253,7 @@ def test_gdn_chunk_inverse_kernel_matches_xla(dtype, correlated):
         lowered = jax.jit(mosaic_gdn_factors.chunk_inverse).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
     t = mosaic_gdn_factors.chunk_inverse(*args, interpret=mosaic_common.interpret_params())
-    t_ref = chunk_inverse(args[0].astype(F32), *args[1:])
+    t_ref = chunk_inverse(_in_chunks(args[0].astype(F32), 64), *args[1:])
     assert t.dtype == F32
     assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)
 

@@ -195,12 +195,13 @@ def chunk_attn(
 @functools.cache
 def kernel_chunk_inverse(interpret: Any, dtype: Any) -> Callable:
     """`chunk_inverse` with its forward on the Mosaic GPU kernel (`mosaic_gdn_factors`) and its backward in XLA:
-    the VJP of `chunk_inverse` given the kernel's T (no inverse recomputed)."""
+    the VJP of `chunk_inverse` given the kernel's T (no inverse recomputed). The kernel reads k in the op's
+    [b, n*C, h, dk] layout."""
 
     def kernel(k, beta, cum, seg):
         def specs(rows, heads):
-            chunked, vec = P(rows, heads, None, None, None), P(rows, heads, None, None)
-            return (chunked, vec, vec, P(rows, None, None, None)), chunked
+            vec = P(rows, heads, None, None)
+            return (P(rows, None, heads, None), vec, vec, P(rows, None, None, None)), P(rows, heads, None, None, None)
 
         run = functools.partial(mosaic_gdn_factors.chunk_inverse, interpret=interpret)
         return pallas_common.on_mesh(run, specs, *k.shape[:2])(k, beta, cum, seg)
@@ -215,7 +216,8 @@ def kernel_chunk_inverse(interpret: Any, dtype: Any) -> Callable:
 
     def bwd(res, t_bar):
         k, beta, cum, seg, t = res
-        _, vjp = jax.vjp(lambda *xs: chunk_inverse(*xs, seg, dtype, lambda m: _known_inverse(m, t)), k, beta, cum)
+        _, vjp = jax.vjp(lambda k, beta, cum: chunk_inverse(_in_chunks(k, t.shape[-1]), beta, cum, seg, dtype,
+                                                            lambda m: _known_inverse(m, t)), k, beta, cum)
         return (*vjp(t_bar), None)
 
     inverse.defvjp(fwd, bwd)
@@ -351,7 +353,7 @@ class ChunkKernels:
     Ag = T diag(beta) and v, `_fused_outputs`)."""
 
     recurrence: Callable = chunk_state_recurrence
-    inverse: Callable | None = None
+    inverse: Callable | None = None  # takes k in the op's [b, n*C, h, dk] layout
     outputs: mosaic_gdn.Kernels | None = None
 
 
@@ -367,8 +369,8 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
         inverse = kernel_chunk_inverse(interpret, dtype)
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(inverse=inverse, outputs=mosaic_gdn.Kernels(
-        _per_device(passes.forward, "sossgbt", "ot"), _per_device(passes.forward_saving, "sossgbt", "otss"),
-        _per_device(passes.reverse, "sssgbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
+        _per_device(passes.forward, "sooogbt", "ot"), _per_device(passes.forward_saving, "sooogbt", "otss"),
+        _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -431,7 +433,7 @@ def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c 
 
 @functools.cache
 def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
-    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v [b, n*C, h, dv], k, q, G, seg, state) on the passes of
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v, k, q [b, n*C, h, .], G, seg, state) on the passes of
     `mosaic_gdn`: the forward alone where nothing differentiates, else the forward that saves S_c and delta_c;
     backward, a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
     the gradients that only read the sequences, and XLA's VJPs of `_recurrence_inputs` (for what those gradients
@@ -457,9 +459,11 @@ def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
         c = ag.shape[-1]
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
                               preferred_element_type=jnp.float32)
-        _, vjp = jax.vjp(lambda ag, v, k, q, cum: (
-            _recurrence_inputs(ag, _in_chunks(v, c), k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)),
-            ag, v, k, q, cum)
+        def inputs(ag, v, k, q, cum):
+            v, k, q = (_in_chunks(x, c) for x in (v, k, q))
+            return _recurrence_inputs(ag, v, k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)
+
+        _, vjp = jax.vjp(inputs, ag, v, k, q, cum)
         return *vjp(((d_deltas, w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar)), None, g0
 
     fused.defvjp(fwd, bwd)
@@ -502,15 +506,19 @@ def _chunked(
         )
     n = (t + pad) // chunk_size
 
-    v_in_sequence = v
+    in_sequence = q, k, v  # the Mosaic kernels read them in this layout
     q, k, v, g, beta = (_in_chunks(x, chunk_size) for x in (q, k, v, g, beta))
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    inverse = (kernels.inverse or functools.partial(chunk_inverse, dtype=dtype))(k, beta, cum, seg)
+    if kernels.inverse is not None:
+        inverse = kernels.inverse(in_sequence[1], beta, cum, seg)
+    else:
+        inverse = chunk_inverse(k, beta, cum, seg, dtype)
     ag = inverse * beta[..., None, :]  # T diag(beta)
     if kernels.outputs is not None:
-        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v_in_sequence, k, q, cum, seg, state)
+        q, k, v = in_sequence
+        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v, k, q, cum, seg, state)
     else:
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
         attn = chunk_attn(q, k, cum, seg, dtype)

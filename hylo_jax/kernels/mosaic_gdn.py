@@ -162,8 +162,11 @@ class _Place:
     def tokens(self, i):
         return pl.ds(i * self.chunk, self.chunk)
 
-    def by_row(self, i):  # [X, n*C, ...]: q, k, Ag, G
+    def by_row(self, i):  # [X, n*C, ...]: Ag, G
         return self.row, self.tokens(i)
+
+    def keys(self, i):  # [b, n*C, h, dk]: q, k
+        return self.row // self.heads, self.tokens(i), self.row % self.heads
 
     def by_batch(self, i):  # [b, n*C]: the segment index
         return self.row // self.heads, self.tokens(i)
@@ -184,12 +187,12 @@ class _Place:
 
 def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, out_type: list, *, reverse: bool):
     """One pass of two warpgroups over the chunks (last to first if `reverse`) of a grid of (row, value block)
-    CTAs. `ins` = (ag, the per-token input (v or o_bar) [b, n*C, h, dv], k, q [X, n*C, .] in the operand dtype,
-    G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32); `out_type` ends
-    with the carried block's end. `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers)) -> (carrier
-    step, other step, handovers the carrier drains)` (`mosaic_common.two_warpgroup_loop`)."""
-    k, start = ins[2], ins[-1]
-    rows_, tp, dk = k.shape
+    CTAs. `ins` = (ag [X, n*C, C], the per-token input (v or o_bar) [b, n*C, h, dv], k, q [b, n*C, h, dk] in the
+    operand dtype, G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32);
+    `out_type` ends with the carried block's end. `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers))
+    -> (carrier step, other step, handovers the carrier drains)` (`mosaic_common.two_warpgroup_loop`)."""
+    ag, k, start = ins[0], ins[2], ins[-1]
+    (rows_, tp, _), dk = ag.shape, k.shape[-1]
     dv, chunk, vb, cdt = start.shape[-1], call.chunk, call.vb, k.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
@@ -203,7 +206,7 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
         def loop(carried, *refs):
             slots = _Slots(*refs[:6])
             fixed_refs, (ready, consumed, *handovers) = refs[6:6 + len(fixed_buffers)], refs[6 + len(fixed_buffers):]
-            sources = [(q_ref, slots.q, at.by_row), (k_ref, slots.k, at.by_row), (ag_ref, slots.ag, at.by_row),
+            sources = [(q_ref, slots.q, at.keys), (k_ref, slots.k, at.keys), (ag_ref, slots.ag, at.by_row),
                        (tok_ref, slots.tok, at.in_sequence), (g_ref, slots.g, at.by_row),
                        (seg_ref, slots.seg, at.by_batch)]
             carrier, other, drained = sides(ops, at, outs, slots, fixed_refs, (consumed, *handovers))
@@ -421,9 +424,9 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
 
 
 class Kernels(NamedTuple):
-    """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; k, q [b, h, n, C, dk];
-    G [b, h, n, C] fp32; states [b, h, dk, dv]), except v, o and o_bar, which are in the op's own layout
-    [b, n*C, h, dv] (no transposes on either side), and the segment index within the chunk, [b, n*C] fp32. What
+    """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; G [b, h, n, C] fp32; states
+    [b, h, dk, dv]), except q, k, v, o and o_bar, which are in the op's own layout [b, n*C, h, d] (no transposes on
+    either side), and the segment index within the chunk, [b, n*C] fp32. What
     goes in and out per chunk or token is in the operand dtype, the initial and final states and their cotangents
     fp32:
 
@@ -444,22 +447,22 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
     forward and the reverse pass (default `value_block`)."""
 
     def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse):
-        b, h, n, c, dk = k.shape
-        dv = tok.shape[-1]
+        b, h, n, c, _ = ag.shape
+        dk, dv = k.shape[-1], tok.shape[-1]
         block = vb or value_block(b * h, dv, 132 if interpret else gpu_cores())
         if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), block):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
         sds = jax.ShapeDtypeStruct
         types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds((b * h, dk, dv), F32)]
         return _pass(_Call(c, block, stages, interpret, h), name, sides, fixed,
-                     (*operands(ag), tok.astype(dtype), *operands(k, q), g.reshape(b * h, n * c).astype(F32),
+                     (*operands(ag), *(x.astype(dtype) for x in (tok, k, q)), g.reshape(b * h, n * c).astype(F32),
                       seg.astype(F32), rows(start).astype(F32)), types, reverse=reverse)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
 
     def forward_pass(ag, v, k, q, g, seg, state, save):
-        b, h, n, c, _ = k.shape
+        b, h, n, c, _ = ag.shape
 
         def out_type(x, n, c, dk, dv):
             return [(b, n * c, h, dv)] + ([(x, n, dk, dv), (x, n * c, dv)] if save else [])
@@ -472,7 +475,7 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, -1)
 
     def reverse(ag, k, q, g, seg, o_bar, final_bar):
-        b, h, n, c, _ = k.shape
+        b, h, n, c, _ = ag.shape
         g_next, d, g0 = run(ag, o_bar, k, q, g, seg, final_bar, "gdn_reverse", _reverse_sides, _reverse_fixed,
                             lambda x, n, c, dk, dv: [(x, n, dk, dv), (x, n * c, dv)], reverse=True)
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, -1)

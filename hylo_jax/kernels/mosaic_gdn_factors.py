@@ -54,11 +54,14 @@ def _kernel(ops: Ops, cdt):
         return high, (x - high.astype(F32)).astype(cdt)
 
     def kernel(k_ref, beta_ref, g_ref, seg_ref, t_ref):
-        at = (lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * c, c))
+        row, heads = lax.axis_index("rows"), k_ref.shape[2]
+        at = (row, pl.ds(lax.axis_index("chunks") * c, c))
+        keys = (row // heads, at[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
 
         def products(k_sm, beta_sm, g_sm, seg_sm, ready):
             """M (returned)."""
-            for src, dst in zip((k_ref, beta_ref, g_ref, seg_ref), (k_sm, beta_sm, g_sm, seg_sm)):
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm, ready)
+            for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
                 plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
             plgpu.barrier_wait(ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
@@ -98,16 +101,17 @@ def _kernel(ops: Ops, cdt):
 
 
 def chunk_inverse(
-    k: Float[Array, "b h n c dk"],
+    k: Float[Array, "b t h dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
     seg: Int[Array, "b 1 n c"],
     *,
     interpret=None,
 ) -> Float[Array, "b h n c c"]:
-    """T fp32 of every chunk (module docstring): k in the operand dtype (bf16 / fp16; the interpreter also takes
-    fp32), beta and G (`cum`) fp32, `seg` the segment index within the chunk."""
-    b, h, n, chunk, dk = k.shape
+    """T fp32 of every chunk (module docstring): k [b, n*C, h, dk] in the operand dtype (bf16 / fp16; the interpreter
+    also takes fp32), beta and G (`cum`) fp32 and `seg` (the segment index within the chunk) in the chunk layout."""
+    b, h, n, chunk = beta.shape
+    dk = k.shape[-1]
     if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
         raise ValueError(f"Mosaic GPU GDN chunk-inverse kernel: {reason}")
     rows = b * h
@@ -119,5 +123,5 @@ def chunk_inverse(
     call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), "gdn_chunk_inverse",
                       out_type=jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), grid=(rows, n),
                       grid_names=("rows", "chunks"), interpret=interpret)
-    t = call(*(flat(x) for x in (k, beta.astype(F32), cum.astype(F32), seg)))
+    t = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32), seg)))
     return t.reshape(b, h, n, chunk, chunk)
