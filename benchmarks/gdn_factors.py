@@ -1,5 +1,5 @@
-"""The GDN chunk-inverse kernel (`kernels/mosaic_gdn_factors.py`) vs XLA's `chunk_inverse`: T = (I + M)^-1 for
-every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 keys, correlated. One table: error of
+"""The GDN chunk-factor kernel (`kernels/mosaic_gdn_factors.py`, saving T) vs XLA's `chunk_inverse`: T = (I + M)^-1
+for every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 keys, correlated. One table: error of
 T against XLA in fp32 (highest precision), ms of the kernel and of XLA with bf16 products.
 HYLO_MOSAIC_SEMANTICS=warpgroup tries the other lowering (`mosaic_common.compiler_params`).
 
@@ -53,7 +53,7 @@ def main() -> None:
             t_ref = jax.jit(gated_delta.chunk_inverse)(gated_delta._in_chunks(x[0].astype(F32), 64), *x[1:])
         xla = jax.jit(lambda k, *a: gated_delta.chunk_inverse(gated_delta._in_chunks(k, 64), *a, dtype=BF16))
         xla_ms = time_jax(xla, *x, warmup=1, iters=iters) * 1e3
-        kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_inverse(*a, interpret=interpret))
+        kernel = jax.jit(lambda *a: mosaic_gdn_factors.chunk_factor(*a, save_t=True, interpret=interpret)[1])
         try:
             cells = [f"{rel(kernel(*x), t_ref):.1e}", f"{time_jax(kernel, *x, warmup=1, iters=iters) * 1e3:.3f}"]
         except Exception as err:  # report it and go on

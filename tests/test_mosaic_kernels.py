@@ -18,7 +18,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from hylo_jax.kernels import mosaic_common, mosaic_gdn, mosaic_gdn_factors, mosaic_ssd, pallas_common
 from hylo_jax.kernels.gated_delta import (
-    _fused_outputs,
+    _fused,
     _in_chunks,
     _outputs,
     _recurrence_inputs,
@@ -143,33 +143,38 @@ def test_ssd_kernels_prefetch_at_mamba2_sizes(n, forward_slots, backward_slots):
 
 # ----------------------------------------------------------------------------- GDN recurrence with outputs
 def recurrence_inputs(seed, b, h, n, c, dk, dv):
-    """Ag = T diag(beta) [b, h, n, C, C] (lower triangular), v [b, n*C, h, dv], k, q [b, n*C, h, dk], G [b, h, n, C]
-    (decreasing within each chunk), segment indices [b, 1, n, C] (a reset in the first chunk) and the initial state
-    [b, h, dk, dv]."""
+    """q, k [b, n*C, h, dk], v [b, n*C, h, dv], beta and G [b, h, n, C] (G decreasing within each chunk), segment
+    indices [b, 1, n, C] (a reset in the first chunk) and the initial state [b, h, dk, dv]."""
     rng = np.random.default_rng(seed)
-    ag = np.tril(rng.standard_normal((b, h, n, c, c))) * 0.1 + np.eye(c) * 0.5
+    q, k = rng.standard_normal((2, b, n * c, h, dk)) * 0.1
     v = rng.standard_normal((b, n * c, h, dv))
-    k, q = rng.standard_normal((2, b, n * c, h, dk)) * 0.1
+    beta = 1 / (1 + np.exp(-rng.standard_normal((b, h, n, c))))
     cum = np.cumsum(-rng.uniform(0.0, 0.05, (b, h, n, c)), axis=-1)
     reset = np.zeros((b, n, c), bool)
     reset[0, 0, c // 2] = True
     seg = jnp.asarray(np.cumsum(reset, axis=-1)[:, None], jnp.int32)
-    ag, v, k, q, cum = (jnp.asarray(z, F32) for z in (ag, v, k, q, cum))
-    return ag, v, k, q, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32)
+    q, k, v, beta, cum = (jnp.asarray(z, F32) for z in (q, k, v, beta, cum))
+    return q, k, v, beta, cum, seg, jnp.asarray(rng.standard_normal((b, h, dk, dv)), F32)
+
+
+def factor(k, beta, cum, seg):
+    """Ag = T diag(beta) from k in the op's layout (XLA)."""
+    return chunk_inverse(_in_chunks(k, cum.shape[-1]), beta, cum, seg) * beta[..., None, :]
 
 
 @pytest.mark.parametrize("b, dv, dtype, tol, vb", [(2, 64, F32, 1e-5, 64), (1, 64, jnp.bfloat16, 2e-2, 32)])
 def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     """The Mosaic GDN passes (the two-warpgroup forward alone and saving S_c and delta_c, the reverse pass from
-    o's cotangent, the gradient pass; value blocks of 64 or 32) against the `lax.scan`
-    recurrence on u = Ag v, w = (Ag o d_in) k and XLA's outputs with attn = (q k^T) o E: o, the final state, S_c,
-    delta_c and every cotangent (Ag, v, k, q, G, initial state)."""
+    o's cotangent, the gradient pass; value blocks of 64 or 32) with XLA's Ag against the `lax.scan` recurrence
+    on u = Ag v, w = (Ag o d_in) k and XLA's outputs with attn = (q k^T) o E: o, the final state, S_c, delta_c and
+    every cotangent (q, k, v, beta, G, initial state)."""
     args = recurrence_inputs(0, b, 2, 3, 64, 64, dv)
-    ag, v, k, q, cum, seg, state = args
+    q, k, v, beta, cum, seg, state = args
     passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=vb)
-    ours = _fused_outputs(passes, jnp.dtype(dtype))
+    ours = _fused(passes, None, jnp.dtype(dtype))
 
-    def reference(ag, v, k, q, cum, seg, state):
+    def reference(q, k, v, beta, cum, seg, state):
+        ag = factor(k, beta, cum, seg)
         v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
         attn = chunk_attn(q, k, cum, seg)
@@ -177,6 +182,7 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
 
     want = reference(*args)
     segments = seg[:, 0].reshape(b, -1).astype(F32)
+    ag = factor(k, beta, cum, seg)
     saving = passes.forward_saving(ag, v, k, q, cum, segments, state)
     for got in (ours(*args), saving[:2]):
         for a, w in zip(got, want, strict=True):
@@ -187,15 +193,15 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     assert rel_err(saving[3].astype(F32), deltas) < tol
 
     def loss(fn):
-        def f(ag, v, k, q, cum, state):
-            o, final = fn(ag, v, k, q, cum, seg, state)
+        def f(q, k, v, beta, cum, state):
+            o, final = fn(q, k, v, beta, cum, seg, state)
             return jnp.sum(jnp.sin(o.astype(F32))) + jnp.sum(final * final)
         return f
 
-    differentiable = (ag, v, k, q, cum, state)
+    differentiable = (q, k, v, beta, cum, state)
     got = jax.grad(loss(ours), argnums=range(6))(*differentiable)
     want = jax.grad(loss(reference), argnums=range(6))(*differentiable)
-    for name, a, w in zip(("ag", "v", "k", "q", "G", "state"), got, want, strict=True):
+    for name, a, w in zip(("q", "k", "v", "beta", "G", "state"), got, want, strict=True):
         assert rel_err(a, w) < tol, name
 
 
@@ -211,7 +217,8 @@ def test_two_warpgroup_kernels_have_no_races():
         return not gpu_callbacks.get_races().races_found
 
     params = InterpretGPUParams(detect_races=True)
-    ag, v, k, q, cum, seg, state = recurrence_inputs(0, 1, 1, 3, 64, 64, 64)
+    q, k, v, beta, cum, seg, state = recurrence_inputs(0, 1, 1, 3, 64, 64, 64)
+    ag = factor(k, beta, cum, seg)
     passes = mosaic_gdn.kernels(F32, params, vb=32)
     segments = seg[:, 0].reshape(1, -1).astype(F32)
     o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
@@ -244,18 +251,21 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
 
 @pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
 @pytest.mark.parametrize("correlated", [0.0, 0.9])
-def test_gdn_chunk_inverse_kernel_matches_xla(dtype, correlated):
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated):
     """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
-    operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts). The bf16 kernel is
-    lowered for CUDA too."""
+    operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts); Ag = T diag(beta) in k's
+    dtype, to its rounding. The bf16 kernel is lowered for CUDA too."""
     args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
-        lowered = jax.jit(mosaic_gdn_factors.chunk_inverse).trace(*args).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(mosaic_gdn_factors.chunk_factor).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
-    t = mosaic_gdn_factors.chunk_inverse(*args, interpret=mosaic_common.interpret_params())
+    ag, t = mosaic_gdn_factors.chunk_factor(*args, save_t=True, interpret=mosaic_common.interpret_params())
+    (ag_alone,) = mosaic_gdn_factors.chunk_factor(*args, interpret=mosaic_common.interpret_params())
     t_ref = chunk_inverse(_in_chunks(args[0].astype(F32), 64), *args[1:])
-    assert t.dtype == F32
+    assert t.dtype == F32 and ag.dtype == ag_alone.dtype == dtype
     assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)
+    assert rel_err(ag.astype(F32), t_ref * args[1][..., None, :]) < (4e-3 if dtype == jnp.bfloat16 else 1e-6)
+    assert jnp.array_equal(ag, ag_alone)
 
 
 def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):

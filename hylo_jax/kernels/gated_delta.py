@@ -192,38 +192,6 @@ def chunk_attn(
     return matmul("bhnik,bhnjk->bhnij", q, k, dtype) * _masked_exp(diff, causal)
 
 
-@functools.cache
-def kernel_chunk_inverse(interpret: Any, dtype: Any) -> Callable:
-    """`chunk_inverse` with its forward on the Mosaic GPU kernel (`mosaic_gdn_factors`) and its backward in XLA:
-    the VJP of `chunk_inverse` given the kernel's T (no inverse recomputed). The kernel reads k in the op's
-    [b, n*C, h, dk] layout."""
-
-    def kernel(k, beta, cum, seg):
-        def specs(rows, heads):
-            vec = P(rows, heads, None, None)
-            return (P(rows, None, heads, None), vec, vec, P(rows, None, None, None)), P(rows, heads, None, None, None)
-
-        run = functools.partial(mosaic_gdn_factors.chunk_inverse, interpret=interpret)
-        return pallas_common.on_mesh(run, specs, *k.shape[:2])(k, beta, cum, seg)
-
-    @jax.custom_vjp
-    def inverse(k, beta, cum, seg):
-        return kernel(k, beta, cum, seg)
-
-    def fwd(k, beta, cum, seg):
-        t = kernel(k, beta, cum, seg)
-        return t, (k, beta, cum, seg, t)
-
-    def bwd(res, t_bar):
-        k, beta, cum, seg, t = res
-        _, vjp = jax.vjp(lambda k, beta, cum: chunk_inverse(_in_chunks(k, t.shape[-1]), beta, cum, seg, dtype,
-                                                            lambda m: _known_inverse(m, t)), k, beta, cum)
-        return (*vjp(t_bar), None)
-
-    inverse.defvjp(fwd, bwd)
-    return inverse
-
-
 def _delta_step(
     state: Float[Array, "b h dk dv"],
     q_t: Float[Array, "b h dk"],
@@ -347,13 +315,13 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 
 @dataclasses.dataclass(frozen=True)
 class ChunkKernels:
-    """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract), `inverse`
-    (`chunk_inverse`'s contract; None: XLA's) and `outputs` (None: the recurrence, then two XLA matmuls,
-    `_outputs`; else the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs from
-    Ag = T diag(beta) and v, `_fused_outputs`)."""
+    """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract) and, on Mosaic GPU, `outputs`
+    (the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs, `_fused`) and `factor`
+    ((k [b, n*C, h, dk], beta, G, seg, save_t) -> (Ag = T diag(beta) in the operand dtype, T fp32 if save_t):
+    `mosaic_gdn_factors.chunk_factor`; None: XLA's `chunk_inverse`)."""
 
     recurrence: Callable = chunk_state_recurrence
-    inverse: Callable | None = None  # takes k in the op's [b, n*C, h, dk] layout
+    factor: Callable | None = None
     outputs: mosaic_gdn.Kernels | None = None
 
 
@@ -364,11 +332,13 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
     kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
     if backend != "mosaic_gpu":
         return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)), "sssct", "sst"))
-    inverse = None
+    factor = None
     if not mosaic_gdn_factors.unsupported(dk, chunk, mosaic_common.device_dtype(dtype, interpret)):
-        inverse = kernel_chunk_inverse(interpret, dtype)
+        def factor(k, beta, cum, seg, save_t):
+            run = functools.partial(mosaic_gdn_factors.chunk_factor, save_t=save_t, interpret=interpret)
+            return _per_device(run, "oggm", "ss"[:1 + save_t])(k, beta, cum, seg)
     passes = mosaic_gdn.kernels(dtype, interpret)
-    return ChunkKernels(inverse=inverse, outputs=mosaic_gdn.Kernels(
+    return ChunkKernels(factor=factor, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sooogbt", "ot"), _per_device(passes.forward_saving, "sooogbt", "otss"),
         _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
 
@@ -382,15 +352,17 @@ def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str |
 def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
     """`fn` per device under a set mesh (`pallas_common.on_mesh`). `ins` and `outs` give each argument's and
     result's layout: "s" [b, h, n, ., .] (per chunk), "c" [b, h, n], "g" [b, h, n, C], "t" [b, h, dk, dv],
-    "o" [b, n*C, h, dv], "b" [b, n*C]."""
+    "o" [b, n*C, h, d], "b" [b, n*C], "m" [b, 1, n, C]."""
 
     def specs(rows, heads):
         layout = {"s": P(rows, heads, None, None, None), "c": P(rows, heads, None), "g": P(rows, heads, None, None),
-                  "t": P(rows, heads, None, None), "o": P(rows, None, heads, None), "b": P(rows, None)}
+                  "t": P(rows, heads, None, None), "o": P(rows, None, heads, None), "b": P(rows, None),
+                  "m": P(rows, None, None, None)}
         return tuple(layout[x] for x in ins), tuple(layout[x] for x in outs)
 
     def call(*args):
-        return pallas_common.on_mesh(fn, specs, *args[0].shape[:2])(*args)
+        heads = args[0].shape[2 if ins[0] == "o" else 1]
+        return pallas_common.on_mesh(fn, specs, args[0].shape[0], heads)(*args)
 
     return call
 
@@ -432,38 +404,49 @@ def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c 
 
 
 @functools.cache
-def _fused_outputs(passes: mosaic_gdn.Kernels, dtype: Any) -> Callable:
-    """(o [b, n*C, h, dv] in `dtype`, final state) = f(ag, v, k, q [b, n*C, h, .], G, seg, state) on the passes of
-    `mosaic_gdn`: the forward alone where nothing differentiates, else the forward that saves S_c and delta_c;
-    backward, a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
-    the gradients that only read the sequences, and XLA's VJPs of `_recurrence_inputs` (for what those gradients
-    are of: u, w, the decayed keys and queries) and of `chunk_attn` (for attn_bar = o_bar delta^T). No pass reads
-    u, w or attn: they form what they need from Ag, q and k."""
+def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> Callable:
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(q, k, v [b, n*C, h, .], beta, G [b, h, n, C], seg, state): the
+    chunked op on the kernels of `mosaic_gdn` from Ag = T diag(beta) (`factor`, else XLA's `chunk_inverse`): the
+    forward alone where nothing differentiates, else the factor saving T and the forward saving S_c and delta_c.
+    Backward: a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
+    the gradients that only read the sequences, and one XLA VJP of T diag(beta) (given T), `_recurrence_inputs`
+    (for what those gradients are of: u, w, the decayed keys and queries) and `chunk_attn` (for attn_bar =
+    o_bar delta^T). No pass reads u, w or attn: they form what they need from Ag, q and k."""
 
     def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
         return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
 
+    def factors(k, beta, cum, seg, save_t: bool):
+        if factor is not None:
+            return factor(k, beta, cum, seg, save_t)
+        t = chunk_inverse(_in_chunks(k, cum.shape[-1]), beta, cum, seg, dtype)
+        return ((t * beta[..., None, :]).astype(dtype), t)[:1 + save_t]
+
     @jax.custom_vjp
-    def fused(ag, v, k, q, cum, seg, state):
+    def fused(q, k, v, beta, cum, seg, state):
+        (ag,) = factors(k, beta, cum, seg, save_t=False)
         return passes.forward(ag, v, k, q, cum, kernel_segments(seg), state)
 
-    def fwd(ag, v, k, q, cum, seg, state):
+    def fwd(q, k, v, beta, cum, seg, state):
+        ag, t = factors(k, beta, cum, seg, save_t=True)
         o, final, states, deltas = passes.forward_saving(ag, v, k, q, cum, kernel_segments(seg), state)
-        return (o, final), (ag, v, k, q, cum, seg, states, deltas)
+        return (o, final), (q, k, v, beta, cum, seg, ag, t, states, deltas)
 
     def bwd(res, cotangents):
-        ag, v, k, q, cum, seg, states, deltas = res
+        q, k, v, beta, cum, seg, ag, t, states, deltas = res
         o_bar, final_bar = cotangents
         g0, g_next, d_deltas = passes.reverse(ag, k, q, cum, kernel_segments(seg), o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
-        c = ag.shape[-1]
+        c = cum.shape[-1]
         attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
                               preferred_element_type=jnp.float32)
-        def inputs(ag, v, k, q, cum):
-            v, k, q = (_in_chunks(x, c) for x in (v, k, q))
+
+        def inputs(q, k, v, beta, cum):
+            q, k, v = (_in_chunks(x, c) for x in (q, k, v))
+            ag = chunk_inverse(k, beta, cum, seg, dtype, lambda m: _known_inverse(m, t)) * beta[..., None, :]
             return _recurrence_inputs(ag, v, k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)
 
-        _, vjp = jax.vjp(inputs, ag, v, k, q, cum)
+        _, vjp = jax.vjp(inputs, q, k, v, beta, cum)
         return *vjp(((d_deltas, w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar)), None, g0
 
     fused.defvjp(fwd, bwd)
@@ -494,7 +477,7 @@ def _chunked(
     T is `chunk_inverse`, the weights attn_ij = e^{G_i - G_j} (q_i . k_j) `chunk_attn`. Only delta and S_C need the
     carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
     batched matmuls over all chunks at once (`_outputs`); or the Mosaic passes run it all from Ag = T diag(beta)
-    as delta = Ag (v - e^G o k S0), without u and w (`_fused_outputs`). `kernels` says what runs each part.
+    as delta = Ag (v - e^G o k S0), without u and w (`_fused`). `kernels` says what runs each part.
     Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
     """
     b, t, h, _ = q.shape
@@ -506,20 +489,15 @@ def _chunked(
         )
     n = (t + pad) // chunk_size
 
-    in_sequence = q, k, v  # the Mosaic kernels read them in this layout
-    q, k, v, g, beta = (_in_chunks(x, chunk_size) for x in (q, k, v, g, beta))
     # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
     seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
+    g, beta = _in_chunks(g, chunk_size), _in_chunks(beta, chunk_size)
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
-    if kernels.inverse is not None:
-        inverse = kernels.inverse(in_sequence[1], beta, cum, seg)
+    if kernels.outputs is not None:  # q, k, v stay in their layout
+        o, state = _fused(kernels.outputs, kernels.factor, jnp.dtype(dtype))(q, k, v, beta, cum, seg, state)
     else:
-        inverse = chunk_inverse(k, beta, cum, seg, dtype)
-    ag = inverse * beta[..., None, :]  # T diag(beta)
-    if kernels.outputs is not None:
-        q, k, v = in_sequence
-        o, state = _fused_outputs(kernels.outputs, jnp.dtype(dtype))(ag, v, k, q, cum, seg, state)
-    else:
+        q, k, v = (_in_chunks(x, chunk_size) for x in (q, k, v))
+        ag = chunk_inverse(k, beta, cum, seg, dtype) * beta[..., None, :]  # T diag(beta)
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
         attn = chunk_attn(q, k, cum, seg, dtype)
         o, state = _outputs(kernels.recurrence, jnp.dtype(dtype))(u, w, k_out, decay, state, q_in, attn)

@@ -1,5 +1,5 @@
 """Mosaic GPU (Hopper: wgmma, TMA) kernels for the sequential part of the chunked gated delta rule together with
-the outputs it feeds (`gated_delta._fused_outputs`). Over chunks c, with q, k, v, the gated UT factor
+the outputs it feeds (`gated_delta._fused`). Over chunks c, with q, k, v, the gated UT factor
 Ag = T diag(beta) (`gated_delta.chunk_inverse`), and G, d_in, d_out, d_c the chunk's decays
 (`mosaic_common.ChunkGates`):
 

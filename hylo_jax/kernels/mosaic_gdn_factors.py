@@ -4,6 +4,7 @@ chunk-local cumulative log-decay and segments as in `gated_delta._chunked`:
 
     E_ij = e^{G_i - G_j} for j <= i in the same segment, else 0
     T    = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij for j < i
+    Ag   = T diag(beta)                                   (in the operand dtype: what the passes multiply by)
 
 (The chunk's own output weights (q k^T) o E are formed by the passes that use them, `mosaic_gdn`.)
 
@@ -14,7 +15,8 @@ cancels). Each product of fp32 tiles splits both factors into high and low parts
 a b ~ a_h b_h + a_h b_l + a_l b_h (three wgmmas into one accumulator, ~16 mantissa bits): T multiplies every
 value and key of the chunk, so it is kept to about fp32 accuracy. The left factors stay in registers, the
 right ones pass through shared memory, two buffer pairs used in turn, so a product never overwrites what the
-last one may still read.
+last one may still read. T itself (fp32) is written only when asked (`save_t`): the backward's VJP of the
+inverse reads it.
 
 On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_common`).
 """
@@ -45,7 +47,7 @@ def unsupported(dk: int, chunk: int, dtype) -> str | None:
     return None
 
 
-def _kernel(ops: Ops, cdt):
+def _kernel(ops: Ops, cdt, save_t: bool):
     c = ops.chunk
 
     def split(x):
@@ -53,26 +55,26 @@ def _kernel(ops: Ops, cdt):
         high = x.astype(cdt)
         return high, (x - high.astype(F32)).astype(cdt)
 
-    def kernel(k_ref, beta_ref, g_ref, seg_ref, t_ref):
+    def kernel(k_ref, beta_ref, g_ref, seg_ref, ag_ref, *t_ref):
         row, heads = lax.axis_index("rows"), k_ref.shape[2]
         at = (row, pl.ds(lax.axis_index("chunks") * c, c))
         keys = (row // heads, at[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
 
         def products(k_sm, beta_sm, g_sm, seg_sm, ready):
-            """M (returned)."""
+            """(M, beta by column)."""
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm, ready)
             for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
                 plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
             plgpu.barrier_wait(ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
-            g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
+            g_j, s_j, beta_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm, beta_sm))
             below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
-            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
+            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below, beta_j
 
-        m = pl.run_scoped(products, smem((c, k_ref.shape[-1]), cdt), vectors((c,)), vectors((c,)), vectors((c,)),
-                          plgpu.Barrier(num_arrivals=4))
+        m, beta_j = pl.run_scoped(products, smem((c, k_ref.shape[-1]), cdt), vectors((c,)), vectors((c,)),
+                                     vectors((c,)), plgpu.Barrier(num_arrivals=4))
 
-        def invert(b_high, b_low, t_sm):
+        def invert(b_high, b_low, ag_sm, *t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
                 b_h, b_l = split(b)
@@ -90,26 +92,32 @@ def _kernel(ops: Ops, cdt):
                 x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
                 t = t - product(t, x, pair=1)
                 s *= 2
-            t_sm[...] = t
+            ag_sm[...] = (t * ops.square(beta_j, 1)).astype(cdt)
+            for out, value in zip(t_sm, [t]):
+                out[...] = value
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(t_sm, t_ref.at[at])
+            for sm, ref in zip((ag_sm, *t_sm), (ag_ref, *t_ref)):
+                plgpu.copy_smem_to_gmem(sm, ref.at[at], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 2, smem((c, c), F32))
+        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt), *[smem((c, c), F32)] * save_t)
 
     return kernel
 
 
-def chunk_inverse(
+def chunk_factor(
     k: Float[Array, "b t h dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
     seg: Int[Array, "b 1 n c"],
     *,
+    save_t: bool = False,
     interpret=None,
-) -> Float[Array, "b h n c c"]:
-    """T fp32 of every chunk (module docstring): k [b, n*C, h, dk] in the operand dtype (bf16 / fp16; the interpreter
-    also takes fp32), beta and G (`cum`) fp32 and `seg` (the segment index within the chunk) in the chunk layout."""
+) -> tuple[Float[Array, "b h n c c"], ...]:
+    """(Ag in k's dtype, and T fp32 if `save_t`) of every chunk (module docstring): k [b, n*C, h, dk] in the operand
+    dtype (bf16 / fp16; the interpreter also takes fp32), beta and G (`cum`) fp32 and `seg` (the segment index
+    within the chunk) in the chunk layout."""
     b, h, n, chunk = beta.shape
     dk = k.shape[-1]
     if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
@@ -120,8 +128,8 @@ def chunk_inverse(
         return x.reshape(rows, n * chunk, *x.shape[4:])
 
     seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
-    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype), "gdn_chunk_inverse",
-                      out_type=jax.ShapeDtypeStruct((rows, n * chunk, chunk), F32), grid=(rows, n),
-                      grid_names=("rows", "chunks"), interpret=interpret)
-    t = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32), seg)))
-    return t.reshape(b, h, n, chunk, chunk)
+    out_type = [jax.ShapeDtypeStruct((rows, n * chunk, chunk), dtype) for dtype in (k.dtype, F32)[:1 + save_t]]
+    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype, save_t), "gdn_chunk_factor",
+                      out_type=tuple(out_type), grid=(rows, n), grid_names=("rows", "chunks"), interpret=interpret)
+    outs = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32), seg)))
+    return tuple(x.reshape(b, h, n, chunk, chunk) for x in outs)
