@@ -340,7 +340,8 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
     passes = mosaic_gdn.kernels(dtype, interpret)
     return ChunkKernels(factor=factor, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sooogbt", "ot"), _per_device(passes.forward_saving, "sooogbt", "otss"),
-        _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc")))
+        _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc"),
+        _per_device(passes.values, "sooss", "sso")))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -375,12 +376,16 @@ def _gate_decays(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tu
 
 def _recurrence_inputs(ag, v, k, q, cum, seg, dtype: Any, uw: Any):
     """What the chunk-state recurrence and the outputs take (`_chunked`), from Ag = T diag(beta) [b, h, n, C, C]
-    and v, k, q in the chunk layout: u = Ag v, w = (Ag diag(d_in)) k (both in `uw`), the keys decayed to the
-    chunk's end d_out o k, each chunk's decay d_c = d_in[C] and the queries decayed from its start d_in o q."""
+    and v, k, q in the chunk layout: u = Ag v (in `uw`), then `_key_inputs`."""
+    return matmul("bhnij,bhnjv->bhniv", ag, v, dtype, uw), *_key_inputs(ag, k, q, cum, seg, dtype, uw)
+
+
+def _key_inputs(ag, k, q, cum, seg, dtype: Any, uw: Any):
+    """w = (Ag diag(d_in)) k (in `uw`), the keys decayed to the chunk's end d_out o k, each chunk's decay
+    d_c = d_in[C] and the queries decayed from its start d_in o q."""
     decay_in, decay_out = _gate_decays(cum, seg)
-    u = matmul("bhnij,bhnjv->bhniv", ag, v, dtype, uw)
     w = matmul("bhnij,bhnjk->bhnik", ag * decay_in[..., None, :], k, dtype, uw)
-    return u, w, decay_out[..., None] * k, decay_in[..., -1], decay_in[..., None] * q
+    return w, decay_out[..., None] * k, decay_in[..., -1], decay_in[..., None] * q
 
 
 @functools.cache
@@ -409,9 +414,9 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> C
     chunked op on the kernels of `mosaic_gdn` from Ag = T diag(beta) (`factor`, else XLA's `chunk_inverse`): the
     forward alone where nothing differentiates, else the factor saving T and the forward saving S_c and delta_c.
     Backward: a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
-    the gradients that only read the sequences, and one XLA VJP of T diag(beta) (given T), `_recurrence_inputs`
-    (for what those gradients are of: u, w, the decayed keys and queries) and `chunk_attn` (for attn_bar =
-    o_bar delta^T). No pass reads u, w or attn: they form what they need from Ag, q and k."""
+    the gradients that read the states (of w, the decayed keys and queries), one for those that read the values
+    (of attn and Ag, and v's), and one XLA VJP of T diag(beta) (given T), `_key_inputs` and `chunk_attn`. No pass
+    reads u, w or attn: they form what they need from Ag, q and k."""
 
     def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
         return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
@@ -437,17 +442,17 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> C
         o_bar, final_bar = cotangents
         g0, g_next, d_deltas = passes.reverse(ag, k, q, cum, kernel_segments(seg), o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
+        attn_bar, ag_bar, v_bar = passes.values(ag, v, o_bar, deltas, d_deltas)
         c = cum.shape[-1]
-        attn_bar = jnp.einsum("bhniv,bhnjv->bhnij", _in_chunks(o_bar, c).astype(dtype), deltas.astype(dtype),
-                              preferred_element_type=jnp.float32)
 
-        def inputs(q, k, v, beta, cum):
-            q, k, v = (_in_chunks(x, c) for x in (q, k, v))
+        def inputs(q, k, beta, cum):
+            q, k = _in_chunks(q, c), _in_chunks(k, c)
             ag = chunk_inverse(k, beta, cum, seg, dtype, lambda m: _known_inverse(m, t)) * beta[..., None, :]
-            return _recurrence_inputs(ag, v, k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)
+            return ag, _key_inputs(ag, k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)
 
-        _, vjp = jax.vjp(inputs, q, k, v, beta, cum)
-        return *vjp(((d_deltas, w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar)), None, g0
+        _, vjp = jax.vjp(inputs, q, k, beta, cum)
+        q_bar, k_bar, beta_bar, cum_bar = vjp((ag_bar, (w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar))
+        return q_bar, k_bar, v_bar, beta_bar, cum_bar, None, g0
 
     fused.defvjp(fwd, bwd)
     return fused

@@ -423,6 +423,73 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
     return run(states, g_next, o_bar, deltas, d_deltas)
 
 
+def _value_gradients(chunk: int, vb: int, stages: int, interpret, ag, v, o_bar, deltas, d_deltas):
+    """The cotangents that only read the values, per chunk c (those of attn and of u = Ag v, with u_bar = D_c):
+
+        attn_bar = o_bar_c delta_c^T,   Ag_bar = D_c v_c^T,   v_bar = Ag_c^T D_c
+
+    ag [X, n*C, C], deltas and d_deltas [X, n*C, dv] (X = b h) and v, o_bar [b, n*C, h, dv], in the operand dtype.
+    One CTA per (chunk, row) walks the value blocks (TMA `stages` ahead), the [C, C] sums in registers. Returns
+    attn_bar, Ag_bar [X, n*C, C] fp32 and v_bar [b, n*C, h, dv] in the operand dtype, written in v's layout."""
+    rows_, tp, _ = ag.shape
+    n, dv, heads, cdt = tp // chunk, v.shape[-1], v.shape[2], ag.dtype
+    ops, sw = Ops(bool(interpret), chunk), _swizzle(vb, cdt)
+
+    def slot_buffers(stages):  # v, o_bar, delta, D
+        return [smem((stages, chunk, vb), cdt, sw)] * 4
+
+    fixed = [smem((chunk, chunk), cdt, sw), smem((2, chunk, vb), cdt)]  # Ag; v_bar on its way out, two slots
+    stages = fit(slot_buffers, fixed, stages, dv // vb, "GDN value gradient", interpret)
+
+    def kernel(ag_ref, v_ref, ob_ref, delta_ref, dd_ref, attn_out, agb_out, vbar_out):
+        row, tokens = lax.axis_index("rows"), pl.ds(lax.axis_index("chunks") * chunk, chunk)
+
+        def in_sequence(j):
+            return row // heads, tokens, row % heads, pl.ds(j * vb, vb)
+
+        def by_token(j):
+            return row, tokens, pl.ds(j * vb, vb)
+
+        def loop(ag_sm, out_sm, v_sm, ob_sm, delta_sm, dd_sm, ready, ag_ready):
+            plgpu.copy_gmem_to_smem(ag_ref.at[row, tokens], ag_sm, ag_ready)
+            plgpu.barrier_wait(ag_ready)
+            sources = [(v_ref, v_sm, in_sequence), (ob_ref, ob_sm, in_sequence), (delta_ref, delta_sm, by_token),
+                       (dd_ref, dd_sm, by_token)]
+
+            def step(j, slot, sums):
+                dd_s = dd_sm.at[slot]
+                attn_bar, ag_bar, v_bar = ops.matmuls(([(ob_sm.at[slot], ("T", delta_sm.at[slot]))], sums[0]),
+                                                      ([(dd_s, ("T", v_sm.at[slot]))], sums[1]),
+                                                      ([(("T", ag_sm), dd_s)], ops.zeros((chunk, vb))))
+                # (store's commit_smem is a warpgroup barrier: every warp is done with the slot before its refill)
+                store(2, (v_bar, out_sm.at[lax.rem(j, 2)], vbar_out.at[in_sequence(j)]))
+                return attn_bar, ag_bar
+
+            sums = chunk_loop(step, (ops.zeros((chunk, chunk)),) * 2, sources=sources, ready=ready, stages=stages,
+                              n_chunks=dv // vb, reverse=False)
+            plgpu.wait_smem_to_gmem(0)
+            return sums
+
+        sums = pl.run_scoped(loop, *fixed, *slot_buffers(stages), plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+                             plgpu.Barrier())
+
+        def send(attn_sm, agb_sm):
+            for value, sm in zip(sums, (attn_sm, agb_sm)):
+                sm[...] = value
+            plgpu.commit_smem()
+            for sm, dst in ((attn_sm, attn_out), (agb_sm, agb_out)):
+                plgpu.copy_smem_to_gmem(sm, dst.at[row, tokens], commit_group=False)
+            plgpu.commit_smem_to_gmem_group()
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(send, *[smem((chunk, chunk), F32)] * 2)
+
+    square = jax.ShapeDtypeStruct((rows_, tp, chunk), F32)
+    run = gpu_kernel(kernel, "gdn_value_gradients", out_type=(square, square, jax.ShapeDtypeStruct(v.shape, cdt)),
+                     grid=(n, rows_), grid_names=("chunks", "rows"), interpret=interpret)
+    return run(ag, v, o_bar, deltas, d_deltas)
+
+
 class Kernels(NamedTuple):
     """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; G [b, h, n, C] fp32; states
     [b, h, dk, dv]), except q, k, v, o and o_bar, which are in the op's own layout [b, n*C, h, d] (no transposes on
@@ -434,12 +501,14 @@ class Kernels(NamedTuple):
     forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c [b, h, n, C, dv]);
     reverse(ag, k, q, g, seg, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
-    [b, h, n]), all fp32 (`_gradients`), for the decayed q, k and w of `gated_delta._recurrence_inputs`."""
+    [b, h, n]), all fp32 (`_gradients`), for the decayed q, k and w of `gated_delta._recurrence_inputs`;
+    values(ag, v, o_bar, deltas, d_deltas) -> (attn_bar, Ag_bar [b, h, n, C, C] fp32, v_bar) (`_value_gradients`)."""
 
     forward: Callable
     forward_saving: Callable
     reverse: Callable
     gradients: Callable
+    values: Callable
 
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
@@ -488,5 +557,11 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
                                               *operands(deltas, d_deltas))
         return (*(x.reshape(b, h, n, c, dk) for x in (q_bar, w_bar, k_bar)), jnp.sum(dec, -1).reshape(b, h, n))
 
+    def values(ag, v, o_bar, deltas, d_deltas):
+        b, h, n, c, dv = deltas.shape
+        attn_bar, ag_bar, v_bar = _value_gradients(c, min(64, dv), stages, interpret, *operands(ag),
+                                                   v.astype(dtype), o_bar.astype(dtype), *operands(deltas, d_deltas))
+        return attn_bar.reshape(b, h, n, c, c), ag_bar.reshape(b, h, n, c, c), v_bar
+
     return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,
-                   gradients)
+                   gradients, values)
