@@ -23,6 +23,8 @@ On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_c
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -60,21 +62,18 @@ def _kernel(ops: Ops, cdt, save_t: bool):
         at = (row, pl.ds(lax.axis_index("chunks") * c, c))
         keys = (row // heads, at[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
 
-        def products(k_sm, beta_sm, g_sm, seg_sm, ready):
-            """(M, beta by column)."""
+        def products(beta_sm, k_sm, g_sm, seg_sm, ready):
+            """M."""
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm, ready)
             for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
                 plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
             plgpu.barrier_wait(ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
-            g_j, s_j, beta_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm, beta_sm))
+            g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
             below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
-            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below, beta_j
+            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
 
-        m, beta_j = pl.run_scoped(products, smem((c, k_ref.shape[-1]), cdt), vectors((c,)), vectors((c,)),
-                                     vectors((c,)), plgpu.Barrier(num_arrivals=4))
-
-        def invert(b_high, b_low, ag_sm, *t_sm):
+        def invert(beta_sm, m, b_high, b_low, ag_sm, *t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
                 b_h, b_l = split(b)
@@ -92,7 +91,7 @@ def _kernel(ops: Ops, cdt, save_t: bool):
                 x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
                 t = t - product(t, x, pair=1)
                 s *= 2
-            ag_sm[...] = (t * ops.square(beta_j, 1)).astype(cdt)
+            ag_sm[...] = (t * ops.square(ops.load(beta_sm, BY_COL), 1)).astype(cdt)  # (beta read again: registers)
             for out, value in zip(t_sm, [t]):
                 out[...] = value
             plgpu.commit_smem()
@@ -101,7 +100,13 @@ def _kernel(ops: Ops, cdt, save_t: bool):
             plgpu.commit_smem_to_gmem_group()
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(invert, *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt), *[smem((c, c), F32)] * save_t)
+        def both(beta_sm):  # beta's buffer outlives the products' scope
+            m = pl.run_scoped(functools.partial(products, beta_sm), smem((c, k_ref.shape[-1]), cdt), vectors((c,)),
+                              vectors((c,)), plgpu.Barrier(num_arrivals=4))
+            pl.run_scoped(functools.partial(invert, beta_sm, m), *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt),
+                          *[smem((c, c), F32)] * save_t)
+
+        pl.run_scoped(both, vectors((c,)))
 
     return kernel
 
