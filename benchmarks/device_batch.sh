@@ -34,6 +34,7 @@ declare -A STEPS=(
   [probe]="240 python3 benchmarks/mosaic_probe.py --shapes 1x1024 --cases gdn_fwd,gdn_train,gdn_reverse,gdn_gradients,gdn_grad,ssd_g32n64_grad --limit 40"
   [check]="150 env MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/kernels.py --check --check-kernels mosaic --check-shape 2x1000"
   [kernels]="180 python3 benchmarks/kernels.py --skip chunked,auto,fla,mamba --shapes 4x4096,1x16384"
+  [gcheck]="120 python3 benchmarks/kernels.py --only gdn --check --check-kernels mosaic --check-shape 2x1000"
   [gkern]="150 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x16384"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
