@@ -138,17 +138,6 @@ def _lower_inverse_fwd(m):
 lower_inverse.defvjp(_lower_inverse_fwd, lambda t, t_bar: (_inverse_cotangent(t, t_bar),))
 
 
-@jax.custom_vjp
-def _known_inverse(m: Float[Array, "... c c"], t: Float[Array, "... c c"]) -> Float[Array, "... c c"]:
-    """`lower_inverse(m)` when T is already known (a kernel computed it): returns t, differentiates as the
-    inverse of m."""
-    del m
-    return t
-
-
-_known_inverse.defvjp(lambda m, t: (t, t), lambda t, t_bar: (_inverse_cotangent(t, t_bar), jnp.zeros_like(t)))
-
-
 def _masked_exp(x: Array, mask: Array) -> Array:
     """exp(x) where mask else exactly 0; masked before exp so neither values nor gradients see inf."""
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
@@ -341,7 +330,7 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
     return ChunkKernels(factor=factor, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sooogbt", "ot"), _per_device(passes.forward_saving, "sooogbt", "otss"),
         _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc"),
-        _per_device(passes.values, "sooss", "sso")))
+        _per_device(passes.values, "sooss", "sso"), _per_device(passes.keys, "oosggbsssss", "oo" + "g" * 7)))
 
 
 def _unsupported(driver: str, dtype: Any, dk: int, dv: int, chunk: int) -> str | None:
@@ -376,16 +365,12 @@ def _gate_decays(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tu
 
 def _recurrence_inputs(ag, v, k, q, cum, seg, dtype: Any, uw: Any):
     """What the chunk-state recurrence and the outputs take (`_chunked`), from Ag = T diag(beta) [b, h, n, C, C]
-    and v, k, q in the chunk layout: u = Ag v (in `uw`), then `_key_inputs`."""
-    return matmul("bhnij,bhnjv->bhniv", ag, v, dtype, uw), *_key_inputs(ag, k, q, cum, seg, dtype, uw)
-
-
-def _key_inputs(ag, k, q, cum, seg, dtype: Any, uw: Any):
-    """w = (Ag diag(d_in)) k (in `uw`), the keys decayed to the chunk's end d_out o k, each chunk's decay
-    d_c = d_in[C] and the queries decayed from its start d_in o q."""
+    and v, k, q in the chunk layout: u = Ag v, w = (Ag diag(d_in)) k (both in `uw`), the keys decayed to the
+    chunk's end d_out o k, each chunk's decay d_c = d_in[C] and the queries decayed from its start d_in o q."""
     decay_in, decay_out = _gate_decays(cum, seg)
+    u = matmul("bhnij,bhnjv->bhniv", ag, v, dtype, uw)
     w = matmul("bhnij,bhnjk->bhnik", ag * decay_in[..., None, :], k, dtype, uw)
-    return w, decay_out[..., None] * k, decay_in[..., -1], decay_in[..., None] * q
+    return u, w, decay_out[..., None] * k, decay_in[..., -1], decay_in[..., None] * q
 
 
 @functools.cache
@@ -415,8 +400,9 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> C
     forward alone where nothing differentiates, else the factor saving T and the forward saving S_c and delta_c.
     Backward: a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
     the gradients that read the states (of w, the decayed keys and queries), one for those that read the values
-    (of attn and Ag, and v's), and one XLA VJP of T diag(beta) (given T), `_key_inputs` and `chunk_attn`. No pass
-    reads u, w or attn: they form what they need from Ag, q and k."""
+    (of attn and Ag, and v's) and one for the chunk-local rest (`mosaic_gdn_keys`: what the VJP of T diag(beta),
+    `_recurrence_inputs`' w, keys and queries and `chunk_attn` would give), then the gates' own VJP in XLA. No
+    pass reads u, w or attn: they form what they need from Ag, q and k."""
 
     def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
         return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
@@ -443,16 +429,11 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> C
         g0, g_next, d_deltas = passes.reverse(ag, k, q, cum, kernel_segments(seg), o_bar, final_bar)
         q_bar, w_bar, k_bar, decay_bar = passes.gradients(states, g_next, o_bar, deltas, d_deltas)
         attn_bar, ag_bar, v_bar = passes.values(ag, v, o_bar, deltas, d_deltas)
-        c = cum.shape[-1]
-
-        def inputs(q, k, beta, cum):
-            q, k = _in_chunks(q, c), _in_chunks(k, c)
-            ag = chunk_inverse(k, beta, cum, seg, dtype, lambda m: _known_inverse(m, t)) * beta[..., None, :]
-            return ag, _key_inputs(ag, k, q, cum, seg, dtype, dtype), chunk_attn(q, k, cum, seg, dtype)
-
-        _, vjp = jax.vjp(inputs, q, k, beta, cum)
-        q_bar, k_bar, beta_bar, cum_bar = vjp((ag_bar, (w_bar.astype(dtype), k_bar, decay_bar, q_bar), attn_bar))
-        return q_bar, k_bar, v_bar, beta_bar, cum_bar, None, g0
+        dq, dk, gate_rows, gate_cols, beta_rows, beta_cols, d_in_rows, d_in_cols, d_out = passes.keys(
+            q, k, t, beta, cum, kernel_segments(seg), q_bar, w_bar, k_bar, attn_bar, ag_bar)
+        _, gates_vjp = jax.vjp(lambda cum: _gate_decays(cum, seg), cum)
+        (cum_bar,) = gates_vjp(((d_in_rows + d_in_cols).at[..., -1].add(decay_bar), d_out))
+        return dq, dk, v_bar, beta_rows + beta_cols, cum_bar + gate_rows + gate_cols, None, g0
 
     fused.defvjp(fwd, bwd)
     return fused

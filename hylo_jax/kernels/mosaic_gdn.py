@@ -46,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from . import mosaic_gdn_keys
 from .mosaic_common import (
     F32,
     SMEM_BYTES,
@@ -502,13 +503,17 @@ class Kernels(NamedTuple):
     reverse(ag, k, q, g, seg, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
     [b, h, n]), all fp32 (`_gradients`), for the decayed q, k and w of `gated_delta._recurrence_inputs`;
-    values(ag, v, o_bar, deltas, d_deltas) -> (attn_bar, Ag_bar [b, h, n, C, C] fp32, v_bar) (`_value_gradients`)."""
+    values(ag, v, o_bar, deltas, d_deltas) -> (attn_bar, Ag_bar [b, h, n, C, C] fp32, v_bar) (`_value_gradients`);
+    keys(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar) -> (q's and k's cotangents, then the vectors
+    of `mosaic_gdn_keys.VECTORS` [b, h, n, C] fp32) (`mosaic_gdn_keys.key_gradients`; t, beta, g in the chunked
+    layout, fp32)."""
 
     forward: Callable
     forward_saving: Callable
     reverse: Callable
     gradients: Callable
     values: Callable
+    keys: Callable
 
 
 def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
@@ -563,5 +568,13 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
                                                    v.astype(dtype), o_bar.astype(dtype), *operands(deltas, d_deltas))
         return attn_bar.reshape(b, h, n, c, c), ag_bar.reshape(b, h, n, c, c), v_bar
 
+    def keys(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar):
+        b, h, n, c, _ = t.shape
+        dq, dk, *vectors_ = mosaic_gdn_keys.key_gradients(
+            q.astype(dtype), k.astype(dtype), seq_rows(t), *(x.reshape(b * h, n * c) for x in (beta, g)),
+            seg.astype(F32), *(seq_rows(x) for x in (q_bar, w_bar, k_bar, attn_bar, ag_bar)), chunk=c, stages=stages,
+            interpret=interpret)
+        return dq, dk, *(x.reshape(b, h, n, c) for x in vectors_)
+
     return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,
-                   gradients, values)
+                   gradients, values, keys)
