@@ -26,6 +26,8 @@ On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_c
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -54,13 +56,14 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
     ops = Ops(bool(interpret), chunk)
     c = chunk
 
-    def slot_buffers(stages):  # q, k, then q_bar, w_bar, k_bar
+    def slot_buffers(stages):  # q, k, then q_bar, w_bar, k_bar: each walk's, in a scope of its own
         return [smem((stages, c, kb), cdt)] * 2 + [smem((stages, c, kb), F32)] * 3
 
-    fixed = [*[smem((c, c), F32)] * 3, *[vectors((c,))] * 3,  # T, attn_bar, Ag_bar; beta, G, segment index
-             *[smem((c, c), cdt)] * 5,  # A', QK_bar, B; T^T's and Z's parts for M_bar; then w_bar's operand
-             smem((c, kb), cdt), smem((2, c, kb), cdt), smem((2, c, kb), cdt)]  # Q_bar, K_bar on their way out
-    stages = fit(slot_buffers, fixed, stages, dk // kb, "GDN key gradient", interpret)
+    fixed = [*[vectors((c,))] * 3,  # beta, G, segment index
+             *[smem((c, c), cdt)] * 3, smem((c, kb), cdt),  # A', QK_bar, B; w_bar as an operand (second walk)
+             smem((2, c, kb), cdt), smem((2, c, kb), cdt)]  # Q_bar, K_bar on their way out
+    middle_buffers = [*[smem((c, c), F32)] * 3, *[smem((c, c), cdt)] * 4]  # T, attn_bar, Ag_bar; T's, Z's parts
+    stages = fit(slot_buffers, fixed, stages, dk // kb, "GDN key gradient", interpret)  # (the middle needs less)
 
     def kernel(q_ref, k_ref, t_ref, beta_ref, g_ref, seg_ref, qb_ref, wb_ref, kb_ref, attnb_ref, agb_ref,
                dq_out, dk_out, *vec_outs):
@@ -72,74 +75,82 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
         def by_row(j):  # [X, n*C, dk]
             return row, tokens, pl.ds(j * kb, kb)
 
-        def body(t_sm, attnb_sm, agb_sm, beta_sm, g_sm, seg_sm, a_sm, qkb_sm, b_sm, hi_sm, lo_sm, wb16_sm,
-                 dq_sm, dk_sm, q_sm, k_sm, qb_sm, wb_sm, kbar_sm, ready, ready2, fixed_ready):
+        def walk(step, carry, q_sm, k_sm, qb_sm, wb_sm, kbar_sm, ready):
             sources = [(q_ref, q_sm, keys), (k_ref, k_sm, keys), (qb_ref, qb_sm, by_row), (wb_ref, wb_sm, by_row),
                        (kb_ref, kbar_sm, by_row)]
-            for src, dst in ((t_ref, t_sm), (attnb_ref, attnb_sm), (agb_ref, agb_sm), (beta_ref, beta_sm),
-                             (g_ref, g_sm)):
-                plgpu.copy_gmem_to_smem(src.at[row, tokens], dst, fixed_ready)
-            plgpu.copy_gmem_to_smem(seg_ref.at[row // heads, tokens], seg_sm, fixed_ready)
-            plgpu.barrier_wait(fixed_ready)
+            return chunk_loop(functools.partial(step, q_sm, k_sm, qb_sm, wb_sm, kbar_sm), carry, sources=sources,
+                              ready=ready, stages=stages, n_chunks=dk // kb, reverse=False)
 
-            def sums(j, slot, carry):
-                """Q K^T, K K^T, w_bar K^T and the row dots of Q, q_in_bar and of K, k_out_bar."""
-                qk, kk, wk, d_in_rows, d_out_rows = carry
-                q_s, k_s = q_sm.at[slot], k_sm.at[slot]
-                w16 = ops.load(wb_sm.at[slot], WGMMA).astype(cdt)
-                qk, kk, wk = ops.matmuls(([(q_s, ("T", k_s))], qk), ([(k_s, ("T", k_s))], kk),
-                                         ([(w16, ("T", k_s))], wk))
-                d_in_rows += jnp.sum(ops.load(q_s, WGMMA).astype(F32) * ops.load(qb_sm.at[slot], WGMMA), axis=1)
-                d_out_rows += jnp.sum(ops.load(k_s, WGMMA).astype(F32) * ops.load(kbar_sm.at[slot], WGMMA), axis=1)
-                plgpu.commit_smem()  # a warpgroup barrier: every warp is done with the slot before its refill
-                return qk, kk, wk, d_in_rows, d_out_rows
+        def walk_scope(step, carry):
+            return pl.run_scoped(functools.partial(walk, step, carry), *slot_buffers(stages),
+                                 plgpu.Barrier(num_arrivals=5, num_barriers=stages))
 
+        def sums(q_sm, k_sm, qb_sm, wb_sm, kbar_sm, j, slot, carry):
+            """Q K^T, K K^T, w_bar K^T and the row dots of Q, q_in_bar and of K, k_out_bar."""
+            qk, kk, wk, d_in_rows, d_out_rows = carry
+            q_s, k_s = q_sm.at[slot], k_sm.at[slot]
+            w16 = ops.load(wb_sm.at[slot], WGMMA).astype(cdt)
+            qk, kk, wk = ops.matmuls(([(q_s, ("T", k_s))], qk), ([(k_s, ("T", k_s))], kk), ([(w16, ("T", k_s))], wk))
+            d_in_rows += jnp.sum(ops.load(q_s, WGMMA).astype(F32) * ops.load(qb_sm.at[slot], WGMMA), axis=1)
+            d_out_rows += jnp.sum(ops.load(k_s, WGMMA).astype(F32) * ops.load(kbar_sm.at[slot], WGMMA), axis=1)
+            plgpu.commit_smem()  # a warpgroup barrier: every warp is done with the slot before its refill
+            return qk, kk, wk, d_in_rows, d_out_rows
+
+        def body(beta_sm, g_sm, seg_sm, a_sm, qkb_sm, b_sm, wb16_sm, dq_sm, dk_sm, gates_ready):
+            for src, dst in ((beta_ref, beta_sm), (g_ref, g_sm)):
+                plgpu.copy_gmem_to_smem(src.at[row, tokens], dst, gates_ready)
+            plgpu.copy_gmem_to_smem(seg_ref.at[row // heads, tokens], seg_sm, gates_ready)
             square, vec = ops.zeros((c, c)), jnp.zeros((c,), F32)
             if not ops.interpret:
                 vec = plgpu.layout_cast(vec, BY_ROW)
-            qk, kk, wk, d_in_rows, d_out_rows = chunk_loop(
-                sums, (square, square, square, vec, vec), sources=sources, ready=ready, stages=stages,
-                n_chunks=dk // kb, reverse=False)
-
-            # The [C, C] work in an order that keeps few of them live (each leaves for shared memory or a vector
-            # sum as soon as it can): Ag's side, then M_bar's products, then B and attn's side.
+            qk, kk, wk, d_in_rows, d_out_rows = walk_scope(sums, (square, square, square, vec, vec))
+            plgpu.barrier_wait(gates_ready)
             g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
             g_j, s_j, beta_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm, beta_sm))
-            d_in_j = ops.square(jnp.where(s_j == 0, jnp.exp(g_j), 0.0), 1)
-            t = ops.load(t_sm, WGMMA)
-            ag = t * ops.square(beta_j, 1)
-            a_sm[...] = (ag * d_in_j).astype(cdt)  # A' (read in the second walk)
-            d_in_cols = jnp.sum(wk * ag, axis=0)
-            ag_bar = ops.load(agb_sm, WGMMA) + wk * d_in_j
-            beta_cols = jnp.sum(ag_bar * t, axis=0)
-            t_hi, t_lo = _split(t, cdt)
-            hi_sm[...] = t_hi
-            lo_sm[...] = t_lo
-            plgpu.commit_smem()
-            # M_bar = -tril(T^T (T_bar T^T), -1), each product on split parts
-            tb_hi, tb_lo = _split(ag_bar * ops.square(beta_j, 1), cdt)
-            z = ops.matmul((c, c), (tb_hi, ("T", hi_sm)), (tb_hi, ("T", lo_sm)), (tb_lo, ("T", hi_sm)))
-            z_hi, z_lo = _split(z, cdt)
-            qkb_sm[...] = z_hi
-            b_sm[...] = z_lo
-            plgpu.commit_smem()
-            tz = ops.matmul((c, c), (("T", hi_sm), qkb_sm), (("T", hi_sm), b_sm), (("T", lo_sm), qkb_sm))
-            plgpu.commit_smem()  # a warpgroup barrier: every warp's product is done before its buffers are rewritten
-            m_bar_strict = jnp.where(ops.iota(0) > ops.iota(1), -tz, 0.0) * ops.decay(g_i, s_i, g_j, s_j, strict=True)
-            beta_rows = jnp.sum(m_bar_strict * kk, axis=1)
-            b_mat = m_bar_strict * ops.square(beta_i, 0)
-            p = b_mat * kk  # M_bar o M
-            b_sm[...] = b_mat.astype(cdt)
-            qk_bar = ops.load(attnb_sm, WGMMA) * ops.decay(g_i, s_i, g_j, s_j)
-            p = p + qk_bar * qk  # + attn_bar o attn
-            qkb_sm[...] = qk_bar.astype(cdt)
-            plgpu.commit_smem()
-            outs = (jnp.sum(p, axis=1), -jnp.sum(p, axis=0), beta_rows, beta_cols, d_in_rows, d_in_cols, d_out_rows)
+
+            def middle(t_sm, attnb_sm, agb_sm, hi_sm, lo_sm, z_hi_sm, z_lo_sm, ready):
+                """The [C, C] work, in an order that keeps few of them live (each leaves for shared memory or a
+                vector sum as soon as it can): Ag's side, then M_bar's products, then B and attn's side."""
+                for src, dst in ((t_ref, t_sm), (attnb_ref, attnb_sm), (agb_ref, agb_sm)):
+                    plgpu.copy_gmem_to_smem(src.at[row, tokens], dst, ready)
+                plgpu.barrier_wait(ready)
+                d_in_j = ops.square(jnp.where(s_j == 0, jnp.exp(g_j), 0.0), 1)
+                t = ops.load(t_sm, WGMMA)
+                ag = t * ops.square(beta_j, 1)
+                a_sm[...] = (ag * d_in_j).astype(cdt)  # A' (read in the second walk)
+                d_in_cols = jnp.sum(wk * ag, axis=0)
+                ag_bar = ops.load(agb_sm, WGMMA) + wk * d_in_j
+                beta_cols = jnp.sum(ag_bar * t, axis=0)
+                t_hi, t_lo = _split(t, cdt)
+                hi_sm[...] = t_hi
+                lo_sm[...] = t_lo
+                plgpu.commit_smem()
+                # M_bar = -tril(T^T (T_bar T^T), -1), each product on split parts
+                tb_hi, tb_lo = _split(ag_bar * ops.square(beta_j, 1), cdt)
+                z = ops.matmul((c, c), (tb_hi, ("T", hi_sm)), (tb_hi, ("T", lo_sm)), (tb_lo, ("T", hi_sm)))
+                z_hi, z_lo = _split(z, cdt)
+                z_hi_sm[...] = z_hi
+                z_lo_sm[...] = z_lo
+                plgpu.commit_smem()
+                tz = ops.matmul((c, c), (("T", hi_sm), z_hi_sm), (("T", hi_sm), z_lo_sm), (("T", lo_sm), z_hi_sm))
+                strict = ops.decay(g_i, s_i, g_j, s_j, strict=True)
+                m_bar_strict = jnp.where(ops.iota(0) > ops.iota(1), -tz, 0.0) * strict
+                beta_rows = jnp.sum(m_bar_strict * kk, axis=1)
+                b_mat = m_bar_strict * ops.square(beta_i, 0)
+                p = b_mat * kk  # M_bar o M
+                b_sm[...] = b_mat.astype(cdt)
+                qk_bar = ops.load(attnb_sm, WGMMA) * ops.decay(g_i, s_i, g_j, s_j)
+                p = p + qk_bar * qk  # + attn_bar o attn
+                qkb_sm[...] = qk_bar.astype(cdt)
+                plgpu.commit_smem()
+                return jnp.sum(p, axis=1), -jnp.sum(p, axis=0), beta_rows, beta_cols, d_in_rows, d_in_cols, d_out_rows
+
+            outs = pl.run_scoped(middle, *middle_buffers, plgpu.Barrier(num_arrivals=3))
             d_in_i = jnp.where(s_i == 0, jnp.exp(g_i), 0.0)
             s_last, g_last = seg_sm[c - 1], g_sm[c - 1]
             d_out_i = jnp.where(s_i == s_last, jnp.exp(g_last - g_i), 0.0)
 
-            def products(j, slot, carry):
+            def products(q_sm, k_sm, qb_sm, wb_sm, kbar_sm, j, slot, carry):
                 """Q_bar and K_bar of key block j."""
                 q_s, k_s = q_sm.at[slot], k_sm.at[slot]
                 wb16_sm[...] = ops.load(wb_sm.at[slot], WGMMA).astype(cdt)
@@ -150,16 +161,15 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
                                       ([(("T", a_sm), wb16_sm), (("T", qkb_sm), q_s), (b_sm, k_s), (("T", b_sm), k_s)],
                                        init_k))
                 out = lax.rem(j, 2)
+                # (store's commit_smem is a warpgroup barrier: every warp is done with the slot before its refill)
                 store(2, (dq, dq_sm.at[out], dq_out.at[keys(j)]), (dk_, dk_sm.at[out], dk_out.at[keys(j)]))
                 return carry
 
-            chunk_loop(products, None, sources=sources, ready=ready2, stages=stages, n_chunks=dk // kb, reverse=False)
+            walk_scope(products, None)
             plgpu.wait_smem_to_gmem(0)
             return outs
 
-        outs = pl.run_scoped(body, *fixed, *slot_buffers(stages),
-                             plgpu.Barrier(num_arrivals=5, num_barriers=stages),
-                             plgpu.Barrier(num_arrivals=5, num_barriers=stages), plgpu.Barrier(num_arrivals=6))
+        outs = pl.run_scoped(body, *fixed, plgpu.Barrier(num_arrivals=3))
 
         def send(*vec_sms):
             for value, sm in zip(outs, vec_sms):
