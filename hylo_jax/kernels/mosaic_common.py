@@ -156,6 +156,14 @@ class ChunkGates:
         return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
 
 
+def high_low(x, cdt):
+    """fp32 -> (high, low) parts in the operand dtype `cdt`, x = high + low to ~16 mantissa bits: an operand the
+    kernel forms itself, taken by two wgmmas (a_high b + a_low b) where one more bf16 rounding would cost about
+    as much error as the output's own."""
+    high = x.astype(cdt)
+    return high, (x - high.astype(F32)).astype(cdt)
+
+
 def _operand(z):
     """A wgmma operand: a shared-memory ref, ("T", ref) read transposed, or a register value."""
     return plgpu.transpose_ref(z[1], (1, 0)) if isinstance(z, tuple) else z

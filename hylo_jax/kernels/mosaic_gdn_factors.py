@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, smem, vectors
+from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, high_low, smem, vectors
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
@@ -51,11 +51,6 @@ def unsupported(dk: int, chunk: int, dtype) -> str | None:
 
 def _kernel(ops: Ops, cdt, save_t: bool):
     c = ops.chunk
-
-    def split(x):
-        """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits)."""
-        high = x.astype(cdt)
-        return high, (x - high.astype(F32)).astype(cdt)
 
     def kernel(k_ref, beta_ref, g_ref, seg_ref, ag_ref, *t_ref):
         row, heads = lax.axis_index("rows"), k_ref.shape[2]
@@ -76,10 +71,10 @@ def _kernel(ops: Ops, cdt, save_t: bool):
         def invert(beta_sm, m, b_high, b_low, ag_sm, *t_sm):
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
-                b_h, b_l = split(b)
+                b_h, b_l = high_low(b, cdt)
                 b_high.at[pair][...] = b_h
                 b_low.at[pair][...] = b_l
-                a_h, a_l = split(a)
+                a_h, a_l = high_low(a, cdt)
                 plgpu.commit_smem()
                 return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
 

@@ -34,16 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mosaic_common import BY_COL, BY_ROW, F32, WGMMA, Ops, chunk_loop, fit, gpu_kernel, smem, store, vectors
+from .mosaic_common import BY_COL, BY_ROW, F32, WGMMA, Ops, chunk_loop, fit, gpu_kernel, high_low, smem, store, vectors
 
 KB = 64  # key columns per step of the two walks
 VECTORS = ("gate_rows", "gate_cols", "beta_rows", "beta_cols", "d_in_rows", "d_in_cols", "d_out_rows")
-
-
-def _split(x, cdt):
-    """fp32 -> (high, low) parts in the operand dtype (x = high + low to ~16 mantissa bits)."""
-    high = x.astype(cdt)
-    return high, (x - high.astype(F32)).astype(cdt)
 
 
 def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, *, chunk: int, stages: int = 2,
@@ -121,14 +115,14 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
                 d_in_cols = jnp.sum(wk * ag, axis=0)
                 ag_bar = ops.load(agb_sm, WGMMA) + wk * d_in_j
                 beta_cols = jnp.sum(ag_bar * t, axis=0)
-                t_hi, t_lo = _split(t, cdt)
+                t_hi, t_lo = high_low(t, cdt)
                 hi_sm[...] = t_hi
                 lo_sm[...] = t_lo
                 plgpu.commit_smem()
                 # M_bar = -tril(T^T (T_bar T^T), -1), each product on split parts
-                tb_hi, tb_lo = _split(ag_bar * ops.square(beta_j, 1), cdt)
+                tb_hi, tb_lo = high_low(ag_bar * ops.square(beta_j, 1), cdt)
                 z = ops.matmul((c, c), (tb_hi, ("T", hi_sm)), (tb_hi, ("T", lo_sm)), (tb_lo, ("T", hi_sm)))
-                z_hi, z_lo = _split(z, cdt)
+                z_hi, z_lo = high_low(z, cdt)
                 z_hi_sm[...] = z_hi
                 z_lo_sm[...] = z_lo
                 plgpu.commit_smem()

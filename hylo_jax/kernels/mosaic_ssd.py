@@ -6,12 +6,19 @@ cumulative log-decay, masked at segment resets as in `pallas_common.decays`; mat
 bf16/fp16, fp32 accumulation):
 
     M    = (C B^T) o E o dt_j                     E_ij = e^{G_i - G_j} for j <= i in the same segment
-    y    = M x + (d_in o C) S                     d_in_i = e^{G_i} while still in the carried-in segment
+    y    = M x + d_in o (C S)                     d_in_i = e^{G_i} while still in the carried-in segment
     S^T' = d_chunk S^T + (d_out o dt o x)^T B     d_out_j = e^{G_last - G_j} in the last segment
 
-The forward's products are 4 wgmmas (M from registers, S^T and the scaled x stored in the operand dtype and
+The operands the kernels form themselves by scaling, M, the scaled x and the backward's [C, C] M'^T, dCB and
+dCB^T, go to the wgmmas as high + low parts in the operand dtype (`high_low`, two wgmmas each), and d_in
+scales the forward's accumulator rows rather than C: one bf16 rounding of such an operand adds about as much
+error as the rounding of the output itself (with one rounding each, y was ~2x further from fp32 than the
+chunked path's in bf16, and so the gradients of a loss non-linear in y 2-4x). S^T stays one operand in the
+operand dtype (the output side's and the backward's saved copy), as do the backward's dS'^T, d_in o dy,
+d_in o C and d_out o v: each costs a few percent of the gradients' error.
+The forward's products are 6 wgmmas (M from registers, S^T and the scaled x stored in the operand dtype and
 read transposed); the backward walks the chunks in reverse carrying dS^T, from the entering states the
-forward saved, in 11. Both run on two warpgroups of one CTA sharing the TMA slots: one carries the state (or
+forward saved, in 14. Both run on two warpgroups of one CTA sharing the TMA slots: one carries the state (or
 dS^T) and hands each chunk's over in shared memory, the other computes the outputs (`_forward`, `_backward`);
 the span state passes run on one. x, B, C, dy are read in their own
 [b, t, heads or groups, dim] layout (TMA boxes of C rows, no transposing copies), dt and G as [b, h, t] vectors;
@@ -48,6 +55,7 @@ from .mosaic_common import (
     dtype_reason,
     fit,
     gpu_kernel,
+    high_low,
     nbytes,
     smem,
     store,
@@ -121,8 +129,8 @@ def _forward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
 
 
 def _forward_fixed(chunk, p, n, cdt, mode: str) -> list:
-    """The scaled x (the state update's operand)."""
-    return [smem((chunk, p), cdt)]
+    """The scaled x (the state update's operand) as high and low parts (`high_low`)."""
+    return [smem((chunk, p), cdt)] * 2
 
 
 def _backward_slots(chunk, p, n, cdt, mode: str, stages: int) -> list:
@@ -181,18 +189,19 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
             sources = [(x_ref, x_sm, at.by_head), (b_ref, b_sm, at.by_group), (dt_ref, dt_sm, at.gates),
                        (g_ref, g_sm, at.gates), (seg_ref, seg_sm, at.segments)]
             if with_y:
-                c_sm, y_sm, s_sm, xs_sm, ready, consumed, s_ready = rest
+                c_sm, y_sm, s_sm, xs_sm, xl_sm, ready, consumed, s_ready = rest
                 sources.append((c_ref, c_sm, at.by_group))
             else:
-                xs_sm, ready = rest
+                xs_sm, xl_sm, ready = rest
 
             def update(ch, slot, state):
-                """S^T' = d_chunk S^T + (d_out o dt o x)^T B."""
+                """S^T' = d_chunk S^T + (d_out o dt o x)^T B, the scaled x in two parts (`high_low`)."""
                 dt_i = ops.load(dt_sm.at[slot], BY_ROW)
-                xs_sm[...] = (ops.load(x_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_out * dt_i, p)
-                              ).astype(cdt)
+                xs_sm[...], xl_sm[...] = high_low(
+                    ops.load(x_sm.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_out * dt_i, p), cdt)
                 plgpu.commit_smem()
-                return ops.matmul((p, n), (("T", xs_sm), b_sm.at[slot]), init=state * ch.d_chunk)
+                b_s = b_sm.at[slot]
+                return ops.matmul((p, n), (("T", xs_sm), b_s), (("T", xl_sm), b_s), init=state * ch.d_chunk)
 
             if not with_y:
                 def state_step(i, slot, state):
@@ -215,15 +224,17 @@ def _forward(x, b, c, dt, g, seg, h0, *, chunk: int, stages: int, mode: str, int
                 return state
 
             def output_side(i, slot, carry):
-                """y = M x + (d_in o C) S,  M = (C B^T) o E o dt_j."""
-                c_s = c_sm.at[slot]
+                """y = M x + d_in o (C S),  M = (C B^T) o E o dt_j in two parts (`high_low`); d_in scales the
+                accumulator's rows (C itself is the operand: no rounding of d_in o C)."""
+                c_s, x_s = c_sm.at[slot], x_sm.at[slot]
                 ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
                 g_j, s_j = ch.columns(g_sm, seg_sm, slot)
                 dt_j = ops.load(dt_sm.at[slot], BY_COL)
                 m = ops.matmul((chunk, chunk), (c_s, ("T", b_sm.at[slot]))) * ch.decay(g_j, s_j) * ops.square(dt_j, 1)
-                c_in = (ops.load(c_s, WGMMA).astype(F32) * ch.rows_of(ch.d_in, n)).astype(cdt)
+                m_high, m_low = high_low(m, cdt)
                 plgpu.barrier_wait(s_ready.at[slot])
-                y = ops.matmul((chunk, p), (m.astype(cdt), x_sm.at[slot]), (c_in, ("T", s_sm.at[slot])))
+                y_in = ops.matmul((chunk, p), (c_s, ("T", s_sm.at[slot]))) * ch.rows_of(ch.d_in, p)
+                y = ops.matmul((chunk, p), (m_high, x_s), (m_low, x_s), init=y_in)
                 plgpu.barrier_arrive(consumed.at[slot])
                 store(stages, (y, y_sm.at[slot], y_ref.at[at.by_head(i)]))
                 return carry
@@ -317,8 +328,8 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                 return lax.rem(k, 2), k
 
             def direct_side(i, slot, dst):
-                """dS' to the transposed side, then dC = dCB B + (d_in o dy) S^T, dCB = (dy v^T) o E, z's row sums,
-                dd_in, the chunk-end terms, and dS for the next chunk."""
+                """dS' to the transposed side, then dC = dCB B + (d_in o dy) S^T, dCB = (dy v^T) o E (in two parts,
+                `high_low`), z's row sums, dd_in, the chunk-end terms, and dS for the next chunk."""
                 buf, k = handover(i)
                 x_s, b_s, c_s, dy_s, s_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], st_sm.at[slot]
 
@@ -336,11 +347,11 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                                       ([(c_s, ("T", b_s))], ops.zeros((chunk, chunk))))
                 d_cb = d_p * ops.square(dt_j, 1) * ch.decay(g_j, s_j)
                 z_rows = jnp.sum(d_cb * cb, axis=1)
-                d_cb = d_cb.astype(cdt)
+                d_cb_high, d_cb_low = high_low(d_cb, cdt)
                 dy_f32 = ops.load(dy_s, WGMMA).astype(F32)
                 dd_in = jnp.sum(dy_f32 * ops.matmul((chunk, p), (c_s, ("T", s_s))), axis=1)  # sum_p dy_kp (C S)_kp
                 dy_in = (dy_f32 * ch.rows_of(ch.d_in, p)).astype(cdt)
-                dc = ops.matmul((chunk, n), (d_cb, b_s), (dy_in, s_s))
+                dc = ops.matmul((chunk, n), (d_cb_high, b_s), (d_cb_low, b_s), (dy_in, s_s))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
                 dc_sm[...] = dc.astype(cdt)
                 dgb_sm[...] = z_rows + dd_in * ch.d_in
@@ -352,7 +363,7 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
 
             def transposed_side(i, slot, carry):
                 """dv = M'^T dy + U, U = d_out o (B dS'), dx = dt o dv, dB = dCB^T C + (d_out o v) dS'^T, z's column
-                sums and dd_out."""
+                sums and dd_out; M'^T and dCB^T in two parts (`high_low`)."""
                 buf, _ = handover(i)
                 x_s, b_s, c_s, dy_s, ds_s = x_sm.at[slot], b_sm.at[slot], c_sm.at[slot], dy_sm.at[slot], ds_sm.at[buf]
                 ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
@@ -363,18 +374,18 @@ def _backward(x, b, c, dt, g, seg, states, dy, dht, *, chunk: int, stages: int, 
                                           ([(b_s, ("T", c_s))], ops.zeros((chunk, chunk))))
                 d_cb_t = d_p_t * ops.square(dt_i, 0) * e_t
                 z_cols = jnp.sum(d_cb_t * cb_t, axis=1)
-                d_cb_t = d_cb_t.astype(cdt)
-                m_t = (cb_t * e_t).astype(cdt)
+                d_cb_t_high, d_cb_t_low = high_low(d_cb_t, cdt)
+                m_t_high, m_t_low = high_low(cb_t * e_t, cdt)
                 plgpu.barrier_wait(ds_ready.at[buf])
                 u = ops.matmul((chunk, p), (b_s, ("T", ds_s))) * ch.rows_of(ch.d_out, p)
                 v = ops.load(x_s, WGMMA).astype(F32) * ch.rows_of(dt_i, p)
                 out = jnp.sum(v * u, axis=1)  # dd_out o d_out: dd_out_k = sum_p v_kp (B dS')_kp
-                dv = ops.matmul((chunk, p), (m_t, dy_s), init=u)
+                dv = ops.matmul((chunk, p), (m_t_high, dy_s), (m_t_low, dy_s), init=u)
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left
                 dx_sm[...] = (dv * ch.rows_of(dt_i, p)).astype(cdt)
                 ddt_sm[...] = jnp.sum(dv * ops.load(x_s, WGMMA).astype(F32), axis=1)
                 v_out = (v * ch.rows_of(ch.d_out, p)).astype(cdt)
-                db_sm[...] = ops.matmul((chunk, n), (d_cb_t, c_s), (v_out, ds_s)).astype(cdt)
+                db_sm[...] = ops.matmul((chunk, n), (d_cb_t_high, c_s), (d_cb_t_low, c_s), (v_out, ds_s)).astype(cdt)
                 plgpu.barrier_arrive(ds_free.at[buf])
                 out_sm[...] = out
                 dga_sm[...] = -z_cols - out

@@ -407,9 +407,10 @@ def is_hopper() -> bool:
 
 # The ops whose "auto" tries the Mosaic GPU kernels first on Hopper. GDN since session 16 (every pass ran on an H100
 # under jax.grad, errors at the bf16 level: benchmarks/RESULTS.md). SSD stays opt-in (HYLO_GPU_KERNELS=mosaic):
-# its kernels ran too and are 3-13x faster than Triton, but their bf16 gradients at 1 x 1024, 32 heads are 3-7x
-# further from fp32 than the chunked path's in bf16 (4.6e-2 vs 1.2e-2; the same in the interpreter, so no race:
-# benchmarks/NOTES.md, session 16).
+# its kernels ran too and are 3-13x faster than Triton; their bf16 gradients were 3-7x further from fp32 than the
+# chunked path's in bf16 until session 17 split the operands they form themselves into high and low parts (now
+# at the chunked path's level in the GPU interpreter, benchmarks/NOTES.md); that version is not yet timed or run
+# on a GPU.
 MOSAIC_FIRST_ON_HOPPER: frozenset[str] = frozenset({"gated_delta_rule"})
 
 
