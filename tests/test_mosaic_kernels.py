@@ -283,9 +283,8 @@ def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):
 
 def test_gdn_mosaic_path_gradients_match_chunked():
     """The whole op on the Mosaic kernels (factor, forward, reverse and the three gradient passes): output, final
-    state and every input
-    cotangent = chunked (fp32). Under a mesh the kernels run per device in a shard_map; that is traced here,
-    not run: the GPU interpreter hangs when several CPU devices run it at once."""
+    state and every input cotangent = chunked (fp32). Under a mesh the kernels run per device in a shard_map;
+    that is traced here, not run: the GPU interpreter hangs when several CPU devices run it at once."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
