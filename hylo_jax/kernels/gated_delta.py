@@ -39,12 +39,12 @@ def _l2norm(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
 
 
 def _prepare_qk(q: Array, k: Array, scale: float | None, use_qk_l2norm: bool) -> tuple[Array, Array]:
-    """Cast q, k to fp32, optionally L2-normalise them, and fold the scale into q."""
+    """Cast q, k to fp32, optionally L2-normalise them, and fold the scale (default 1/sqrt(dk)) into q."""
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return q * scale, k
+    return (q if scale == 1.0 else q * scale), k
 
 
 def _check_shapes(specs: dict[str, tuple[tuple[int, ...], tuple[str, ...]]]) -> None:
@@ -305,7 +305,8 @@ chunk_state_recurrence = make_recurrence(_scan_forward, _scan_backward)  # `lax.
 @dataclasses.dataclass(frozen=True)
 class ChunkKernels:
     """What runs the parts of `_chunked`: `recurrence` (`make_recurrence`'s contract) and, on Mosaic GPU, `outputs`
-    (the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs, `_fused`) and `factor`
+    (the passes of `mosaic_gdn.Kernels`, which run the recurrence with the outputs, `_fused`, and apply q's scale
+    themselves) and `factor`
     ((k [b, n*C, h, dk], beta, G, seg, save_t) -> (Ag = T diag(beta) in the operand dtype, T fp32 if save_t):
     `mosaic_gdn_factors.chunk_factor`; None: XLA's `chunk_inverse`)."""
 
@@ -315,10 +316,11 @@ class ChunkKernels:
 
 
 @functools.cache
-def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int) -> ChunkKernels:
+def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int, scale: float) -> ChunkKernels:
     """The Pallas kernels of `pallas_gdn` ("gpu": Triton, "tpu"; the recurrence) or of `mosaic_gdn` and
-    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence with the outputs, and the UT transform's inverse where that
-    kernel takes the shape), matmul operands in `dtype`, run per device under a set mesh."""
+    `mosaic_gdn_factors` ("mosaic_gpu": the recurrence with the outputs for the queries scale * q, and the UT
+    transform's inverse where that kernel takes the shape), matmul operands in `dtype`, run per device under a set
+    mesh."""
     if backend != "mosaic_gpu":
         return ChunkKernels(_per_device(make_recurrence(*pallas_gdn.scans(backend, interpret, dtype)), "sssct", "sst"))
     factor = None
@@ -326,7 +328,7 @@ def pallas_kernels(backend: str, interpret: Any, dtype: Any, dk: int, chunk: int
         def factor(k, beta, cum, seg, save_t):
             run = functools.partial(mosaic_gdn_factors.chunk_factor, save_t=save_t, interpret=interpret)
             return _per_device(run, "oggm", "ss"[:1 + save_t])(k, beta, cum, seg)
-    passes = mosaic_gdn.kernels(dtype, interpret)
+    passes = mosaic_gdn.kernels(dtype, interpret, scale=scale)
     return ChunkKernels(factor=factor, outputs=mosaic_gdn.Kernels(
         _per_device(passes.forward, "sooogbt", "ot"), _per_device(passes.forward_saving, "sooogbt", "otss"),
         _per_device(passes.reverse, "soogbot", "tss"), _per_device(passes.gradients, "ssoss", "sssc"),
@@ -539,8 +541,12 @@ def gated_delta_rule(
     b, t, h, dk = q.shape
     impl, backend, interpret = pallas_common.choose(
         "gated_delta_rule", impl, lambda be: _unsupported(be, q.dtype, dk, v.shape[-1], chunk_size))
-    in_dtype = q.dtype
-    q, k = _prepare_qk(q, k, scale, use_qk_l2norm)
+    scale = dk**-0.5 if scale is None else scale
+    dtype = jnp.dtype(q.dtype)
+    kernels = pallas_kernels(backend, interpret, dtype, dk, chunk_size, scale) if impl == "pallas" else None
+    # The Mosaic passes apply the scale themselves (no pass over q before them); every other path takes q scaled.
+    in_kernels = kernels is not None and kernels.outputs is not None
+    q, k = _prepare_qk(q, k, 1.0 if in_kernels else scale, use_qk_l2norm)
     if initial_state is None:
         state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     else:
@@ -551,11 +557,10 @@ def gated_delta_rule(
         reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
     g32, beta32 = g.astype(jnp.float32), beta.astype(jnp.float32)
     if impl == "pallas":
-        # q, k (normalised and scaled in fp32) and v go on in the matmul dtype: the chunk layout moves
+        # q, k (normalised, and q scaled, in fp32) and v go on in the matmul dtype: the chunk layout moves
         # and the matmuls read them without a widening and a narrowing in between.
-        dtype = jnp.dtype(in_dtype)
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
-                            chunk_size, dtype, pallas_kernels(backend, interpret, dtype, dk, chunk_size))
+                            chunk_size, dtype, kernels)
         return o.astype(v.dtype), state
     o, state = _IMPLS[impl](q, k, v.astype(jnp.float32), g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state

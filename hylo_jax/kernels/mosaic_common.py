@@ -138,6 +138,14 @@ class ChunkGates:
         """A [C] vector indexed by row, spread over [C, width]."""
         return lax.broadcast_in_dim(v, (self.ops.chunk, width), [0])
 
+    def cols_of(self, v, height: int):
+        """A [C] vector indexed by column, spread over [height, C]."""
+        return lax.broadcast_in_dim(v, (height, self.ops.chunk), [1])
+
+    def column_decays(self, g_j, s_j):
+        """`d_in` and `d_out` indexed by column (j), from G and the segment index by column (`columns`)."""
+        return jnp.where(s_j == 0, jnp.exp(g_j), 0.0), jnp.where(s_j == self.s_last, jnp.exp(self.g_last - g_j), 0.0)
+
     def decay(self, g_j, s_j, transposed: bool = False):
         """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
         return self.ops.decay(self.g_i, self.s_i, g_j, s_j, transposed=transposed)

@@ -134,6 +134,12 @@ def _forward_fixed(chunk, dk, vb, cdt) -> list:
     return [smem((dk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt, sw), smem((chunk, vb), cdt)]
 
 
+def _forward_fixed_t(chunk, dk, vb, cdt) -> list:
+    """The transposed forward's: S^T and delta^T as the output side's operands, o_c on its way out."""
+    sw = _swizzle(vb, cdt)
+    return [smem((vb, dk), cdt, sw), smem((vb, chunk), cdt, sw), smem((chunk, vb), cdt)]
+
+
 def _reverse_fixed(chunk, dk, vb, cdt) -> list:
     """G entering the chunk's end as an operand (also sent out), then from the other side attn^T and d_in o o_bar,
     D_c (sent out; the other side's operand) and y = -d_in o Ag^T D_c."""
@@ -185,16 +191,22 @@ class _Place:
     def state(self):  # [X, dk, dv]
         return self.row, slice(None), self.vblock
 
+    @property
+    def state_t(self):  # [X, dv, dk]: S^T, the forward's carried block when nothing is saved
+        return self.row, self.vblock, slice(None)
 
-def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, out_type: list, *, reverse: bool):
+
+def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, out_type: list, *, reverse: bool,
+          transposed: bool = False):
     """One pass of two warpgroups over the chunks (last to first if `reverse`) of a grid of (row, value block)
     CTAs. `ins` = (ag [X, n*C, C], the per-token input (v or o_bar) [b, n*C, h, dv], k, q [b, n*C, h, dk] in the
-    operand dtype, G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32);
-    `out_type` ends with the carried block's end. `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers))
-    -> (carrier step, other step, handovers the carrier drains)` (`mosaic_common.two_warpgroup_loop`)."""
+    operand dtype, G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32, or
+    [X, dv, dk] if `transposed`); `out_type` ends with the carried block's end. `sides(ops, at, outs, slots,
+    fixed refs, (consumed, *handovers)) -> (carrier step, other step, handovers the carrier drains)`
+    (`mosaic_common.two_warpgroup_loop`)."""
     ag, k, start = ins[0], ins[2], ins[-1]
     (rows_, tp, _), dk = ag.shape, k.shape[-1]
-    dv, chunk, vb, cdt = start.shape[-1], call.chunk, call.vb, k.dtype
+    dv, chunk, vb, cdt = start.shape[-2 if transposed else -1], call.chunk, call.vb, k.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
     slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
@@ -216,7 +228,8 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
 
         barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[plgpu.Barrier(num_barriers=1)] * 4]
-        carry_state(ops, start_ref.at[at.state], outs[-1].at[at.state], loop,
+        block = at.state_t if transposed else at.state
+        carry_state(ops, start_ref.at[block], outs[-1].at[block], loop,
                     [*slot_buffers(stages), *fixed_buffers, *barriers], owner=lax.axis_index("wg") == 0)
 
     run = gpu_kernel(kernel, name, out_type=tuple(out_type), grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
@@ -224,39 +237,51 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
     return run(*ins)
 
 
-def _forward_sides(save: bool) -> Callable:
-    """The forward's two sides (`_pass`): outs = (o, then if `save` S_c and delta_c, the final state)."""
+def _forward_sides(scale: float, *, save: bool, transposed: bool) -> Callable:
+    """The forward's two sides (`_pass`) for queries scale * q: outs = (o, then if `save` S_c and delta_c, the final
+    state). If `transposed` (nothing saved; value blocks of 64: the wgmma rows) the carrier holds S^T [vb, dk], which
+    lets the products after the first take their left operands from registers (fixed buffers `_forward_fixed_t`);
+    else S [dk, vb], whose products go through shared memory (`_forward_fixed`), in the layouts the backward reads."""
 
     def sides(ops, at, outs, sl, fixed_refs, barriers):
-        s_sm, x_sm, delta_sm, o_sm = fixed_refs
+        s_sm, delta_sm, o_sm = fixed_refs if transposed else (fixed_refs[0], *fixed_refs[2:])
         consumed, s_ready, s_free, d_ready, d_free = barriers
-        chunk, (dk, vb), cdt = ops.chunk, s_sm.shape, s_sm.dtype
+        chunk, cdt = ops.chunk, s_sm.dtype
+        dk, vb = s_sm.shape[::-1] if transposed else s_sm.shape
 
-        def state_side(i, slot, state):
-            """delta = Ag (v - d_in o k S);  S' = d_c S + k^T (d_out o delta)."""
-            ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
-            k_s = sl.k.at[slot]
-
+        def publish_state(i, state):
+            """S (or S^T) into shared memory once the output side has read the last chunk's."""
             @pl.when(i > 0)
-            def _():  # the output side has read the last chunk's S (and delta, before it could arrive here)
+            def _():  # (and delta, before it could arrive here)
                 plgpu.barrier_wait(s_free.at[0])
                 if save:
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the saved ones have left
             s_sm[...] = state.astype(cdt)
             plgpu.commit_smem()
             plgpu.barrier_arrive(s_ready.at[0])
-            ks = ops.matmul((chunk, vb), (k_s, s_sm))
-            x_sm[...] = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
-            plgpu.commit_smem()
-            delta = ops.matmul((chunk, vb), (sl.ag.at[slot], x_sm))
 
+        def publish_delta(i, delta, *more):
+            """delta (or delta^T), with the (value, buffer) pairs of `more`, once the output side has used the
+            last chunk's."""
             @pl.when(i > 0)
             def _():
                 plgpu.barrier_wait(d_free.at[0])
             delta_sm[...] = delta.astype(cdt)
-            x_sm[...] = (delta * ch.rows_of(ch.d_out, vb)).astype(cdt)
+            for value, sm in more:
+                sm[...] = value.astype(cdt)
             plgpu.commit_smem()
             plgpu.barrier_arrive(d_ready.at[0])
+
+        def state_side(i, slot, state):
+            """delta = Ag (v - d_in o k S);  S' = d_c S + k^T (d_out o delta)."""
+            ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+            k_s, x_sm = sl.k.at[slot], fixed_refs[1]
+            publish_state(i, state)
+            ks = ops.matmul((chunk, vb), (k_s, s_sm))
+            x_sm[...] = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
+            plgpu.commit_smem()
+            delta = ops.matmul((chunk, vb), (sl.ag.at[slot], x_sm))
+            publish_delta(i, delta, (delta * ch.rows_of(ch.d_out, vb), x_sm))
             if save:
                 plgpu.copy_smem_to_gmem(s_sm, outs[1].at[at.per_chunk(i)], commit_group=False)
                 plgpu.copy_smem_to_gmem(delta_sm, outs[2].at[at.values(i)], commit_group=False)
@@ -265,31 +290,51 @@ def _forward_sides(save: bool) -> Callable:
             plgpu.barrier_arrive(consumed.at[slot])
             return state
 
+        def state_side_t(i, slot, state):
+            """delta^T = v^T Ag^T - (d_in o (k S))^T Ag^T;  S^T' = d_c S^T + (d_out o delta)^T k, with d_in, d_out by
+            column. Registers: one [vb, C] accumulator live at a time beside S^T, and each decay by column (a quarter
+            of C values a thread, where a row vector is two) made just before its use."""
+            ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
+            k_s, ag_t = sl.k.at[slot], ("T", sl.ag.at[slot])
+
+            def decay(which: int):  # d_in (0) or d_out (1) by column
+                return ch.cols_of(ch.column_decays(*ch.columns(sl.g, sl.seg, slot))[which], vb)
+
+            publish_state(i, state)
+            neg_ks_t = (ops.matmul((vb, chunk), (s_sm, ("T", k_s))) * -decay(0)).astype(cdt)
+            delta = ops.matmul((vb, chunk), (("T", sl.tok.at[slot]), ag_t), (neg_ks_t, ag_t))
+            publish_delta(i, delta)
+            state = ops.matmul((vb, dk), ((delta * decay(1)).astype(cdt), k_s), init=state * ch.d_chunk)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return state
+
         def output_side(i, slot, carry):
-            """o = d_in o (q S) + attn delta,  attn = (q k^T) o E."""
+            """o = d_in o (q S) + attn delta,  attn = (q k^T) o E, both times the scale. q k^T and attn first: they
+            need no S, so they overlap the carrier's last update and its writing of S."""
             ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
             g_j, s_j = ch.columns(sl.g, sl.seg, slot)
             q_s = sl.q.at[slot]
+            qk = ops.matmul((chunk, chunk), (q_s, ("T", sl.k.at[slot])))
+            attn = (qk * ch.decay(g_j, s_j) * scale).astype(cdt)
             plgpu.barrier_wait(s_ready.at[0])
-            qk, qs = ops.matmuls(([(q_s, ("T", sl.k.at[slot]))], ops.zeros((chunk, chunk))),
-                                 ([(q_s, s_sm)], ops.zeros((chunk, vb))))
+            qs = ops.matmul((chunk, vb), (q_s, ("T", s_sm) if transposed else s_sm))
             plgpu.barrier_arrive(s_free.at[0])
             plgpu.barrier_arrive(consumed.at[slot])
-            attn = (qk * ch.decay(g_j, s_j)).astype(cdt)
             plgpu.barrier_wait(d_ready.at[0])
-            o = ops.matmul((chunk, vb), (attn, delta_sm), init=qs * ch.rows_of(ch.d_in, vb))
+            o = ops.matmul((chunk, vb), (attn, ("T", delta_sm) if transposed else delta_sm),
+                           init=qs * ch.rows_of(ch.d_in * scale, vb))
             plgpu.barrier_arrive(d_free.at[0])
             store(1, (o, o_sm, outs[0].at[at.in_sequence(i)]))
             return carry
 
-        return state_side, output_side, [(s_free, 1), (d_free, 1)]
+        return state_side_t if transposed else state_side, output_side, [(s_free, 1), (d_free, 1)]
 
     return sides
 
 
-def _reverse_sides(ops, at, outs, sl, fixed_refs, barriers):
-    """The reverse pass's two sides (`_pass`): outs = (G_{c+1} per chunk, D_c, G_0). With the keys and queries of
-    the forward (k, q undecayed: d_out and d_in act on the [C, vb] factors) and w = Ag diag(d_in) k,
+def _reverse_sides(ops, at, outs, sl, fixed_refs, barriers, *, scale: float):
+    """The reverse pass's two sides (`_pass`) for queries scale * q: outs = (G_{c+1} per chunk, D_c, G_0). With the
+    keys and queries of the forward (k, q undecayed: d_out and d_in act on the [C, vb] factors) and w = Ag diag(d_in) k,
     D = attn^T o_bar + d_out o (k G) and G <- d_c G + q^T (d_in o o_bar) + k^T y, y = -d_in o (Ag^T D)."""
     g_sm, attn_t_sm, z_sm, d_sm, y_sm = fixed_refs
     consumed, attn_ready, d_ready, y_ready, free = barriers
@@ -324,8 +369,8 @@ def _reverse_sides(ops, at, outs, sl, fixed_refs, barriers):
         ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
         g_j, s_j = ch.columns(sl.g, sl.seg, slot)
         kq = ops.matmul((chunk, chunk), (sl.k.at[slot], ("T", sl.q.at[slot])))
-        attn_t = (kq * ch.decay(g_j, s_j, transposed=True)).astype(cdt)
-        z = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_in, vb)).astype(cdt)
+        attn_t = (kq * ch.decay(g_j, s_j, transposed=True) * scale).astype(cdt)
+        z = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) * ch.rows_of(ch.d_in * scale, vb)).astype(cdt)
 
         @pl.when(i < at.n_chunks - 1)
         def _():  # the carrier is done with the last chunk's (chunk i + 1's)
@@ -516,41 +561,52 @@ class Kernels(NamedTuple):
     keys: Callable
 
 
-def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Kernels:
-    """The passes of this module with matmul operands in `dtype` (`Kernels`); `vb` sets the value block of the
-    forward and the reverse pass (default `value_block`)."""
+def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale: float = 1.0) -> Kernels:
+    """The passes of this module with matmul operands in `dtype` (`Kernels`) for the queries scale * q (the scale
+    applied in the kernels: no pass over q before them); `vb` sets the value block of the forward and the reverse
+    pass (default `value_block`)."""
 
-    def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse):
+    def block_of(rows_: int, dv: int) -> int:
+        return vb or value_block(rows_, dv, 132 if interpret else gpu_cores())
+
+    def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse, transposed=False):
+        """`start` [b, h, dk, dv], or [b, h, dv, dk] if `transposed` (`_pass`)."""
         b, h, n, c, _ = ag.shape
         dk, dv = k.shape[-1], tok.shape[-1]
-        block = vb or value_block(b * h, dv, 132 if interpret else gpu_cores())
+        block = block_of(b * h, dv)
         if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), block):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
         sds = jax.ShapeDtypeStruct
-        types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds((b * h, dk, dv), F32)]
+        types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds(rows(start).shape, F32)]
         return _pass(_Call(c, block, stages, interpret, h), name, sides, fixed,
                      (*operands(ag), *(x.astype(dtype) for x in (tok, k, q)), g.reshape(b * h, n * c).astype(F32),
-                      seg.astype(F32), rows(start).astype(F32)), types, reverse=reverse)
+                      seg.astype(F32), rows(start).astype(F32)), types, reverse=reverse, transposed=transposed)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
 
     def forward_pass(ag, v, k, q, g, seg, state, save):
         b, h, n, c, _ = ag.shape
+        transposed = not save and block_of(b * h, v.shape[-1]) % 64 == 0
 
         def out_type(x, n, c, dk, dv):
             return [(b, n * c, h, dv)] + ([(x, n, dk, dv), (x, n * c, dv)] if save else [])
 
+        if transposed:
+            state = jnp.swapaxes(state, -1, -2)
         o, *saved, final = run(ag, v, k, q, g, seg, state, "gdn_forward_train" if save else "gdn_forward",
-                               _forward_sides(save), _forward_fixed, out_type, reverse=False)
+                               _forward_sides(scale, save=save, transposed=transposed),
+                               _forward_fixed_t if transposed else _forward_fixed, out_type, reverse=False,
+                               transposed=transposed)
         final = final.reshape(state.shape)
         if not save:
-            return o, final
+            return o, jnp.swapaxes(final, -1, -2) if transposed else final
         return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, -1)
 
     def reverse(ag, k, q, g, seg, o_bar, final_bar):
         b, h, n, c, _ = ag.shape
-        g_next, d, g0 = run(ag, o_bar, k, q, g, seg, final_bar, "gdn_reverse", _reverse_sides, _reverse_fixed,
+        g_next, d, g0 = run(ag, o_bar, k, q, g, seg, final_bar, "gdn_reverse",
+                            functools.partial(_reverse_sides, scale=scale), _reverse_fixed,
                             lambda x, n, c, dk, dv: [(x, n, dk, dv), (x, n * c, dv)], reverse=True)
         return g0.reshape(final_bar.shape), g_next.reshape(b, h, *g_next.shape[1:]), d.reshape(b, h, n, c, -1)
 
@@ -572,8 +628,8 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2) -> Ke
         b, h, n, c, _ = t.shape
         dq, dk, *vectors_ = mosaic_gdn_keys.key_gradients(
             q.astype(dtype), k.astype(dtype), seq_rows(t), *(x.reshape(b * h, n * c) for x in (beta, g)),
-            seg.astype(F32), *(seq_rows(x) for x in (q_bar, w_bar, k_bar, attn_bar, ag_bar)), chunk=c, stages=stages,
-            interpret=interpret)
+            seg.astype(F32), *(seq_rows(x) for x in (q_bar, w_bar, k_bar, attn_bar, ag_bar)), chunk=c, scale=scale,
+            stages=stages, interpret=interpret)
         return dq, dk, *(x.reshape(b, h, n, c) for x in vectors_)
 
     return Kernels(functools.partial(forward_pass, save=False), functools.partial(forward_pass, save=True), reverse,

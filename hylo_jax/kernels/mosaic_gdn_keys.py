@@ -5,7 +5,7 @@ batch*head). In a chunk, with G, E (causal) and Es (strict) as in `mosaic_gdn_fa
 `gated_delta._gate_decays`, the forward was
 
     M = diag(beta) (K K^T o Es),  T = (I + M)^{-1},  Ag = T diag(beta),  A' = Ag diag(d_in)
-    w = A' K,  k_out = d_out o K,  q_in = d_in o Q,  attn = (Q K^T) o E
+    w = A' K,  k_out = d_out o K,  q_in = d_in o Q,  attn = (Q K^T) o E,  Q = scale q (the scale applied here)
 
 and from the cotangents of w, k_out, q_in (the gradient pass), of attn and of Ag through u = Ag v (the value pass)
 the kernel forms, over key blocks of `KB` columns (two walks: [C, C] sums first, then the [C, KB] products),
@@ -40,9 +40,10 @@ KB = 64  # key columns per step of the two walks
 VECTORS = ("gate_rows", "gate_cols", "beta_rows", "beta_cols", "d_in_rows", "d_in_cols", "d_out_rows")
 
 
-def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, *, chunk: int, stages: int = 2,
-                  interpret=None):
-    """(Q_bar, K_bar [b, n*C, h, dk] in q's dtype, *the vectors of `VECTORS` [X, n*C] fp32) (module docstring).
+def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, *, chunk: int, scale: float = 1.0,
+                  stages: int = 2, interpret=None):
+    """(q_bar = scale Q_bar, K_bar [b, n*C, h, dk] in q's dtype, *the vectors of `VECTORS` [X, n*C] fp32) (module
+    docstring; Q = scale q).
     q, k [b, n*C, h, dk] in the operand dtype; t, attn_bar, ag_bar [X, n*C, C], beta, g (G) [X, n*C] and the
     segment index seg [b, n*C], fp32; q_bar, w_bar, k_bar (of q_in, w, k_out) [X, n*C, dk] fp32; X = b h."""
     b, tp, heads, dk = q.shape
@@ -133,14 +134,16 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
                 b_mat = m_bar_strict * ops.square(beta_i, 0)
                 p = b_mat * kk  # M_bar o M
                 b_sm[...] = b_mat.astype(cdt)
-                qk_bar = ops.load(attnb_sm, WGMMA) * ops.decay(g_i, s_i, g_j, s_j)
+                qk_bar = ops.load(attnb_sm, WGMMA) * ops.decay(g_i, s_i, g_j, s_j) * scale  # of q K^T, not Q K^T
                 p = p + qk_bar * qk  # + attn_bar o attn
                 qkb_sm[...] = qk_bar.astype(cdt)
                 plgpu.commit_smem()
-                return jnp.sum(p, axis=1), -jnp.sum(p, axis=0), beta_rows, beta_cols, d_in_rows, d_in_cols, d_out_rows
+                return (jnp.sum(p, axis=1), -jnp.sum(p, axis=0), beta_rows, beta_cols, d_in_rows * scale, d_in_cols,
+                        d_out_rows)
 
             outs = pl.run_scoped(middle, *middle_buffers, plgpu.Barrier(num_arrivals=3))
             d_in_i = jnp.where(s_i == 0, jnp.exp(g_i), 0.0)
+            q_in_i = d_in_i * scale  # q_in = d_in o scale q
             s_last, g_last = seg_sm[c - 1], g_sm[c - 1]
             d_out_i = jnp.where(s_i == s_last, jnp.exp(g_last - g_i), 0.0)
 
@@ -149,7 +152,7 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
                 q_s, k_s = q_sm.at[slot], k_sm.at[slot]
                 wb16_sm[...] = ops.load(wb_sm.at[slot], WGMMA).astype(cdt)
                 plgpu.commit_smem()
-                init_q = ops.load(qb_sm.at[slot], WGMMA) * lax.broadcast_in_dim(d_in_i, (c, kb), [0])
+                init_q = ops.load(qb_sm.at[slot], WGMMA) * lax.broadcast_in_dim(q_in_i, (c, kb), [0])
                 init_k = ops.load(kbar_sm.at[slot], WGMMA) * lax.broadcast_in_dim(d_out_i, (c, kb), [0])
                 dq, dk_ = ops.matmuls(([(qkb_sm, k_s)], init_q),
                                       ([(("T", a_sm), wb16_sm), (("T", qkb_sm), q_s), (b_sm, k_s), (("T", b_sm), k_s)],
