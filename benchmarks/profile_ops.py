@@ -6,9 +6,11 @@ With `--sources`, XLA dumps the optimised HLO and a second table attributes each
 line that made it (the HLO instruction's `source_file:source_line`, marked bwd when the op name shows a
 transpose): the part of the model a fusion or matmul belongs to.
 
-Targets: `gdn` (Gated DeltaNet fwd+bwd at HyLo-1B shapes, B x T from --shape, impl from --impl) and
-`distill` (the Stage II step of benchmarks/distill_step.py at --seq tokens).
+Targets: `gdn` (Gated DeltaNet fwd+bwd at HyLo-1B shapes, B x T from --shape, impl from --impl), `ssd` (Mamba2's
+SSD as benchmarks/kernels.py times it, --variant g32n64 or g1n128: ours on the Mosaic kernels, or jla's with --impl
+jla) and `distill` (the Stage II step of benchmarks/distill_step.py at --seq tokens).
     python benchmarks/profile_ops.py gdn --shape 1x16384 --impl pallas
+    python benchmarks/profile_ops.py ssd --shape 1x16384 --variant g1n128 --fwd
     python benchmarks/profile_ops.py distill --seq 8192
     python benchmarks/profile_ops.py gdn --tiny        # CPU smoke run (host ops instead of GPU kernels)
 """
@@ -212,6 +214,29 @@ def gdn_target(args):
     return jax.jit(fwd_bwd), (q, k, v, g, beta, dout)
 
 
+def ssd_target(args):
+    """Mamba2's SSD as benchmarks/kernels.py times it: ours on the Mosaic kernels (--tiny: "auto"), or with --impl jla
+    jla's."""
+    import kernels
+
+    b, t = (int(v) for v in args.shape.split("x"))
+    d = (mixers.TINY if args.tiny else mixers.FULL)["ssd"][args.variant]
+    rng = np.random.default_rng(0)
+    data, dtypes, out_shape, _ = mixers.ssd_case(rng, b, t, **d)
+    inputs = [jnp.asarray(data[n], dtypes[n]) for n in ("x", "dt", "A", "B", "C", "dt_bias")]
+    peers = {"jax-linear-attention": mixers.load_peers()["jax-linear-attention"]} if args.impl == "jla" else {}
+    ours = "ours auto" if args.tiny else "ours mosaic"  # (the Mosaic kernels take no tiny shape)
+    forward = dict((name, fn) for name, _, fn in kernels.ssd_impls(peers, ()))["jla mosaic_gpu" if args.impl == "jla"
+                                                                              else ours]
+    if args.fwd:
+        return jax.jit(forward), inputs
+    dout = jnp.asarray(rng.standard_normal(out_shape, dtype=np.float32), jnp.bfloat16)
+
+    def fwd_bwd(*args):
+        return jax.vjp(forward, *args[:-1])[1](args[-1])
+    return jax.jit(fwd_bwd), (*inputs, dout)
+
+
 def distill_target(args):
     import dataclasses
 
@@ -236,10 +261,11 @@ def distill_target(args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("target", choices=["gdn", "distill"])
-    parser.add_argument("--shape", default="1x16384", help="gdn: B x T")
-    parser.add_argument("--impl", default="auto", help="gdn: impl, or jla (its mosaic_gpu kernels)")
-    parser.add_argument("--fwd", action="store_true", help="gdn: forward only (default fwd+bwd)")
+    parser.add_argument("target", choices=["gdn", "ssd", "distill"])
+    parser.add_argument("--shape", default="1x16384", help="gdn, ssd: B x T")
+    parser.add_argument("--impl", default="auto", help="gdn: impl, or jla (its mosaic_gpu kernels); ssd: jla or ours")
+    parser.add_argument("--variant", default="g1n128", choices=["g32n64", "g1n128"], help="ssd: its shape")
+    parser.add_argument("--fwd", action="store_true", help="gdn, ssd: forward only (default fwd+bwd)")
     parser.add_argument("--seq", type=int, default=8192, help="distill: tokens")
     parser.add_argument("--docs", type=int, default=1, help="distill: documents per row")
     parser.add_argument("--calls", type=int, default=3)
@@ -250,9 +276,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.seq = "1x128", 256
-    fn, fn_args = (gdn_target if args.target == "gdn" else distill_target)(args)
-    what = (f"{args.shape} impl {args.impl}" if args.target == "gdn"
-            else f"{args.seq} tokens, remat {args.remat}, {args.docs} documents per row")
+    fn, fn_args = {"gdn": gdn_target, "ssd": ssd_target, "distill": distill_target}[args.target](args)
+    what = {"gdn": f"{args.shape} impl {args.impl}", "ssd": f"{args.variant} {args.shape} impl {args.impl}",
+            "distill": f"{args.seq} tokens, remat {args.remat}, {args.docs} documents per row"}[args.target]
     print(f"device: {jax.devices()[0].device_kind}; target {args.target} {what}")
     events = profile(fn, fn_args, args.calls)
     report(events, args.calls, args.top)
