@@ -208,12 +208,12 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
 
 @pytest.mark.parametrize("vb", [64, 32])
 def test_gdn_forward_alone_matches_the_scan(vb):
-    """The forward where nothing is saved (fp32, 1e-5) for queries scale * q: with value blocks of 64 its carrier
-    holds S^T (the products' left operands from registers), with 32 it holds S as the saving forward does."""
+    """The forward where nothing is saved (fp32, 1e-5) for queries scale * q, asked to carry S^T: with value blocks
+    of 64 it does (the products' left operands from registers), with 32 it holds S as the saving forward does."""
     q, k, v, beta, cum, seg, state = recurrence_inputs(1, 1, 2, 3, 64, 64, 64)
     scale = 0.3
     ag = factor(k, beta, cum, seg)
-    o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale).forward(
+    o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale, carry_t=True).forward(
         ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32), state)
     v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
     u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
@@ -223,8 +223,9 @@ def test_gdn_forward_alone_matches_the_scan(vb):
 
 def test_two_warpgroup_kernels_have_no_races():
     """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
-    (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel. Every shared-memory buffer one
-    warpgroup writes and the other reads is ordered by a barrier (a removed wait is reported)."""
+    (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel. Every
+    shared-memory buffer one warpgroup writes and the other reads is ordered by a barrier (a removed wait is
+    reported)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -240,7 +241,8 @@ def test_two_warpgroup_kernels_have_no_races():
     o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
     assert no_races(saved)
     assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
-    assert no_races(mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, state))  # S^T carried
+    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64, carry_t=True).forward(ag, v, k, q, cum, segments, state)
+    assert no_races(s_t_carried)
 
     x, dt, A, B, C, reset, h0 = ssd_inputs(0, 1, 130, 2, 1, 64, 64, F32)
 
@@ -359,6 +361,7 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
     lowering (shared memory, layouts, wgmma operands); the passes take value blocks of 64 columns where the grid
     (2 x 8 CTAs) fills the GPU, else 32."""
     monkeypatch.setattr(mosaic_gdn, "gpu_cores", lambda: cores)
+    monkeypatch.setenv(mosaic_gdn.CARRY_T_ENV, "1")  # the forward alone carries S^T at value blocks of 64
     assert mosaic_gdn.value_block(2, 512, cores) == vb
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512
