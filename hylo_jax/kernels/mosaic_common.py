@@ -281,6 +281,16 @@ def store(slots: int, *outputs) -> None:
     plgpu.commit_smem_to_gmem_group()
 
 
+def send(outputs, buffers) -> None:
+    """A kernel's epilogue: each (value, gmem destination) of `outputs` through its own shared-memory buffer of
+    `buffers` (allocated here), as one TMA group, waited for."""
+    def write(*sms):
+        store(1, *((value, sm, dst) for (value, dst), sm in zip(outputs, sms, strict=True)))
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(write, *buffers)
+
+
 def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) -> None:
     """The kernel body around a chunk loop: the fp32 state block from `state_src` into registers (the wgmma
     accumulator layout), `loop(state, *buffers) -> state` with its shared memory, the final state to

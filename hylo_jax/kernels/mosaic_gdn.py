@@ -61,6 +61,7 @@ from .mosaic_common import (
     fit,
     gpu_kernel,
     nbytes,
+    send,
     smem,
     store,
     two_warpgroup_loop,
@@ -452,18 +453,8 @@ def _gradients(chunk: int, vb: int, stages: int, interpret, states, g_next, o_ba
         q_bar, w_bar, k_bar, dec = pl.run_scoped(loop, *slot_buffers(stages),
                                                  plgpu.Barrier(num_arrivals=5, num_barriers=stages))
 
-        def send(q_sm, w_sm, k_sm, dec_sm):
-            for value, sm in ((q_bar, q_sm), (-w_bar, w_sm), (k_bar, k_sm)):
-                sm[...] = value
-            dec_sm[...] = jnp.sum(dec, axis=1)
-            plgpu.commit_smem()
-            for sm, dst in ((q_sm, q_out), (w_sm, w_out), (k_sm, k_out)):
-                plgpu.copy_smem_to_gmem(sm, dst.at[row, tokens, keys], commit_group=False)
-            plgpu.copy_smem_to_gmem(dec_sm, dec_out.at[row, c, keys], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(send, *outs)
+        send([(q_bar, q_out.at[row, tokens, keys]), (-w_bar, w_out.at[row, tokens, keys]),
+              (k_bar, k_out.at[row, tokens, keys]), (jnp.sum(dec, axis=1), dec_out.at[row, c, keys])], outs)
 
     per_token = jax.ShapeDtypeStruct((rows_, n * chunk, dk), F32)
     run = gpu_kernel(kernel, "gdn_gradients", out_type=(per_token,) * 3 + (jax.ShapeDtypeStruct((rows_, n, dk), F32),),
@@ -521,16 +512,8 @@ def _value_gradients(chunk: int, vb: int, stages: int, interpret, ag, v, o_bar, 
         sums = pl.run_scoped(loop, *fixed, *slot_buffers(stages), plgpu.Barrier(num_arrivals=4, num_barriers=stages),
                              plgpu.Barrier())
 
-        def send(attn_sm, agb_sm):
-            for value, sm in zip(sums, (attn_sm, agb_sm)):
-                sm[...] = value
-            plgpu.commit_smem()
-            for sm, dst in ((attn_sm, attn_out), (agb_sm, agb_out)):
-                plgpu.copy_smem_to_gmem(sm, dst.at[row, tokens], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(send, *[smem((chunk, chunk), F32)] * 2)
+        send([(value, out.at[row, tokens]) for value, out in zip(sums, (attn_out, agb_out))],
+             [smem((chunk, chunk), F32)] * 2)
 
     square = jax.ShapeDtypeStruct((rows_, tp, chunk), F32)
     run = gpu_kernel(kernel, "gdn_value_gradients", out_type=(square, square, jax.ShapeDtypeStruct(v.shape, cdt)),

@@ -34,7 +34,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .mosaic_common import BY_COL, BY_ROW, F32, WGMMA, Ops, chunk_loop, fit, gpu_kernel, high_low, smem, store, vectors
+from .mosaic_common import (
+    BY_COL,
+    BY_ROW,
+    F32,
+    WGMMA,
+    Ops,
+    chunk_loop,
+    fit,
+    gpu_kernel,
+    high_low,
+    send,
+    smem,
+    store,
+    vectors,
+)
 
 KB = 64  # key columns per step of the two walks
 VECTORS = ("gate_rows", "gate_cols", "beta_rows", "beta_cols", "d_in_rows", "d_in_cols", "d_out_rows")
@@ -168,16 +182,8 @@ def key_gradients(q, k, t, beta, g, seg, q_bar, w_bar, k_bar, attn_bar, ag_bar, 
 
         outs = pl.run_scoped(body, *fixed, plgpu.Barrier(num_arrivals=3))
 
-        def send(*vec_sms):
-            for value, sm in zip(outs, vec_sms):
-                sm[...] = value
-            plgpu.commit_smem()
-            for sm, dst in zip(vec_sms, vec_outs):
-                plgpu.copy_smem_to_gmem(sm, dst.at[row, tokens], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(send, *[vectors((c,))] * len(VECTORS))
+        send([(value, out.at[row, tokens]) for value, out in zip(outs, vec_outs, strict=True)],
+             [vectors((c,))] * len(VECTORS))
 
     grads = jax.ShapeDtypeStruct(q.shape, cdt)
     vec = jax.ShapeDtypeStruct((rows_, tp), F32)
