@@ -30,7 +30,9 @@ def hybrid(plan: str):
     return upcycle(teacher, ModelSpec.create(teacher.cfg, PLANS[plan]))
 
 
-@pytest.mark.parametrize(("plan", "chunk"), [("mla+attention+gdn", 4), ("mla+mamba2", 3), ("mla+mamba2", 16)])
+@pytest.mark.parametrize(("plan", "chunk"), [pytest.param("mla+attention+gdn", 4, marks=pytest.mark.slow),
+                                             pytest.param("mla+mamba2", 3, marks=pytest.mark.slow),
+                                             ("mla+mamba2", 16)])  # (30-60 s each on CI)
 def test_greedy_engine_equals_full_forward(plan, chunk):
     """Each generated token is the argmax of the full forward over prompt + tokens so far."""
     model = hybrid(plan)

