@@ -4,7 +4,7 @@ import pytest
 
 from hylo_jax.cli import main
 
-pytestmark = pytest.mark.demo
+pytestmark = [pytest.mark.demo, pytest.mark.slow]  # ~2 min on the CI machine: the slow job runs it
 
 
 def test_import_smollm2_and_answer(tmp_path, capsys):

@@ -37,6 +37,7 @@ def test_logits_match_transformers(teacher_dirs, name):
     assert cfg.arch == ref.config.model_type
 
 
+@pytest.mark.slow  # ~35 s on CI; the mixers' packed tests (MLA, GDN, Mamba2) run by default
 def test_packed_sequences_equal_separate_documents(teacher_dirs):
     folder, _ = teacher_dirs["qwen3"]
     model, _ = load_hf_model(folder, single_device_mesh())
@@ -50,7 +51,7 @@ def test_packed_sequences_equal_separate_documents(teacher_dirs):
                                   np.concatenate([np.arange(len(d)) for d in docs]))
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2"])
+@pytest.mark.parametrize("name", [pytest.param("llama3", marks=pytest.mark.slow), "qwen2"])  # (llama3: ~35 s on CI)
 def test_gradients_match_torch_autograd(teacher_dirs, name):
     folder, ref = teacher_dirs[name]
     model, _ = load_hf_model(folder, single_device_mesh())
