@@ -57,12 +57,12 @@ CASES = [  # b, t, h, g, p, n, chunk, stages, spans: odd lengths, groups, two sl
 # each case takes 20-40 s (forward) or 80-110 s (backward) in the interpreter on the 2-core CI machine: the
 # default suite runs the forward in fp32 on the second case (groups, resets, three spans) and in bf16 on the first,
 # the backward in fp32 on the second; the slow job all
-FORWARD_CASES = [(*CASES[1], F32, 1e-5), (*CASES[0], jnp.bfloat16, 2e-2)] + [
+FORWARD_CASES = [(*CASES[1], F32, 1e-5)] + [
     pytest.param(*c, dtype, tol, marks=pytest.mark.slow)
-    for c, dtype, tol in [(c, F32, 1e-5) for c in CASES[:1] + CASES[2:]] + [(c, jnp.bfloat16, 2e-2) for c in CASES[1:]]]
-GRAD_CASES = [(*CASES[1], F32, 2e-5)] + [
+    for c, dtype, tol in [(c, F32, 1e-5) for c in CASES[:1] + CASES[2:]] + [(c, jnp.bfloat16, 2e-2) for c in CASES]]
+GRAD_CASES = [  # all slow: SSD on Mosaic is opt-in on Hopper (its bf16 gradients' accuracy, benchmarks/NOTES.md)
     pytest.param(*c, dtype, tol, marks=pytest.mark.slow)
-    for c, dtype, tol in [(c, F32, 2e-5) for c in CASES[:1] + CASES[2:]] + [(c, jnp.bfloat16, 2e-2) for c in CASES]]
+    for c, dtype, tol in [(c, F32, 2e-5) for c in CASES] + [(c, jnp.bfloat16, 2e-2) for c in CASES]]
 
 
 @pytest.mark.parametrize("b, t, h, g, p, n, chunk, stages, spans, dtype, tol", FORWARD_CASES)
@@ -224,6 +224,7 @@ def test_gdn_forward_alone_matches_the_scan(vb):
     assert rel_err(o, want[0] * scale) < 1e-5 and rel_err(final, want[1]) < 1e-5
 
 
+@pytest.mark.slow  # ~1 min on the CI machine
 def test_two_warpgroup_kernels_have_no_races():
     """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
     (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel. Every

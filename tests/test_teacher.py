@@ -107,7 +107,8 @@ def test_bf16_compute_is_close_to_fp32(teacher_dirs):
     assert rel_err(bf16(x), fp32(x)) < 5e-2
 
 
-@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow), "dots", "save_attention_out"])
+@pytest.mark.parametrize("remat", [pytest.param("full", marks=pytest.mark.slow),
+                                   pytest.param("dots", marks=pytest.mark.slow), "save_attention_out"])
 def test_remat_does_not_change_gradients(teacher_dirs, remat):
     folder, _ = teacher_dirs["llama_tied"]
     x = jnp.asarray(tokens(2, 8))
