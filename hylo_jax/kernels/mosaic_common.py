@@ -142,9 +142,13 @@ class ChunkGates:
         """A [C] vector indexed by column, spread over [height, C]."""
         return lax.broadcast_in_dim(v, (height, self.ops.chunk), [1])
 
-    def column_decays(self, g_j, s_j):
-        """`d_in` and `d_out` indexed by column (j), from G and the segment index by column (`columns`)."""
-        return jnp.where(s_j == 0, jnp.exp(g_j), 0.0), jnp.where(s_j == self.s_last, jnp.exp(self.g_last - g_j), 0.0)
+    def d_in_of(self, g, s):
+        """e^{G} while in the carried-in segment (segment 0), for G and segment indices of any layout."""
+        return jnp.where(s == 0, jnp.exp(g), 0.0)
+
+    def d_out_of(self, g, s):
+        """e^{G_last - G} while in the chunk's last segment, for G and segment indices of any layout."""
+        return jnp.where(s == self.s_last, jnp.exp(self.g_last - g), 0.0)
 
     def decay(self, g_j, s_j, transposed: bool = False):
         """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
@@ -152,12 +156,12 @@ class ChunkGates:
 
     # cached: each use would otherwise emit its exps again (the kernel is traced op by op)
     @functools.cached_property
-    def d_in(self):  # e^{G_i} while in the carried-in segment
-        return jnp.where(self.s_i == 0, jnp.exp(self.g_i), 0.0)
+    def d_in(self):  # by row
+        return self.d_in_of(self.g_i, self.s_i)
 
     @functools.cached_property
-    def d_out(self):  # e^{G_last - G_j} in the last segment
-        return jnp.where(self.s_i == self.s_last, jnp.exp(self.g_last - self.g_i), 0.0)
+    def d_out(self):  # by row
+        return self.d_out_of(self.g_i, self.s_i)
 
     @functools.cached_property
     def d_chunk(self):  # e^{G_last} when the chunk has no reset

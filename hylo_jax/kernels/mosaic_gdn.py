@@ -300,14 +300,14 @@ def _forward_sides(scale: float, *, save: bool, transposed: bool) -> Callable:
             ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
             k_s, ag_t = sl.k.at[slot], ("T", sl.ag.at[slot])
 
-            def decay(which: int):  # d_in (0) or d_out (1) by column
-                return ch.cols_of(ch.column_decays(*ch.columns(sl.g, sl.seg, slot))[which], vb)
+            def by_column(decay):  # loaded and formed at its use, to keep the column vectors' registers short-lived
+                return ch.cols_of(decay(*ch.columns(sl.g, sl.seg, slot)), vb)
 
             publish_state(i, state)
-            neg_ks_t = (ops.matmul((vb, chunk), (s_sm, ("T", k_s))) * -decay(0)).astype(cdt)
+            neg_ks_t = (ops.matmul((vb, chunk), (s_sm, ("T", k_s))) * -by_column(ch.d_in_of)).astype(cdt)
             delta = ops.matmul((vb, chunk), (("T", sl.tok.at[slot]), ag_t), (neg_ks_t, ag_t))
             publish_delta(i, delta)
-            state = ops.matmul((vb, dk), ((delta * decay(1)).astype(cdt), k_s), init=state * ch.d_chunk)
+            state = ops.matmul((vb, dk), ((delta * by_column(ch.d_out_of)).astype(cdt), k_s), init=state * ch.d_chunk)
             plgpu.barrier_arrive(consumed.at[slot])
             return state
 
