@@ -44,6 +44,7 @@ declare -A STEPS=(
   [glong]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 1x16384,1x65536"
   [slong]="160 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 1x16384,1x65536"
   [skern4]="100 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 4x4096"
+  [accuracy]="300 python3 benchmarks/accuracy.py --skip pallas,auto --shapes 4x4096"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
   [gprof]="120 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --fwd --sources --top 15"
