@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
     parser.add_argument("--only", default="gdn,ssd", help="comma list of gdn, ssd")
     parser.add_argument("--shapes", default="4x4096", help="B x T list, e.g. 4x4096,1x16384")
+    parser.add_argument("--variants", default="g32n64,g1n128", help="SSD variants (mixers.FULL)")
     parser.add_argument("--skip", default="", help="comma list of substrings of impl names to leave out")
     args = parser.parse_args()
     ops, skip = set(args.only.split(",")), args.skip.split(",")
@@ -92,7 +93,7 @@ def main() -> None:
         d = dims["gdn"]
         measure("gdn", mixers.gdn_case(rng, b, t, **d), mixers.gdn_impls({}, d["dk"])[0][2],
                 kernels.gdn_impls(peers, d["dk"], skip), rows)
-    for variant, d in dims["ssd"].items() if "ssd" in ops else []:
+    for variant, d in [(v, dims["ssd"][v]) for v in args.variants.split(",")] if "ssd" in ops else []:
         for b, t in shapes:
             measure(f"ssd {variant}", mixers.ssd_case(rng, b, t, **d), mixers.ssd_impls({})[0][2],
                     kernels.ssd_impls(peers, skip), rows)

@@ -216,7 +216,7 @@ def test_gdn_forward_alone_matches_the_scan(vb):
     q, k, v, beta, cum, seg, state = recurrence_inputs(1, 1, 2, 3, 64, 64, 64)
     scale = 0.3
     ag = factor(k, beta, cum, seg)
-    o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale, carry_t=True).forward(
+    o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale).forward(
         ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32), state)
     v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
     u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
@@ -245,7 +245,7 @@ def test_two_warpgroup_kernels_have_no_races():
     o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
     assert no_races(saved)
     assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
-    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64, carry_t=True).forward(ag, v, k, q, cum, segments, state)
+    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, state)
     assert no_races(s_t_carried)
 
     x, dt, A, B, C, reset, h0 = ssd_inputs(0, 1, 130, 2, 1, 64, 64, F32)
@@ -366,7 +366,6 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
     lowering (shared memory, layouts, wgmma operands); the passes take value blocks of 64 columns where the grid
     (2 x 8 CTAs) fills the GPU, else 32."""
     monkeypatch.setattr(mosaic_gdn, "gpu_cores", lambda: cores)
-    monkeypatch.setenv(mosaic_gdn.CARRY_T_ENV, "1")  # the forward alone carries S^T at value blocks of 64
     assert mosaic_gdn.value_block(2, 512, cores) == vb
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512
@@ -405,8 +404,6 @@ def test_mosaic_kernels_serve_impl_pallas_when_chosen(monkeypatch):
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # the CPU is no Hopper
     monkeypatch.setattr(pallas_common, "is_hopper", lambda: True)
     assert pallas_common.choose("gated_delta_rule", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
-    assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "gpu")  # opt-in for now
-    monkeypatch.setattr(pallas_common, "MOSAIC_FIRST_ON_HOPPER", frozenset({"gated_delta_rule", "ssd"}))
     assert pallas_common.choose("ssd", "auto", takes_all)[:2] == ("pallas", "mosaic_gpu")
     assert pallas_common.choose("ssd", "auto", not_mosaic)[:2] == ("pallas", "gpu")
     assert pallas_common.choose("ssd", "pallas", not_mosaic)[:2] == ("pallas", "gpu")

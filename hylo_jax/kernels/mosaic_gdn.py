@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -72,7 +71,6 @@ from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
-CARRY_T_ENV = "HYLO_GDN_CARRY_T"  # "1": the forward alone carries S^T (`_forward_sides`); off until run on a GPU
 VB = 64  # value columns a CTA: a [256, 64] fp32 state block is 128 registers a thread
 
 
@@ -546,13 +544,11 @@ class Kernels(NamedTuple):
     keys: Callable
 
 
-def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale: float = 1.0,
-            carry_t: bool | None = None) -> Kernels:
+def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale: float = 1.0) -> Kernels:
     """The passes of this module with matmul operands in `dtype` (`Kernels`) for the queries scale * q (the scale
     applied in the kernels: no pass over q before them); `vb` sets the value block of the forward and the reverse
-    pass (default `value_block`); `carry_t` lets the forward alone carry S^T where its value blocks are 64 columns
-    (default: the environment variable `CARRY_T_ENV` = "1" when traced; checked in the GPU interpreter and lowered
-    for CUDA, not yet run on a GPU)."""
+    pass (default `value_block`). The forward alone carries S^T where its value blocks are 64 columns (wgmma rows;
+    `_forward_sides`), S elsewhere."""
 
     def block_of(rows_: int, dv: int) -> int:
         return vb or value_block(rows_, dv, 132 if interpret else gpu_cores())
@@ -575,8 +571,7 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
 
     def forward_pass(ag, v, k, q, g, seg, state, save):
         b, h, n, c, _ = ag.shape
-        wanted = os.environ.get(CARRY_T_ENV, "0") == "1" if carry_t is None else carry_t
-        transposed = wanted and not save and block_of(b * h, v.shape[-1]) % 64 == 0
+        transposed = not save and block_of(b * h, v.shape[-1]) % 64 == 0
 
         def out_type(x, n, c, dk, dv):
             return [(b, n * c, h, dv)] + ([(x, n, dk, dv), (x, n * c, dv)] if save else [])

@@ -405,13 +405,11 @@ def is_hopper() -> bool:
     return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
-# The ops whose "auto" tries the Mosaic GPU kernels first on Hopper. GDN since session 16 (every pass ran on an H100
-# under jax.grad, errors at the bf16 level: benchmarks/RESULTS.md). SSD stays opt-in (HYLO_GPU_KERNELS=mosaic):
-# its kernels ran too and are 3-13x faster than Triton; their bf16 gradients were 3-7x further from fp32 than the
-# chunked path's in bf16 until session 17 split the operands they form themselves into high and low parts (now
-# at the chunked path's level in the GPU interpreter, benchmarks/NOTES.md); that version is not yet timed or run
-# on a GPU.
-MOSAIC_FIRST_ON_HOPPER: frozenset[str] = frozenset({"gated_delta_rule"})
+# The ops whose "auto" tries the Mosaic GPU kernels first on Hopper. GDN since session 16, SSD since session 19:
+# every pass ran on an H100 under jax.grad, and against an fp32 reference on the benchmark's bf16 inputs their
+# outputs and gradients are as close as jax-linear-attention's and mamba_ssm's (`benchmarks/accuracy.py`,
+# benchmarks/RESULTS.md).
+MOSAIC_FIRST_ON_HOPPER: frozenset[str] = frozenset({"gated_delta_rule", "ssd"})
 
 
 def gpu_drivers(op: str) -> tuple[str, ...]:
