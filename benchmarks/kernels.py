@@ -164,11 +164,17 @@ def main() -> None:
     parser.add_argument("--shapes", default="", help="only these B x T, e.g. 4x4096,1x65536")
     parser.add_argument("--skip", default="", help="comma list of substrings of impl names to leave out")
     parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 20; 2 tiny)")
+    parser.add_argument("--gdn-value-block", type=int, default=0,
+                        help="Mosaic GDN passes' value block (tuning; default `mosaic_gdn.value_block`'s choice)")
     parser.add_argument("--check", action="store_true", help="compare pallas vs chunked and exit")
     parser.add_argument("--check-shape", default="1x500", help="B x T of --check")
     parser.add_argument("--check-kernels", default="triton,mosaic", help="kernel sets --check compares")
     args = parser.parse_args()
     dims = mixers.TINY if args.tiny else mixers.FULL
+    if args.gdn_value_block:
+        from hylo_jax.kernels import mosaic_gdn
+
+        mosaic_gdn.value_block = lambda rows, dv, cores: args.gdn_value_block
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; jax {jax.__version__}")
     if args.check:

@@ -227,7 +227,7 @@ def test_gdn_forward_alone_matches_the_scan(vb):
 @pytest.mark.slow  # ~1 min on the CI machine
 def test_two_warpgroup_kernels_have_no_races():
     """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
-    (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel. Every
+    (saving; alone, carrying S^T) and reverse pass, the chunk-factor kernel's prefetching walk, the SSD forward (y, train) and gradient kernel. Every
     shared-memory buffer one warpgroup writes and the other reads is ordered by a barrier (a removed wait is
     reported)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
@@ -247,6 +247,8 @@ def test_two_warpgroup_kernels_have_no_races():
     assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
     s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, state)
     assert no_races(s_t_carried)
+    k_b, *gates = factor_inputs(0, 1, 1, 3, 64, F32, 0.0)  # three chunks a CTA: the keys' two slots, one reused
+    assert no_races(mosaic_gdn_factors.chunk_factor(k_b, *gates, save_t=True, chunks_per_cta=3, interpret=params))
 
     x, dt, A, B, C, reset, h0 = ssd_inputs(0, 1, 130, 2, 1, 64, 64, F32)
 
@@ -272,18 +274,22 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
     return jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32), jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
-@pytest.mark.parametrize("correlated", [0.0, 0.9])
-def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated):
+@pytest.mark.parametrize("dtype, correlated, per_cta", [(F32, 0.0, 1), (F32, 0.9, 4), (jnp.bfloat16, 0.0, 4),
+                                                       (jnp.bfloat16, 0.9, 1)])
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated, per_cta):
     """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
     operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts); Ag = T diag(beta) in k's
-    dtype, to its rounding. The bf16 kernel is lowered for CUDA too."""
-    args = factor_inputs(0, 1, 2, 2, 64, dtype, correlated)
+    dtype, to its rounding; one chunk a CTA or all four (keys prefetched into two slots, each used twice). The bf16
+    kernel is lowered for CUDA too."""
+    args = factor_inputs(0, 1, 2, 4, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
-        lowered = jax.jit(mosaic_gdn_factors.chunk_factor).trace(*args).lower(lowering_platforms=("cuda",))
+        lowered = jax.jit(functools.partial(mosaic_gdn_factors.chunk_factor, chunks_per_cta=per_cta)).trace(
+            *args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("custom_call @mosaic_gpu") == 1
-    ag, t = mosaic_gdn_factors.chunk_factor(*args, save_t=True, interpret=mosaic_common.interpret_params())
-    (ag_alone,) = mosaic_gdn_factors.chunk_factor(*args, interpret=mosaic_common.interpret_params())
+    run = functools.partial(mosaic_gdn_factors.chunk_factor, chunks_per_cta=per_cta,
+                            interpret=mosaic_common.interpret_params())
+    ag, t = run(*args, save_t=True)
+    (ag_alone,) = run(*args)
     t_ref = chunk_inverse(_in_chunks(args[0].astype(F32), 64), *args[1:])
     assert t.dtype == F32 and ag.dtype == ag_alone.dtype == dtype
     assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)

@@ -1,5 +1,6 @@
 """Mosaic GPU (Hopper: wgmma, TMA) kernel of the gated delta rule's chunk-local UT transform
-(`gated_delta.chunk_inverse`), every chunk at once: one CTA (one warpgroup) per (batch*head, chunk), with G the
+(`gated_delta.chunk_inverse`), every chunk at once: one CTA (one warpgroup) per batch*head and run of
+`default_chunks_per_cta` chunks, the next chunk's keys loaded while the CTA inverts one, with G the
 chunk-local cumulative log-decay and segments as in `gated_delta._chunked`:
 
     E_ij = e^{G_i - G_j} for j <= i in the same segment, else 0
@@ -23,8 +24,6 @@ On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_c
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -33,9 +32,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
 from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, high_low, smem, vectors
+from .pallas_common import gpu_cores
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+# Each product of fp32 tiles as three bf16 wgmmas (high and low parts, ~16 mantissa bits); False: one (the
+# operands rounded once; `benchmarks/gdn_factors.py` times and checks both)
+SPLIT_PRODUCTS = True
 
 
 def unsupported(dk: int, chunk: int, dtype) -> str | None:
@@ -49,28 +52,45 @@ def unsupported(dk: int, chunk: int, dtype) -> str | None:
     return None
 
 
-def _kernel(ops: Ops, cdt, save_t: bool):
+def default_chunks_per_cta(rows: int, chunks: int, cores: int) -> int:
+    """Chunks one CTA walks (the next one's keys prefetched while it inverts this one): the most of 8, 4, 2 that
+    divides `chunks` and still leaves 1.5 CTAs an SM (two fit), else 1."""
+    for per_cta in (8, 4, 2):
+        if chunks % per_cta == 0 and 2 * rows * (chunks // per_cta) >= 3 * cores:
+            return per_cta
+    return 1
+
+
+def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
     c = ops.chunk
 
     def kernel(k_ref, beta_ref, g_ref, seg_ref, ag_ref, *t_ref):
         row, heads = lax.axis_index("rows"), k_ref.shape[2]
-        at = (row, pl.ds(lax.axis_index("chunks") * c, c))
-        keys = (row // heads, at[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
+        first = lax.axis_index("chunks") * per_cta
 
-        def products(beta_sm, k_sm, g_sm, seg_sm, ready):
-            """M."""
-            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm, ready)
-            for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
-                plgpu.copy_gmem_to_smem(src.at[at], dst, ready)
-            plgpu.barrier_wait(ready)
-            g_i, s_i, beta_i = (ops.load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
-            g_j, s_j = (ops.load(v, BY_COL) for v in (g_sm, seg_sm))
-            below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
-            return ops.matmul((c, c), (k_sm, ("T", k_sm))) * below
+        def at(j):  # chunk j of this CTA in the [b*h, n*C, ...] layouts
+            return row, pl.ds((first + j) * c, c)
 
-        def invert(beta_sm, m, b_high, b_low, ag_sm, *t_sm):
+        def loop(k_sm, beta_sm, g_sm, seg_sm, ready, b_high, b_low, out_sm, *t_sm):
+            def issue(j, slot):
+                keys = (row // heads, at(j)[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
+                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm.at[slot], ready.at[slot])
+                for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
+                    plgpu.copy_gmem_to_smem(src.at[at(j)], dst.at[slot], ready.at[slot])
+
+            def products(slot):
+                """M."""
+                g_i, s_i, beta_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm, beta_sm))
+                g_j, s_j = (ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm))
+                below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
+                return ops.matmul((c, c), (k_sm.at[slot], ("T", k_sm.at[slot]))) * below
+
             def product(a, b, pair: int):
                 """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
+                if not SPLIT_PRODUCTS:
+                    b_high.at[pair][...] = b.astype(cdt)
+                    plgpu.commit_smem()
+                    return ops.matmul((c, c), (a.astype(cdt), b_high.at[pair]))
                 b_h, b_l = high_low(b, cdt)
                 b_high.at[pair][...] = b_h
                 b_low.at[pair][...] = b_l
@@ -78,30 +98,44 @@ def _kernel(ops: Ops, cdt, save_t: bool):
                 plgpu.commit_smem()
                 return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
 
-            rows, cols = ops.iota(0), ops.iota(1)
-            apart = rows ^ cols  # < s: the same diagonal block of s rows (s a power of two)
-            t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(apart == 1, m, 0.0)
-            s = 2
-            while s < c:
-                x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
-                t = t - product(t, x, pair=1)
-                s *= 2
-            ag_sm[...] = (t * ops.square(ops.load(beta_sm, BY_COL), 1)).astype(cdt)  # (beta read again: registers)
-            for out, value in zip(t_sm, [t]):
-                out[...] = value
-            plgpu.commit_smem()
-            for sm, ref in zip((ag_sm, *t_sm), (ag_ref, *t_ref)):
-                plgpu.copy_smem_to_gmem(sm, ref.at[at], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            def invert(m):
+                rows, cols = ops.iota(0), ops.iota(1)
+                apart = rows ^ cols  # < s: the same diagonal block of s rows (s a power of two)
+                t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(apart == 1, m, 0.0)
+                s = 2
+                while s < c:
+                    x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
+                    t = t - product(t, x, pair=1)
+                    s *= 2
+                return t
+
+            issue(0, 0)
+
+            @pl.loop(0, per_cta)
+            def _chunk(j):
+                slot = lax.rem(j, 2)
+                plgpu.barrier_wait(ready.at[slot])
+
+                @pl.when(j + 1 < per_cta)
+                def _prefetch():  # into the other slot: the last chunk's reads of it are done
+                    plgpu.commit_smem()
+                    issue(j + 1, 1 - slot)
+
+                t = invert(products(slot))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's outputs have left out_sm, t_sm
+                out_sm[...] = (t * ops.square(ops.load(beta_sm.at[slot], BY_COL), 1)).astype(cdt)
+                for out, value in zip(t_sm, [t]):
+                    out[...] = value
+                plgpu.commit_smem()
+                for sm, ref in zip((out_sm, *t_sm), (ag_ref, *t_ref)):
+                    plgpu.copy_smem_to_gmem(sm, ref.at[at(j)], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
+
             plgpu.wait_smem_to_gmem(0)
 
-        def both(beta_sm):  # beta's buffer outlives the products' scope
-            m = pl.run_scoped(functools.partial(products, beta_sm), smem((c, k_ref.shape[-1]), cdt), vectors((c,)),
-                              vectors((c,)), plgpu.Barrier(num_arrivals=4))
-            pl.run_scoped(functools.partial(invert, beta_sm, m), *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt),
-                          *[smem((c, c), F32)] * save_t)
-
-        pl.run_scoped(both, vectors((c,)))
+        pl.run_scoped(loop, smem((2, c, k_ref.shape[-1]), cdt), *[vectors((2, c))] * 3,
+                      plgpu.Barrier(num_arrivals=4, num_barriers=2), *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt),
+                      *[smem((c, c), F32)] * save_t)
 
     return kernel
 
@@ -113,11 +147,12 @@ def chunk_factor(
     seg: Int[Array, "b 1 n c"],
     *,
     save_t: bool = False,
+    chunks_per_cta: int | None = None,
     interpret=None,
 ) -> tuple[Float[Array, "b h n c c"], ...]:
     """(Ag in k's dtype, and T fp32 if `save_t`) of every chunk (module docstring): k [b, n*C, h, dk] in the operand
     dtype (bf16 / fp16; the interpreter also takes fp32), beta and G (`cum`) fp32 and `seg` (the segment index
-    within the chunk) in the chunk layout."""
+    within the chunk) in the chunk layout; `chunks_per_cta` (dividing n) defaults to `default_chunks_per_cta`."""
     b, h, n, chunk = beta.shape
     dk = k.shape[-1]
     if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
@@ -129,7 +164,11 @@ def chunk_factor(
 
     seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
     out_type = [jax.ShapeDtypeStruct((rows, n * chunk, chunk), dtype) for dtype in (k.dtype, F32)[:1 + save_t]]
-    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype, save_t), "gdn_chunk_factor",
-                      out_type=tuple(out_type), grid=(rows, n), grid_names=("rows", "chunks"), interpret=interpret)
+    per_cta = chunks_per_cta or default_chunks_per_cta(rows, n, 132 if interpret else gpu_cores())
+    if n % per_cta:
+        raise ValueError(f"Mosaic GPU GDN chunk-inverse kernel: {per_cta} chunks per CTA do not divide {n} chunks")
+    call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype, save_t, per_cta), "gdn_chunk_factor",
+                      out_type=tuple(out_type), grid=(rows, n // per_cta), grid_names=("rows", "chunks"),
+                      interpret=interpret)
     outs = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32), seg)))
     return tuple(x.reshape(b, h, n, chunk, chunk) for x in outs)
