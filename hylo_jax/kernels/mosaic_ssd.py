@@ -463,7 +463,9 @@ def _split(s: _Settings, x, dt, A, B, C, reset):
 def _across_spans(through, local, first, reverse: bool):
     """The state at each span's start (forward: state_s = through_{s-1} state_{s-1} + local_{s-1}, from
     `first`), or the cotangent at each span's end (reverse: d_s = through_{s+1} d_{s+1} + local_{s+1}, from
-    `first` at the last span). through [b, spans, h], local [b, spans, h, P, N] -> [b * spans, h, P, N]."""
+    `first` at the last span). through [b, spans, h], local [b, spans, h, P, N] -> [b * spans, h, P, N]. Unrolled:
+    a few steps on small states, which XLA fuses (a loop cost a copy and a launch per step, ~10% of a 1 x 16K
+    forward)."""
     through, local = jnp.moveaxis(through, 1, 0), jnp.moveaxis(local, 1, 0)
 
     def carry(state, span):
@@ -472,10 +474,10 @@ def _across_spans(through, local, first, reverse: bool):
         return state, state
 
     if reverse:
-        _, ends = lax.scan(carry, first, (through[1:], local[1:]), reverse=True)
+        _, ends = lax.scan(carry, first, (through[1:], local[1:]), reverse=True, unroll=True)
         states = jnp.concatenate([ends, first[None]], axis=0)
     else:
-        _, starts = lax.scan(carry, first, (through[:-1], local[:-1]))
+        _, starts = lax.scan(carry, first, (through[:-1], local[:-1]), unroll=True)
         states = jnp.concatenate([first[None], starts], axis=0)
     return jnp.moveaxis(states, 0, 1).reshape(-1, *states.shape[2:])
 
