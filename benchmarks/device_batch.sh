@@ -40,6 +40,7 @@ declare -A STEPS=(
   [gkern]="150 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x16384"
   [factors]="150 python3 benchmarks/gdn_factors.py --shapes 4x4096,1x16384"
   [gvb64]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla,jla --shapes 1x16384 --gdn-value-block 64"
+  [gvb32]="100 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla,jla --shapes 4x4096 --gdn-value-block 32"
   [gkern4]="100 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096"
   [sprobe]="200 python3 benchmarks/mosaic_probe.py --shapes 4x4096 --cases ssd_g32n64_grad,ssd_g1n128_grad --limit 90"
   [glong]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 1x16384,1x65536"
