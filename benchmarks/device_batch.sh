@@ -45,6 +45,7 @@ declare -A STEPS=(
   [sprobe]="200 python3 benchmarks/mosaic_probe.py --shapes 4x4096 --cases ssd_g32n64_grad,ssd_g1n128_grad --limit 90"
   [glong]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 1x16384,1x65536"
   [slong]="160 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 1x16384,1x65536"
+  [s16]="100 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 1x16384"
   [skern4]="100 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 4x4096"
   [accuracy]="300 python3 benchmarks/accuracy.py --skip pallas,auto --shapes 4x4096"
   [gacc1]="150 python3 benchmarks/accuracy.py --only gdn --skip pallas,auto,chunked,fla --factor-products single"
