@@ -39,6 +39,7 @@ declare -A STEPS=(
   [gprof4]="120 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --fwd --top 10"
   [gkern]="150 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x16384"
   [factors]="150 python3 benchmarks/gdn_factors.py --shapes 4x4096,1x16384"
+  [factors4]="70 python3 benchmarks/gdn_factors.py --shapes 4x4096"
   [gvb64]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla,jla --shapes 1x16384 --gdn-value-block 64"
   [gvb32]="100 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla,jla --shapes 4x4096 --gdn-value-block 32"
   [gkern4]="100 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096"
