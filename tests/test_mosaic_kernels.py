@@ -227,9 +227,9 @@ def test_gdn_forward_alone_matches_the_scan(vb):
 @pytest.mark.slow  # ~1 min on the CI machine
 def test_two_warpgroup_kernels_have_no_races():
     """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
-    (saving; alone, carrying S^T) and reverse pass, the chunk-factor kernel's prefetching walk, the SSD forward (y, train) and gradient kernel. Every
-    shared-memory buffer one warpgroup writes and the other reads is ordered by a barrier (a removed wait is
-    reported)."""
+    (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel; and the
+    chunk-factor kernel's prefetching walk. Every shared-memory buffer one warpgroup writes and the other reads
+    (or TMA writes while the kernel reads the other slot) is ordered by a barrier (a removed wait is reported)."""
     from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
