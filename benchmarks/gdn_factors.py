@@ -58,8 +58,8 @@ def main() -> None:
         n = t // 64
         for split, per_cta in ((True, 1), (True, None), (False, None)):
             mosaic_gdn_factors.SPLIT_PRODUCTS = split  # read when the kernel is traced
-            walk = per_cta or mosaic_gdn_factors.default_chunks_per_cta(b * x[1].shape[1], n, 132 if args.tiny
-                                                                        else pallas_common.gpu_cores())
+            walk = per_cta or mosaic_gdn_factors.default_chunks_per_cta(b * x[1].shape[1], n,
+                                                                        pallas_common.grid_cores(interpret))
             kernel = jax.jit(lambda *a, walk=walk: mosaic_gdn_factors.chunk_factor(
                 *a, save_t=True, chunks_per_cta=walk, interpret=interpret)[1])
             try:

@@ -274,13 +274,16 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
     return jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32), jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype, correlated, per_cta", [(F32, 0.0, 1), (F32, 0.9, 4), (jnp.bfloat16, 0.0, 4),
-                                                       (jnp.bfloat16, 0.9, 1)])
-def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated, per_cta):
+@pytest.mark.parametrize("dtype, correlated, per_cta, split", [(F32, 0.0, 1, True), (F32, 0.9, 4, True),
+                                                              (F32, 0.9, 2, False), (jnp.bfloat16, 0.0, 4, True),
+                                                              (jnp.bfloat16, 0.9, 1, True)])
+def test_gdn_chunk_factor_kernel_matches_xla(monkeypatch, dtype, correlated, per_cta, split):
     """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
     operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts); Ag = T diag(beta) in k's
-    dtype, to its rounding; one chunk a CTA or all four (keys prefetched into two slots, each used twice). The bf16
-    kernel is lowered for CUDA too."""
+    dtype, to its rounding; one chunk a CTA or all four (keys prefetched into two slots, each used twice). The
+    single-product variant (`SPLIT_PRODUCTS`, timed by the benchmarks) is exact on fp32 operands. The bf16 kernel
+    is lowered for CUDA too."""
+    monkeypatch.setattr(mosaic_gdn_factors, "SPLIT_PRODUCTS", split)
     args = factor_inputs(0, 1, 2, 4, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
         lowered = jax.jit(functools.partial(mosaic_gdn_factors.chunk_factor, chunks_per_cta=per_cta)).trace(
@@ -371,7 +374,7 @@ def test_gdn_mosaic_path_lowers_for_cuda_at_hylo_sizes(monkeypatch, cores, vb):
     the reverse pass and the three gradient passes, without it the factors and the forward alone, pass the Mosaic GPU
     lowering (shared memory, layouts, wgmma operands); the passes take value blocks of 64 columns where the grid
     (2 x 8 CTAs) fills the GPU, else 32."""
-    monkeypatch.setattr(mosaic_gdn, "gpu_cores", lambda: cores)
+    monkeypatch.setattr(pallas_common, "gpu_cores", lambda: cores)
     assert mosaic_gdn.value_block(2, 512, cores) == vb
     rng = np.random.default_rng(1)
     b, t, h, dk, dv = 1, 256, 2, 256, 512

@@ -66,7 +66,7 @@ from .mosaic_common import (
     two_warpgroup_loop,
     vectors,
 )
-from .pallas_common import gpu_cores
+from .pallas_common import grid_cores
 from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
@@ -551,7 +551,7 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
     `_forward_sides`), S elsewhere."""
 
     def block_of(rows_: int, dv: int) -> int:
-        return vb or value_block(rows_, dv, 132 if interpret else gpu_cores())
+        return vb or value_block(rows_, dv, grid_cores(interpret))
 
     def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse, transposed=False):
         """`start` [b, h, dk, dv], or [b, h, dv, dk] if `transposed` (`_pass`)."""

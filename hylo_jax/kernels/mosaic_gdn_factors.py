@@ -32,7 +32,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
 from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, high_low, smem, vectors
-from .pallas_common import gpu_cores
+from .pallas_common import grid_cores
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
@@ -164,7 +164,7 @@ def chunk_factor(
 
     seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
     out_type = [jax.ShapeDtypeStruct((rows, n * chunk, chunk), dtype) for dtype in (k.dtype, F32)[:1 + save_t]]
-    per_cta = chunks_per_cta or default_chunks_per_cta(rows, n, 132 if interpret else gpu_cores())
+    per_cta = chunks_per_cta or default_chunks_per_cta(rows, n, grid_cores(interpret))
     if n % per_cta:
         raise ValueError(f"Mosaic GPU GDN chunk-inverse kernel: {per_cta} chunks per CTA do not divide {n} chunks")
     call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype, save_t, per_cta), "gdn_chunk_factor",

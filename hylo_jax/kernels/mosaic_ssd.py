@@ -62,7 +62,7 @@ from .mosaic_common import (
     two_warpgroup_loop,
     vectors,
 )
-from .pallas_common import gpu_cores
+from .pallas_common import grid_cores
 
 
 def unsupported(p: int, n: int, chunk: int, dtype) -> str | None:
@@ -568,7 +568,7 @@ def ssd_mosaic(
     if reason := unsupported(p, n, chunk_size, device_dtype(x.dtype, interpret)):
         raise ValueError(f"Mosaic GPU SSD kernel: {reason}")
     if spans is None:
-        spans = spans_for(b * h, -(-t // chunk_size), 132 if interpret else gpu_cores())
+        spans = spans_for(b * h, -(-t // chunk_size), grid_cores(interpret))
     return _ssd(_Settings(t, chunk_size, spans, stages, interpret), x, dt.astype(F32), A.astype(F32), B, C, reset,
                 h0.astype(F32))  # (fp32 gates and state: their cotangents come back fp32, cast by astype's VJP)
 

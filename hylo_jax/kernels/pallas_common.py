@@ -427,6 +427,12 @@ def gpu_cores() -> int:
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
+def grid_cores(interpret) -> int:
+    """The SMs a Mosaic GPU kernel sizes its grid for: the device's, or an H100's 132 under the GPU interpreter
+    (CPU tests then see the grid a GPU would run)."""
+    return 132 if interpret else gpu_cores()
+
+
 _OVERRIDE: list = []  # tests: [(backend, interpret)] forces the Pallas backend and interpret mode
 
 
