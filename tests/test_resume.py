@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import byte_tokenizer
+from conftest import FAST_COMPILE, byte_tokenizer
 
 STEPS = 8
 
@@ -46,8 +46,7 @@ def run_config(tmp_path, out):
 
 
 def train(config):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0",  # (conftest)
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "HF_HUB_OFFLINE": "1"}  # one device
     return subprocess.Popen([sys.executable, "-m", "hylo_jax.cli", "train", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
