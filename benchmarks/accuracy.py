@@ -26,8 +26,6 @@ import mixers  # noqa: E402  (sets the allocator environment before a JAX backen
 import numpy as np  # noqa: E402
 from common import print_table  # noqa: E402
 
-from hylo_jax.kernels import mosaic_gdn_factors  # noqa: E402
-
 NAMES = {"gdn": ("q", "k", "v", "g", "beta"), "ssd": ("x", "dt", "A", "B", "C", "dt_bias")}
 
 
@@ -81,12 +79,9 @@ def main() -> None:
     parser.add_argument("--only", default="gdn,ssd", help="comma list of gdn, ssd")
     parser.add_argument("--shapes", default="4x4096", help="B x T list, e.g. 4x4096,1x16384")
     parser.add_argument("--variants", default="g32n64,g1n128", help="SSD variants (mixers.FULL)")
-    parser.add_argument("--factor-products", choices=("split", "single"), default="split",
-                        help="GDN chunk-factor kernel's products (`mosaic_gdn_factors.SPLIT_PRODUCTS`; tuning)")
     parser.add_argument("--skip", default="", help="comma list of substrings of impl names to leave out")
     args = parser.parse_args()
     ops, skip = set(args.only.split(",")), args.skip.split(",")
-    mosaic_gdn_factors.SPLIT_PRODUCTS = args.factor_products == "split"
     dims = mixers.TINY if args.tiny else mixers.FULL
     shapes = mixers.TINY_SHAPES[:1] if args.tiny else [tuple(int(v) for v in s.split("x"))
                                                         for s in args.shapes.split(",")]

@@ -49,7 +49,6 @@ declare -A STEPS=(
   [s16]="100 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 1x16384"
   [skern4]="100 python3 benchmarks/kernels.py --only ssd --skip chunked,auto,pallas,mamba --shapes 4x4096"
   [accuracy]="300 python3 benchmarks/accuracy.py --skip pallas,auto --shapes 4x4096"
-  [gacc1]="150 python3 benchmarks/accuracy.py --only gdn --skip pallas,auto,chunked,fla --factor-products single"
   [saccuracy]="200 python3 benchmarks/accuracy.py --only ssd --variants g1n128 --skip pallas,auto,chunked --shapes 4x4096"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"

@@ -1,7 +1,6 @@
 """The GDN chunk-factor kernel (`kernels/mosaic_gdn_factors.py`, saving T) vs XLA's `chunk_inverse`: T = (I + M)^-1
 for every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 keys, correlated. One table: error of
-T against XLA in fp32 (highest precision) and ms, of the kernel with its products split into high and low bf16 parts
-(`mosaic_gdn_factors.SPLIT_PRODUCTS`) or rounded once, one chunk a CTA or its default walk
+T against XLA in fp32 (highest precision) and ms, of the kernel at one chunk a CTA and at its default walk
 (`default_chunks_per_cta`), and of XLA with bf16 products.
 HYLO_MOSAIC_SEMANTICS=warpgroup tries the other lowering (`mosaic_common.compiler_params`).
 
@@ -54,22 +53,20 @@ def main() -> None:
         with jax.default_matmul_precision("highest"):
             t_ref = jax.jit(gated_delta.chunk_inverse)(gated_delta._in_chunks(x[0].astype(F32), 64), *x[1:])
         xla = jax.jit(lambda k, *a: gated_delta.chunk_inverse(gated_delta._in_chunks(k, 64), *a, dtype=BF16))
-        xla_ms = time_jax(xla, *x, warmup=1, iters=iters) * 1e3
-        n = t // 64
-        for split, per_cta in ((True, 1), (True, None), (False, None)):
-            mosaic_gdn_factors.SPLIT_PRODUCTS = split  # read when the kernel is traced
-            walk = per_cta or mosaic_gdn_factors.default_chunks_per_cta(b * x[1].shape[1], n,
-                                                                        pallas_common.grid_cores(interpret))
-            kernel = jax.jit(lambda *a, walk=walk: mosaic_gdn_factors.chunk_factor(
-                *a, save_t=True, chunks_per_cta=walk, interpret=interpret)[1])
+        candidates = [("xla bf16", "", xla)]
+        default = mosaic_gdn_factors.default_chunks_per_cta(b * x[1].shape[1], t // 64,
+                                                            pallas_common.grid_cores(interpret))
+        for walk in sorted({1, default}):
+            candidates.append(("kernel", walk, jax.jit(lambda *a, walk=walk: mosaic_gdn_factors.chunk_factor(
+                *a, save_t=True, chunks_per_cta=walk, interpret=interpret)[1])))
+        for name, walk, fn in candidates:
             try:
-                cells = [f"{rel(kernel(*x), t_ref):.1e}", f"{time_jax(kernel, *x, warmup=1, iters=iters) * 1e3:.3f}"]
+                cells = [f"{rel(fn(*x), t_ref):.1e}", f"{time_jax(fn, *x, warmup=1, iters=iters) * 1e3:.3f}"]
             except Exception as err:  # report it and go on
                 cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", ""]
-            rows.append([f"{b}x{t}", "split" if split else "single", walk, *cells, f"{xla_ms:.3f}"])
+            rows.append([f"{b}x{t}", name, walk, *cells])
             print(*rows[-1], flush=True)  # a row as soon as it is measured (compiles can be slow)
-        mosaic_gdn_factors.SPLIT_PRODUCTS = True
-    print_table(["B x T", "products", "chunks a CTA", "T err", "kernel ms", "XLA bf16 ms"], rows)
+    print_table(["B x T", "impl", "chunks a CTA", "T err", "ms"], rows)
 
 if __name__ == "__main__":
     main()

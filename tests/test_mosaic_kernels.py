@@ -274,16 +274,13 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
     return jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32), jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype, correlated, per_cta, split", [(F32, 0.0, 1, True), (F32, 0.9, 4, True),
-                                                              (F32, 0.9, 2, False), (jnp.bfloat16, 0.0, 4, True),
-                                                              (jnp.bfloat16, 0.9, 1, True)])
-def test_gdn_chunk_factor_kernel_matches_xla(monkeypatch, dtype, correlated, per_cta, split):
+@pytest.mark.parametrize("dtype, correlated, per_cta", [(F32, 0.0, 1), (F32, 0.9, 4), (jnp.bfloat16, 0.0, 4),
+                                                       (jnp.bfloat16, 0.9, 1)])
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated, per_cta):
     """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
-    operands and 2e-5 even from bf16 ones (its products split fp32 into two bf16 parts); Ag = T diag(beta) in k's
-    dtype, to its rounding; one chunk a CTA or all four (keys prefetched into two slots, each used twice). The
-    single-product variant (`SPLIT_PRODUCTS`, timed by the benchmarks) is exact on fp32 operands. The bf16 kernel
-    is lowered for CUDA too."""
-    monkeypatch.setattr(mosaic_gdn_factors, "SPLIT_PRODUCTS", split)
+    operands; from bf16 ones T and Ag = T diag(beta) (in k's dtype) within 1e-2, ~2.5 bf16 roundoffs (each of the
+    doublings' products rounds its fp32 factors to bf16 once: measured 1.4e-3 and 4.9e-3 here); one chunk a CTA
+    or all four (keys prefetched into two slots, each used twice). The bf16 kernel is lowered for CUDA too."""
     args = factor_inputs(0, 1, 2, 4, 64, dtype, correlated)
     if dtype == jnp.bfloat16:
         lowered = jax.jit(functools.partial(mosaic_gdn_factors.chunk_factor, chunks_per_cta=per_cta)).trace(
@@ -295,8 +292,9 @@ def test_gdn_chunk_factor_kernel_matches_xla(monkeypatch, dtype, correlated, per
     (ag_alone,) = run(*args)
     t_ref = chunk_inverse(_in_chunks(args[0].astype(F32), 64), *args[1:])
     assert t.dtype == F32 and ag.dtype == ag_alone.dtype == dtype
-    assert rel_err(t, t_ref) < (2e-5 if dtype == jnp.bfloat16 else 1e-6)
-    assert rel_err(ag.astype(F32), t_ref * args[1][..., None, :]) < (4e-3 if dtype == jnp.bfloat16 else 1e-6)
+    tolerance = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+    assert rel_err(t, t_ref) < tolerance
+    assert rel_err(ag.astype(F32), t_ref * args[1][..., None, :]) < tolerance
     assert jnp.array_equal(ag, ag_alone)
 
 

@@ -12,11 +12,12 @@ chunk-local cumulative log-decay and segments as in `gated_delta._chunked`:
 The inverse is six block doublings of the [C, C] tile in registers: T_2 = I - L_1, and T_2s = T_s - T_s (L_s T_s)
 with L_s the part of M inside the diagonal blocks of 2s rows but outside those of s rows (block triangular
 inversion: the new off-diagonal blocks are -D^{-1} C A^{-1}; no power of M is formed, so nothing grows and
-cancels). Each product of fp32 tiles splits both factors into high and low parts in the operand dtype,
-a b ~ a_h b_h + a_h b_l + a_l b_h (three wgmmas into one accumulator, ~16 mantissa bits): T multiplies every
-value and key of the chunk, so it is kept to about fp32 accuracy. The left factors stay in registers, the
-right ones pass through shared memory, two buffer pairs used in turn, so a product never overwrites what the
-last one may still read. T itself (fp32) is written only when asked (`save_t`): the backward's VJP of the
+cancels). Each product rounds its fp32 factors to the operand dtype once (one wgmma, fp32 accumulation), as
+jax-linear-attention's kernel does: on the H100 that is 1.5x faster than three wgmmas on high and low parts
+(0.161 against 0.244 ms at 4 x 4096); T is then ~5e-3 from fp32 instead of ~1e-5, and the whole op's output and
+gradients stay as close to fp32 as before (benchmarks/NOTES.md, session 20). The left factors stay in registers,
+the right ones pass through shared memory, two buffers used in turn, so a product never overwrites what the last
+one may still read. T itself (fp32) is written only when asked (`save_t`): the backward's VJP of the
 inverse reads it.
 
 On CPU the kernel runs in the GPU interpreter and is lowered for CUDA (`mosaic_common`).
@@ -31,14 +32,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, high_low, smem, vectors
+from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, smem, vectors
 from .pallas_common import grid_cores
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
-# Each product of fp32 tiles as three bf16 wgmmas (high and low parts, ~16 mantissa bits); False: one (the
-# operands rounded once; `benchmarks/gdn_factors.py` times and checks both)
-SPLIT_PRODUCTS = True
 
 
 def unsupported(dk: int, chunk: int, dtype) -> str | None:
@@ -71,7 +69,7 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
         def at(j):  # chunk j of this CTA in the [b*h, n*C, ...] layouts
             return row, pl.ds((first + j) * c, c)
 
-        def loop(k_sm, beta_sm, g_sm, seg_sm, ready, b_high, b_low, out_sm, *t_sm):
+        def loop(k_sm, beta_sm, g_sm, seg_sm, ready, right, out_sm, *t_sm):
             def issue(j, slot):
                 keys = (row // heads, at(j)[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
                 plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm.at[slot], ready.at[slot])
@@ -85,18 +83,12 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
                 below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
                 return ops.matmul((c, c), (k_sm.at[slot], ("T", k_sm.at[slot]))) * below
 
-            def product(a, b, pair: int):
-                """a @ b for fp32 [C, C] tiles, b through buffer pair `pair` (the last product used the other)."""
-                if not SPLIT_PRODUCTS:
-                    b_high.at[pair][...] = b.astype(cdt)
-                    plgpu.commit_smem()
-                    return ops.matmul((c, c), (a.astype(cdt), b_high.at[pair]))
-                b_h, b_l = high_low(b, cdt)
-                b_high.at[pair][...] = b_h
-                b_low.at[pair][...] = b_l
-                a_h, a_l = high_low(a, cdt)
+            def product(a, b, buffer: int):
+                """a @ b for fp32 [C, C] tiles rounded to `cdt`, b through `right.at[buffer]` (the last product used
+                the other)."""
+                right.at[buffer][...] = b.astype(cdt)
                 plgpu.commit_smem()
-                return ops.matmul((c, c), (a_h, b_high.at[pair]), (a_h, b_low.at[pair]), (a_l, b_high.at[pair]))
+                return ops.matmul((c, c), (a.astype(cdt), right.at[buffer]))
 
             def invert(m):
                 rows, cols = ops.iota(0), ops.iota(1)
@@ -104,8 +96,8 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
                 t = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(apart == 1, m, 0.0)
                 s = 2
                 while s < c:
-                    x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, pair=0)
-                    t = t - product(t, x, pair=1)
+                    x = product(jnp.where((apart >= s) & (apart < 2 * s), m, 0.0), t, buffer=0)
+                    t = t - product(t, x, buffer=1)
                     s *= 2
                 return t
 
@@ -134,7 +126,7 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(loop, smem((2, c, k_ref.shape[-1]), cdt), *[vectors((2, c))] * 3,
-                      plgpu.Barrier(num_arrivals=4, num_barriers=2), *[smem((2, c, c), cdt)] * 2, smem((c, c), cdt),
+                      plgpu.Barrier(num_arrivals=4, num_barriers=2), smem((2, c, c), cdt), smem((c, c), cdt),
                       *[smem((c, c), F32)] * save_t)
 
     return kernel
