@@ -175,7 +175,7 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
     args = recurrence_inputs(0, b, 2, 3, 64, 64, dv)
     q, k, v, beta, cum, seg, state = args
     passes = mosaic_gdn.kernels(dtype, mosaic_common.interpret_params(), vb=vb)
-    ours = _fused(passes, None, jnp.dtype(dtype))
+    ours = _fused(passes, None, jnp.dtype(dtype), False)
 
     def reference(q, k, v, beta, cum, seg, state):
         ag = factor(k, beta, cum, seg)
@@ -209,17 +209,19 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
         assert rel_err(a, w) < tol, name
 
 
-@pytest.mark.parametrize("vb", [64, 32])
-def test_gdn_forward_alone_matches_the_scan(vb):
+@pytest.mark.parametrize("vb, given_state", [(64, True), (32, True), (64, False)])
+def test_gdn_forward_alone_matches_the_scan(vb, given_state):
     """The forward where nothing is saved (fp32, 1e-5) for queries scale * q, asked to carry S^T: with value blocks
-    of 64 it does (the products' left operands from registers), with 32 it holds S as the saving forward does."""
+    of 64 it does (the products' left operands from registers), with 32 it holds S as the saving forward does;
+    from a given state or from none (zeros, not loaded)."""
     q, k, v, beta, cum, seg, state = recurrence_inputs(1, 1, 2, 3, 64, 64, 64)
     scale = 0.3
     ag = factor(k, beta, cum, seg)
     o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale).forward(
-        ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32), state)
+        ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32), state if given_state else None)
     v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
     u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
+    state = state if given_state else jnp.zeros_like(state)
     want = _outputs(chunk_state_recurrence, F32)(u, w, k_out, decay, state, q_in, chunk_attn(q, k, cum, seg))
     assert rel_err(o, want[0] * scale) < 1e-5 and rel_err(final, want[1]) < 1e-5
 
@@ -245,7 +247,7 @@ def test_two_warpgroup_kernels_have_no_races():
     o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
     assert no_races(saved)
     assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
-    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, state)
+    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, None)  # zero start
     assert no_races(s_t_carried)
     k_b, *gates = factor_inputs(0, 1, 1, 3, 64, F32, 0.0)  # three chunks a CTA: the keys' two slots, one reused
     assert no_races(mosaic_gdn_factors.chunk_factor(k_b, *gates, save_t=True, chunks_per_cta=3, interpret=params))
@@ -310,9 +312,11 @@ def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):
         mosaic_common.compiler_params()
 
 
-def test_gdn_mosaic_path_gradients_match_chunked():
+@pytest.mark.parametrize("given_state", [True, False])
+def test_gdn_mosaic_path_gradients_match_chunked(given_state):
     """The whole op on the Mosaic kernels (factor, forward, reverse and the three gradient passes): output, final
-    state and every input cotangent = chunked (fp32). Under a mesh the kernels run per device in a shard_map;
+    state and every input cotangent = chunked (fp32), from a given initial state or none (the passes start from
+    zeros they neither receive nor load). Under a mesh the kernels run per device in a shard_map;
     that is traced here, not run: the GPU interpreter hangs when several CPU devices run it at once."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -329,13 +333,13 @@ def test_gdn_mosaic_path_gradients_match_chunked():
     do, ds = jnp.asarray(rng.standard_normal((b, t, h, d)), F32), jnp.asarray(rng.standard_normal(s0.shape), F32)
 
     def loss(impl):
-        def f(q, k, v, g, beta, s0):
+        def f(q, k, v, g, beta, s0=None):
             o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, use_qk_l2norm=True,
                                         impl=impl)
             return jnp.sum(o * do) + jnp.sum(final * ds)
-        return jax.grad(f, argnums=range(6))
+        return jax.grad(f, argnums=range(5 + given_state))
 
-    args = (q, k, v, g, beta, s0)
+    args = (q, k, v, g, beta, s0)[:5 + given_state]
     want = loss("chunked")(*args)
     with pallas_common.force_backend("mosaic_gpu", mosaic_common.interpret_params()):
         got = loss("pallas")(*args)
@@ -343,7 +347,7 @@ def test_gdn_mosaic_path_gradients_match_chunked():
         with jax.set_mesh(mesh):
             sharded = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in args]
             assert str(jax.make_jaxpr(loss("pallas"))(*sharded)).count("shard_map") >= 3
-    for name, a, w in zip(("q", "k", "v", "g", "beta", "initial_state"), got, want, strict=True):
+    for name, a, w in zip(("q", "k", "v", "g", "beta", "initial_state")[:len(args)], got, want, strict=True):
         assert rel_err(a, w) < 1e-5, name
 
 

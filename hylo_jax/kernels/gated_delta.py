@@ -396,8 +396,9 @@ def _in_chunks(x: Float[Array, "b t h d"], chunk: int) -> Float[Array, "b h n c 
 
 
 @functools.cache
-def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> Callable:
-    """(o [b, n*C, h, dv] in `dtype`, final state) = f(q, k, v [b, n*C, h, .], beta, G [b, h, n, C], seg, state): the
+def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any, zero_start: bool) -> Callable:
+    """(o [b, n*C, h, dv] in `dtype`, final state) = f(q, k, v [b, n*C, h, .], beta, G [b, h, n, C], seg, state) (state
+    None if `zero_start`: the passes start from zeros, none materialised or loaded): the
     chunked op on the kernels of `mosaic_gdn` from Ag = T diag(beta) (`factor`, else XLA's `chunk_inverse`): the
     forward alone where nothing differentiates, else the factor saving T and the forward saving S_c and delta_c.
     Backward: a reverse pass from o's cotangent (the cotangents of S_c and delta_c are never formed), a pass for
@@ -435,7 +436,7 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any) -> C
             q, k, t, beta, cum, kernel_segments(seg), q_bar, w_bar, k_bar, attn_bar, ag_bar)
         _, gates_vjp = jax.vjp(lambda cum: _gate_decays(cum, seg), cum)
         (cum_bar,) = gates_vjp(((d_in_rows + d_in_cols).at[..., -1].add(decay_bar), d_out))
-        return dq, dk, v_bar, beta_rows + beta_cols, cum_bar + gate_rows + gate_cols, None, g0
+        return dq, dk, v_bar, beta_rows + beta_cols, cum_bar + gate_rows + gate_cols, None, None if zero_start else g0
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -447,7 +448,7 @@ def _chunked(
     v: Float[Array, "b t h dv"],
     g: Float[Array, "b t h"],
     beta: Float[Array, "b t h"],
-    state: Float[Array, "b h dk dv"],
+    state: Float[Array, "b h dk dv"] | None,
     reset: Bool[Array, "b t"],
     chunk_size: int,
     dtype: Any = jnp.float32,
@@ -466,9 +467,10 @@ def _chunked(
     carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
     batched matmuls over all chunks at once (`_outputs`); or the Mosaic passes run it all from Ag = T diag(beta)
     as delta = Ag (v - e^G o k S0), without u and w (`_fused`). `kernels` says what runs each part.
-    Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks.
+    Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks. A `state` of
+    None is a zero start (the Mosaic passes then neither form nor load one).
     """
-    b, t, h, _ = q.shape
+    b, t, h, dk = q.shape
     pad = -t % chunk_size
     if pad:
         # g = 0 and beta = 0 make padded tokens identity steps: no decay, no write.
@@ -482,8 +484,11 @@ def _chunked(
     g, beta = _in_chunks(g, chunk_size), _in_chunks(beta, chunk_size)
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
     if kernels.outputs is not None:  # q, k, v stay in their layout
-        o, state = _fused(kernels.outputs, kernels.factor, jnp.dtype(dtype))(q, k, v, beta, cum, seg, state)
+        fused = _fused(kernels.outputs, kernels.factor, jnp.dtype(dtype), state is None)
+        o, state = fused(q, k, v, beta, cum, seg, state)
     else:
+        if state is None:
+            state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
         q, k, v = (_in_chunks(x, chunk_size) for x in (q, k, v))
         ag = chunk_inverse(k, beta, cum, seg, dtype) * beta[..., None, :]  # T diag(beta)
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
@@ -547,10 +552,7 @@ def gated_delta_rule(
     # The Mosaic passes apply the scale themselves (no pass over q before them); every other path takes q scaled.
     in_kernels = kernels is not None and kernels.outputs is not None
     q, k = _prepare_qk(q, k, 1.0 if in_kernels else scale, use_qk_l2norm)
-    if initial_state is None:
-        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
-    else:
-        state = initial_state.astype(jnp.float32)
+    state = None if initial_state is None else initial_state.astype(jnp.float32)
     if segment_ids is None:
         reset = jnp.zeros((b, t), dtype=bool)
     else:
@@ -562,6 +564,8 @@ def gated_delta_rule(
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
                             chunk_size, dtype, kernels)
         return o.astype(v.dtype), state
+    if state is None:
+        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     o, state = _IMPLS[impl](q, k, v.astype(jnp.float32), g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
 

@@ -297,10 +297,11 @@ def send(outputs, buffers) -> None:
 
 def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) -> None:
     """The kernel body around a chunk loop: the fp32 state block from `state_src` into registers (the wgmma
-    accumulator layout), `loop(state, *buffers) -> state` with its shared memory, the final state to
-    `final_dst`. Each runs in its own scope, so the loop's buffers take the state's staging space; the loop
-    must have waited for its own outgoing copies. In a kernel of several warpgroups (thread axis "wg") the
-    scopes are shared and only the warpgroup where `owner` holds loads and sends the state (zeros elsewhere).
+    accumulator layout; zeros, nothing loaded, if `state_src` is None), `loop(state, *buffers) -> state` with its
+    shared memory, the final state to `final_dst`. Each runs in its own scope, so the loop's buffers take the
+    state's staging space; the loop must have waited for its own outgoing copies. In a kernel of several
+    warpgroups (thread axis "wg") the scopes are shared and only the warpgroup where `owner` holds loads and
+    sends the state (zeros elsewhere).
 
     Every warpgroup waits for the load, also where it does not read it: Mosaic GPU keeps a kernel's barriers in
     a pool by configuration (arrivals, count) and hands a later scope's barrier of the same configuration the
@@ -329,8 +330,8 @@ def carry_state(ops: Ops, state_src, final_dst, loop, buffers, *, owner=None) ->
         plgpu.copy_smem_to_gmem(state_sm, final_dst)
         plgpu.wait_smem_to_gmem(0)
 
-    staging = smem(state_src.shape, F32)
-    state = scoped(load, staging, plgpu.Barrier())
+    staging = smem(final_dst.shape, F32)
+    state = ops.zeros(final_dst.shape) if state_src is None else scoped(load, staging, plgpu.Barrier())
     state = scoped(functools.partial(loop, state), *buffers)
     scoped(send if owner is None else lambda state_sm: pl.when(owner)(lambda: send(state_sm)), staging)
 

@@ -202,12 +202,12 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
     """One pass of two warpgroups over the chunks (last to first if `reverse`) of a grid of (row, value block)
     CTAs. `ins` = (ag [X, n*C, C], the per-token input (v or o_bar) [b, n*C, h, dv], k, q [b, n*C, h, dk] in the
     operand dtype, G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32, or
-    [X, dv, dk] if `transposed`); `out_type` ends with the carried block's end. `sides(ops, at, outs, slots,
-    fixed refs, (consumed, *handovers)) -> (carrier step, other step, handovers the carrier drains)`
-    (`mosaic_common.two_warpgroup_loop`)."""
-    ag, k, start = ins[0], ins[2], ins[-1]
+    [X, dv, dk] if `transposed`, or None: zeros); `out_type` ends with the carried block's end.
+    `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers))` -> (carrier step, other step, handovers the
+    carrier drains) (`mosaic_common.two_warpgroup_loop`)."""
+    ag, k = ins[0], ins[2]
     (rows_, tp, _), dk = ag.shape, k.shape[-1]
-    dv, chunk, vb, cdt = start.shape[-2 if transposed else -1], call.chunk, call.vb, k.dtype
+    dv, chunk, vb, cdt = out_type[-1].shape[-2 if transposed else -1], call.chunk, call.vb, k.dtype
     n_chunks = tp // chunk
     ops = Ops(bool(call.interpret), chunk)
     slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
@@ -230,7 +230,7 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
         barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[plgpu.Barrier(num_barriers=1)] * 4]
         block = at.state_t if transposed else at.state
-        carry_state(ops, start_ref.at[block], outs[-1].at[block], loop,
+        carry_state(ops, None if start_ref is None else start_ref.at[block], outs[-1].at[block], loop,
                     [*slot_buffers(stages), *fixed_buffers, *barriers], owner=lax.axis_index("wg") == 0)
 
     run = gpu_kernel(kernel, name, out_type=tuple(out_type), grid=(rows_, dv // vb), grid_names=("rows", "vblocks"),
@@ -526,7 +526,7 @@ class Kernels(NamedTuple):
     goes in and out per chunk or token is in the operand dtype, the initial and final states and their cotangents
     fp32:
 
-    forward(ag, v, k, q, g, seg, state) -> (o in the operand dtype, final state);
+    forward(ag, v, k, q, g, seg, state) -> (o in the operand dtype, final state) (state None: zeros, not loaded);
     forward_saving(...same) -> (o, final state, S_c per chunk [b, h, n, dk, dv], delta_c [b, h, n, C, dv]);
     reverse(ag, k, q, g, seg, o_bar, final_bar) -> (G_0, G_{c+1} per chunk, D_c);
     gradients(states, g_next, o_bar, deltas, d_deltas) -> (q_bar, w_bar, k_bar [b, h, n, C, dk], decay_bar
@@ -554,17 +554,19 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
         return vb or value_block(rows_, dv, grid_cores(interpret))
 
     def run(ag, tok, k, q, g, seg, start, name, sides, fixed, out_type, reverse, transposed=False):
-        """`start` [b, h, dk, dv], or [b, h, dv, dk] if `transposed` (`_pass`)."""
+        """`start` [b, h, dk, dv], or [b, h, dv, dk] if `transposed`, or None: zeros (`_pass`)."""
         b, h, n, c, _ = ag.shape
         dk, dv = k.shape[-1], tok.shape[-1]
+        carried = (b * h, dv, dk) if transposed else (b * h, dk, dv)
         block = block_of(b * h, dv)
         if reason := unsupported(dk, dv, c, device_dtype(dtype, interpret), block):
             raise ValueError(f"Mosaic GPU GDN kernels: {reason}")
         sds = jax.ShapeDtypeStruct
-        types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds(rows(start).shape, F32)]
+        types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds(carried, F32)]
         return _pass(_Call(c, block, stages, interpret, h), name, sides, fixed,
                      (*operands(ag), *(x.astype(dtype) for x in (tok, k, q)), g.reshape(b * h, n * c).astype(F32),
-                      seg.astype(F32), rows(start).astype(F32)), types, reverse=reverse, transposed=transposed)
+                      seg.astype(F32), None if start is None else rows(start).astype(F32)), types, reverse=reverse,
+                     transposed=transposed)
 
     def operands(*xs):
         return tuple(seq_rows(x).astype(dtype) for x in xs)
@@ -576,13 +578,13 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
         def out_type(x, n, c, dk, dv):
             return [(b, n * c, h, dv)] + ([(x, n, dk, dv), (x, n * c, dv)] if save else [])
 
-        if transposed:
+        if transposed and state is not None:
             state = jnp.swapaxes(state, -1, -2)
         o, *saved, final = run(ag, v, k, q, g, seg, state, "gdn_forward_train" if save else "gdn_forward",
                                _forward_sides(scale, save=save, transposed=transposed),
                                _forward_fixed_t if transposed else _forward_fixed, out_type, reverse=False,
                                transposed=transposed)
-        final = final.reshape(state.shape)
+        final = final.reshape(b, h, *final.shape[1:])
         if not save:
             return o, jnp.swapaxes(final, -1, -2) if transposed else final
         return o, final, saved[0].reshape(b, h, *saved[0].shape[1:]), saved[1].reshape(b, h, n, c, -1)
