@@ -245,27 +245,36 @@ def chunk_loop(step, carry, *, sources, ready, stages: int, n_chunks: int, rever
     return lax.fori_loop(0, n_chunks, body, carry)
 
 
-def two_warpgroup_loop(ops: Ops, carrier_step, other_step, state, *, consumed, handovers=(), **loop_args):
+def two_warpgroup_loop(ops: Ops, carrier_step, other_step, state, *, consumed, handovers=(),
+                       other_fetches: bool = False, **loop_args):
     """`chunk_loop` on two warpgroups (thread axis "wg") sharing the slots. Warpgroup 0 runs `carrier_step`
-    with the carried `state` (fp32 blocks), issues the copies and refills a slot once both warpgroups have
-    arrived on its `consumed` barrier; warpgroup 1 runs `other_step` with no carry. Each step arrives on
-    `consumed[slot]` itself. At the end warpgroup 0 also waits for the phases no refill waited for, of `consumed`
-    and of each (barriers, count) in `handovers` (barriers[k % count] that warpgroup 1 arrives on every chunk),
-    and each waits for its own outgoing copies. Returns the carried state (zeros on warpgroup 1, made after its
-    loop: the state passed in is not live there, so its registers serve warpgroup 1's step)."""
+    with the carried `state` (fp32 blocks); warpgroup 1 runs `other_step` with no carry. One of them (warpgroup 0,
+    or 1 if `other_fetches`: the carrier's chain then issues no copies) issues the copies and refills a slot once
+    both warpgroups have arrived on its `consumed` barrier; each step arrives on `consumed[slot]` itself. At the
+    end the fetching warpgroup also waits for the phases of `consumed` no refill waited for, and warpgroup 0 for
+    those of each (barriers, count) in `handovers` (barriers[k % count] that warpgroup 1 arrives on every chunk);
+    each waits for its own outgoing copies. Returns the carried state (zeros on warpgroup 1, made after its loop:
+    the state passed in is not live there, so its registers serve warpgroup 1's step)."""
     stages, n_chunks = loop_args["stages"], loop_args["n_chunks"]
 
-    def carrier(state):
-        state = chunk_loop(carrier_step, state, release=lambda slot: plgpu.barrier_wait(consumed.at[slot]),
-                           **loop_args)
-        for barriers, count in ((consumed, stages), *handovers):
+    def release(slot):
+        plgpu.barrier_wait(consumed.at[slot])
+
+    def drain(*pairs):
+        for barriers, count in pairs:
             for k in range(max(n_chunks - count, 0), n_chunks):
                 plgpu.barrier_wait(barriers.at[k % count])
+
+    def carrier(state):
+        state = chunk_loop(carrier_step, state, fetches=not other_fetches, release=release, **loop_args)
+        drain(*handovers, *[] if other_fetches else [(consumed, stages)])
         plgpu.wait_smem_to_gmem(0)
         return state
 
     def other(state):
-        chunk_loop(other_step, None, fetches=False, **loop_args)
+        chunk_loop(other_step, None, fetches=other_fetches, release=release, **loop_args)
+        if other_fetches:
+            drain((consumed, stages))
         plgpu.wait_smem_to_gmem(0)
         return jax.tree.map(lambda s: ops.zeros(s.shape), state)
 

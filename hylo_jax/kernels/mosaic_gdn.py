@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -71,6 +72,10 @@ from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
+# Which warpgroup of the passes issues the TMA copies: the carrier (default) or, with HYLO_GDN_FETCH=other, the other
+# side, which takes the copies and the wait for both sides' release of a slot off the carried chain (jla gives them
+# a third warpgroup). Read at import; not yet timed on a device (benchmarks/NOTES.md, session 20).
+OTHER_FETCHES = os.environ.get("HYLO_GDN_FETCH", "carrier") == "other"
 VB = 64  # value columns a CTA: a [256, 64] fp32 state block is 128 registers a thread
 
 
@@ -225,6 +230,7 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
                        (seg_ref, slots.seg, at.by_batch)]
             carrier, other, drained = sides(ops, at, outs, slots, fixed_refs, (consumed, *handovers))
             return two_warpgroup_loop(ops, carrier, other, carried, consumed=consumed, handovers=drained,
+                                      other_fetches=OTHER_FETCHES,
                                       sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=reverse)
 
         barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
