@@ -331,6 +331,25 @@ def cmd_describe(args) -> None:
         print(describe(cls, f"{name}." if name else ""))
 
 
+def _default_compilation_cache() -> str:
+    """HYLO_COMPILATION_CACHE, else $XDG_CACHE_HOME/hylo_jax/xla (~/.cache/hylo_jax/xla)."""
+    if "HYLO_COMPILATION_CACHE" in os.environ:
+        return os.environ["HYLO_COMPILATION_CACHE"]
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hylo_jax" / "xla")
+
+
+def _use_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path` ("off": none), unless JAX_COMPILATION_CACHE_DIR already set
+    one: a rerun, or a killed run resuming, loads its compiled steps instead of compiling them again (on 2 CPU
+    cores the GDN op's gradient alone: 7.7 s -> 0.15 s)."""
+    import jax
+
+    if path == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    log.debug("XLA compilation cache: %s", path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hylo", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -347,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--distributed", choices=("auto", "on", "off"), default="auto",
                        help="auto: explicit flags/env, SLURM with several tasks or a multi-host TPU VM; "
                             "on: jax's own cluster detection; off: one process")
+        p.add_argument("--compilation-cache", default=_default_compilation_cache(),
+                       help="folder of JAX's persistent compilation cache, or 'off' (env HYLO_COMPILATION_CACHE; "
+                            "default %(default)s)")
         p.set_defaults(fn=fn)
         return p
 
@@ -412,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command != "describe":
             from hylo_jax.parallel.distributed import initialize
+
+            _use_compilation_cache(args.compilation_cache)
 
             initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                        process_id=args.process_id, mode=args.distributed)

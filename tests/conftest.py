@@ -7,6 +7,7 @@ import os
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HYLO_COMPILATION_CACHE", "off")  # the CLI's cache stays out of ~/.cache (test_resume sets one)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402

@@ -46,7 +46,10 @@ def run_config(tmp_path, out):
 
 
 def train(config):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "HF_HUB_OFFLINE": "1"}  # one device
+    """`hylo train` in a process of its own on one CPU device, its compiled steps cached beside the runs (every
+    compile, however short: the resumed run loads them)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE, "HF_HUB_OFFLINE": "1",
+           "HYLO_COMPILATION_CACHE": str(config.parent / "xla"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     return subprocess.Popen([sys.executable, "-m", "hylo_jax.cli", "train", "--config", str(config)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -82,6 +85,7 @@ def test_sigkill_and_resume_gives_identical_losses(tmp_path):
         outputs[name], _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, outputs[name]
     assert "[kd] resuming at step" in outputs["resumed"]
+    assert any((tmp_path / "xla").iterdir())  # the persistent compilation cache (`hylo --compilation-cache`)
     want, got = losses(whole), losses(killed)
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
     np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)], rtol=1e-6)
