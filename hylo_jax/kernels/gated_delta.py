@@ -467,10 +467,10 @@ def _chunked(
     carried state: the recurrence (see `make_recurrence`) runs just those over the chunks, then o is two
     batched matmuls over all chunks at once (`_outputs`); or the Mosaic passes run it all from Ag = T diag(beta)
     as delta = Ag (v - e^G o k S0), without u and w (`_fused`). `kernels` says what runs each part.
-    Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks. A `state` of
-    None is a zero start (the Mosaic passes then neither form nor load one).
+    Across a reset (segment boundary) every decay factor is replaced by an exact zero through masks. `state` may be
+    None (a zero start) only on the Mosaic passes (`kernels.outputs`), which then neither form nor load one.
     """
-    b, t, h, dk = q.shape
+    b, t, h, _ = q.shape
     pad = -t % chunk_size
     if pad:
         # g = 0 and beta = 0 make padded tokens identity steps: no decay, no write.
@@ -487,8 +487,6 @@ def _chunked(
         fused = _fused(kernels.outputs, kernels.factor, jnp.dtype(dtype), state is None)
         o, state = fused(q, k, v, beta, cum, seg, state)
     else:
-        if state is None:
-            state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
         q, k, v = (_in_chunks(x, chunk_size) for x in (q, k, v))
         ag = chunk_inverse(k, beta, cum, seg, dtype) * beta[..., None, :]  # T diag(beta)
         u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, dtype, jnp.float32)
@@ -552,7 +550,12 @@ def gated_delta_rule(
     # The Mosaic passes apply the scale themselves (no pass over q before them); every other path takes q scaled.
     in_kernels = kernels is not None and kernels.outputs is not None
     q, k = _prepare_qk(q, k, 1.0 if in_kernels else scale, use_qk_l2norm)
-    state = None if initial_state is None else initial_state.astype(jnp.float32)
+    if initial_state is not None:
+        state = initial_state.astype(jnp.float32)
+    elif in_kernels:
+        state = None  # the Mosaic passes start from zeros they neither receive nor load
+    else:
+        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     if segment_ids is None:
         reset = jnp.zeros((b, t), dtype=bool)
     else:
@@ -564,8 +567,6 @@ def gated_delta_rule(
         o, state = _chunked(q.astype(dtype), k.astype(dtype), v.astype(dtype), g32, beta32, state, reset,
                             chunk_size, dtype, kernels)
         return o.astype(v.dtype), state
-    if state is None:
-        state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
     o, state = _IMPLS[impl](q, k, v.astype(jnp.float32), g32, beta32, state, reset, chunk_size)
     return o.astype(v.dtype), state
 
