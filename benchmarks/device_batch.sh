@@ -52,7 +52,6 @@ declare -A STEPS=(
   [saccuracy]="200 python3 benchmarks/accuracy.py --only ssd --variants g1n128 --skip pallas,auto,chunked --shapes 4x4096"
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [gends]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x65536"
-  [gfetch]="100 env HYLO_GDN_FETCH=other python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x16384"
   [gacc]="150 python3 benchmarks/accuracy.py --only gdn --skip pallas,auto,chunked,fla"
   [gfla]="300 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"

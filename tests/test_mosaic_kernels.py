@@ -209,14 +209,11 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
         assert rel_err(a, w) < tol, name
 
 
-@pytest.mark.parametrize("vb, given_state, other_fetches", [(64, True, False), (32, True, False), (64, False, False),
-                                                             (64, False, True)])
-def test_gdn_forward_alone_matches_the_scan(monkeypatch, vb, given_state, other_fetches):
+@pytest.mark.parametrize("vb, given_state", [(64, True), (32, True), (64, False)])
+def test_gdn_forward_alone_matches_the_scan(vb, given_state):
     """The forward where nothing is saved (fp32, 1e-5) for queries scale * q, asked to carry S^T: with value blocks
     of 64 it does (the products' left operands from registers), with 32 it holds S as the saving forward does;
-    from a given state or from none (zeros, not loaded); the TMA copies issued by the carrier or by the output
-    side (`mosaic_gdn.OTHER_FETCHES`)."""
-    monkeypatch.setattr(mosaic_gdn, "OTHER_FETCHES", other_fetches)
+    from a given state or from none (zeros, not loaded)."""
     q, k, v, beta, cum, seg, state = recurrence_inputs(1, 1, 2, 3, 64, 64, 64)
     scale = 0.3
     ag = factor(k, beta, cum, seg)
@@ -230,7 +227,7 @@ def test_gdn_forward_alone_matches_the_scan(monkeypatch, vb, given_state, other_
 
 
 @pytest.mark.slow  # ~1 min on the CI machine
-def test_two_warpgroup_kernels_have_no_races(monkeypatch):
+def test_two_warpgroup_kernels_have_no_races():
     """The two-warpgroup kernels in the GPU interpreter with race detection (each call's own): the GDN forward
     (saving; alone, carrying S^T) and reverse pass, the SSD forward (y, train) and gradient kernel; and the
     chunk-factor kernel's prefetching walk. Every shared-memory buffer one warpgroup writes and the other reads
@@ -246,14 +243,12 @@ def test_two_warpgroup_kernels_have_no_races(monkeypatch):
     q, k, v, beta, cum, seg, state = recurrence_inputs(0, 1, 1, 3, 64, 64, 64)
     ag = factor(k, beta, cum, seg)
     segments = seg[:, 0].reshape(1, -1).astype(F32)
-    for other_fetches in (False, True):  # the TMA copies issued by the carrier or by the other side
-        monkeypatch.setattr(mosaic_gdn, "OTHER_FETCHES", other_fetches)
-        passes = mosaic_gdn.kernels(F32, params, vb=32)
-        o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
-        assert no_races(saved)
-        assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
-        s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, None)  # zero start
-        assert no_races(s_t_carried)
+    passes = mosaic_gdn.kernels(F32, params, vb=32)
+    o, final, *saved = passes.forward_saving(ag, v, k, q, cum, segments, state)
+    assert no_races(saved)
+    assert no_races(passes.reverse(ag, k, q, cum, segments, jnp.ones_like(o), jnp.ones_like(final)))
+    s_t_carried = mosaic_gdn.kernels(F32, params, vb=64).forward(ag, v, k, q, cum, segments, None)  # zero start
+    assert no_races(s_t_carried)
     k_b, *gates = factor_inputs(0, 1, 1, 3, 64, F32, 0.0)  # three chunks a CTA: the keys' two slots, one reused
     assert no_races(mosaic_gdn_factors.chunk_factor(k_b, *gates, save_t=True, chunks_per_cta=3, interpret=params))
 

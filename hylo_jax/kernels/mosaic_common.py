@@ -78,28 +78,38 @@ class Ops:
             order, exponent = (rows > cols) if strict else (rows >= cols), self.square(g_i, 0) - self.square(g_j, 1)
         return jnp.exp(jnp.where(order & same, exponent, -jnp.inf))
 
-    def matmul(self, shape, *terms, init=None):
+    def matmul(self, shape, *terms, init=None, during=None):
         """`init` (fp32, default zeros) + sum of a @ b over `terms`, fp32. An operand is a shared-memory ref,
         ("T", ref) for the ref read transposed, or a register value (the A operand only). `init` starts the
-        wgmma accumulator itself: no second [M, N] block in registers for the sum."""
+        wgmma accumulator itself: no second [M, N] block in registers for the sum. `during()`, if given, runs
+        once the wgmmas are issued and before they are waited for (work that overlaps them); without `init`
+        the call then returns (product, what `during` returned), with `init` `during` must return nothing."""
         if self.interpret:
             def value(z):  # z[...] reads a ref and is a register value itself
                 return z[1][...].T if isinstance(z, tuple) else z[...]
             total = sum(jnp.dot(value(a).astype(F32), value(b).astype(F32), precision=lax.Precision.HIGHEST)
                         for a, b in terms)
-            return total if init is None else init + total
+            extra = during() if during is not None else None
+            total = total if init is None else init + total
+            return (total, extra) if during is not None and init is None else total
 
         def accumulate(acc):
             for a, b in terms:
                 plgpu.wgmma(acc, _operand(a), _operand(b))
+            return during() if during is not None else None
 
         def from_zero(acc):
-            accumulate(acc)
-            return acc[...]
+            extra = accumulate(acc)
+            return (acc[...], extra) if during is not None else acc[...]
 
         if init is None:
             return pl.run_scoped(from_zero, plgpu.ACC(shape, F32))
-        return pl.run_state(accumulate)(plgpu.ACC.init(init))
+
+        def with_init(acc):
+            if accumulate(acc) is not None:
+                raise ValueError("a product with `init` takes a `during` that returns nothing")
+
+        return pl.run_state(with_init)(plgpu.ACC.init(init))
 
     def matmuls(self, *products):
         """Several `matmul`s with an `init` each, given as (terms, init), issued together and waited for once."""

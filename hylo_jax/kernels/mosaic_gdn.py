@@ -18,8 +18,11 @@ Both passes run one CTA of two warpgroups per (batch*head, value block of `vb` c
 same inputs per chunk, q, k, Ag, G, the segment index and the chunk's block of v (forward) or o_bar (reverse),
 arriving by TMA `stages` chunks ahead; v, o and o_bar stay in the op's [b, t, h, dv] layout. Neither u, w nor
 attn is read. One warpgroup (the carrier) holds the [dk, vb] fp32 block of S (or G) in registers (the wgmma
-accumulator layout) and issues the copies; the other forms what does not need it, and the two hand [C, vb] and
-[dk, vb] operands over in shared memory (one buffer each; the next chunk's waits until the reader is done):
+accumulator layout); the other forms what does not need it and issues the copies (so the carried chain neither
+issues them nor waits for a slot's release: 4 x 4096 forward -8% on the H100, session 21), and the two hand
+[C, vb] and [dk, vb] operands over in shared memory (one buffer each; the next chunk's waits until the reader is
+done). The S^T carrier (forward alone, value blocks of 64) takes S^T's bf16 copy as the left operand of its first
+product from registers and publishes it while that product runs, as it publishes delta during the update:
   forward: the carrier computes k S, delta and the update; the other side q k^T (attn) and q S, then o;
   reverse: with w = Ag diag(d_in) k and k, q undecayed, D = attn^T o_bar + d_out o (k G) and
            G <- d_c G + q^T (d_in o o_bar) + k^T y, y = -d_in o (Ag^T D); the carrier computes D and G, the
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -72,10 +74,6 @@ from .pallas_gdn import chunk_rows as rows
 from .pallas_gdn import seq_rows
 
 TMA_BOX = 256  # the most elements a TMA box takes along one dimension
-# Which warpgroup of the passes issues the TMA copies: the carrier (default) or, with HYLO_GDN_FETCH=other, the other
-# side, which takes the copies and the wait for both sides' release of a slot off the carried chain (jla gives them
-# a third warpgroup). Read at import; not yet timed on a device (benchmarks/NOTES.md, session 20).
-OTHER_FETCHES = os.environ.get("HYLO_GDN_FETCH", "carrier") == "other"
 VB = 64  # value columns a CTA: a [256, 64] fp32 state block is 128 registers a thread
 
 
@@ -230,7 +228,7 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
                        (seg_ref, slots.seg, at.by_batch)]
             carrier, other, drained = sides(ops, at, outs, slots, fixed_refs, (consumed, *handovers))
             return two_warpgroup_loop(ops, carrier, other, carried, consumed=consumed, handovers=drained,
-                                      other_fetches=OTHER_FETCHES,
+                                      other_fetches=True,
                                       sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=reverse)
 
         barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
@@ -284,7 +282,7 @@ def _forward_sides(scale: float, *, save: bool, transposed: bool) -> Callable:
             ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
             k_s, x_sm = sl.k.at[slot], fixed_refs[1]
             publish_state(i, state)
-            ks = ops.matmul((chunk, vb), (k_s, s_sm))
+            ks, decayed = ops.matmul((chunk, vb), (k_s, s_sm), during=lambda: state * ch.d_chunk)
             x_sm[...] = (ops.load(sl.tok.at[slot], WGMMA).astype(F32) - ch.rows_of(ch.d_in, vb) * ks).astype(cdt)
             plgpu.commit_smem()
             delta = ops.matmul((chunk, vb), (sl.ag.at[slot], x_sm))
@@ -293,25 +291,35 @@ def _forward_sides(scale: float, *, save: bool, transposed: bool) -> Callable:
                 plgpu.copy_smem_to_gmem(s_sm, outs[1].at[at.per_chunk(i)], commit_group=False)
                 plgpu.copy_smem_to_gmem(delta_sm, outs[2].at[at.values(i)], commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
-            state = ops.matmul((dk, vb), (("T", k_s), x_sm), init=state * ch.d_chunk)
+            state = ops.matmul((dk, vb), (("T", k_s), x_sm), init=decayed)
             plgpu.barrier_arrive(consumed.at[slot])
             return state
 
         def state_side_t(i, slot, state):
             """delta^T = v^T Ag^T - (d_in o (k S))^T Ag^T;  S^T' = d_c S^T + (d_out o delta)^T k, with d_in, d_out by
-            column. Registers: one [vb, C] accumulator live at a time beside S^T, and each decay by column (a quarter
-            of C values a thread, where a row vector is two) made just before its use."""
+            column. What does not feed a product runs while one does: S^T's publishing and d_c S^T during S^T k^T
+            (whose left operand is S^T's bf16 copy in registers), d_out during delta, delta's publishing during the
+            update. Registers: one [vb, C] accumulator live at a time beside S^T, and the decays by column (a quarter
+            of C values a thread, where a row vector is two) made late: d_in after S^T k^T (made during it, with
+            S^T's copy live, ptxas spills 136 B)."""
             ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
             k_s, ag_t = sl.k.at[slot], ("T", sl.ag.at[slot])
 
             def by_column(decay):  # loaded and formed at its use, to keep the column vectors' registers short-lived
                 return ch.cols_of(decay(*ch.columns(sl.g, sl.seg, slot)), vb)
 
-            publish_state(i, state)
-            neg_ks_t = (ops.matmul((vb, chunk), (s_sm, ("T", k_s))) * -by_column(ch.d_in_of)).astype(cdt)
-            delta = ops.matmul((vb, chunk), (("T", sl.tok.at[slot]), ag_t), (neg_ks_t, ag_t))
-            publish_delta(i, delta)
-            state = ops.matmul((vb, dk), ((delta * by_column(ch.d_out_of)).astype(cdt), k_s), init=state * ch.d_chunk)
+            s_bf = state.astype(cdt)
+
+            def while_ks():
+                publish_state(i, s_bf)
+                return state * ch.d_chunk
+
+            ks_t, decayed = ops.matmul((vb, chunk), (s_bf, ("T", k_s)), during=while_ks)
+            neg_ks_t = (ks_t * -by_column(ch.d_in_of)).astype(cdt)
+            delta, d_out = ops.matmul((vb, chunk), (("T", sl.tok.at[slot]), ag_t), (neg_ks_t, ag_t),
+                                      during=lambda: by_column(ch.d_out_of))
+            state = ops.matmul((vb, dk), ((delta * d_out).astype(cdt), k_s), init=decayed,
+                               during=lambda: publish_delta(i, delta))
             plgpu.barrier_arrive(consumed.at[slot])
             return state
 
@@ -321,8 +329,9 @@ def _forward_sides(scale: float, *, save: bool, transposed: bool) -> Callable:
             ch = ChunkGates.load(ops, sl.g, sl.seg, slot)
             g_j, s_j = ch.columns(sl.g, sl.seg, slot)
             q_s = sl.q.at[slot]
-            qk = ops.matmul((chunk, chunk), (q_s, ("T", sl.k.at[slot])))
-            attn = (qk * ch.decay(g_j, s_j) * scale).astype(cdt)
+            qk, decay = ops.matmul((chunk, chunk), (q_s, ("T", sl.k.at[slot])),
+                                   during=lambda: ch.decay(g_j, s_j) * scale)
+            attn = (qk * decay).astype(cdt)
             plgpu.barrier_wait(s_ready.at[0])
             qs = ops.matmul((chunk, vb), (q_s, ("T", s_sm) if transposed else s_sm))
             plgpu.barrier_arrive(s_free.at[0])
@@ -362,8 +371,9 @@ def _reverse_sides(ops, at, outs, sl, fixed_refs, barriers, *, scale: float):
         plgpu.commit_smem()
         plgpu.barrier_arrive(d_ready.at[0])
         plgpu.copy_smem_to_gmem(d_sm, outs[1].at[at.values(i)])
+        decayed = g * ch.d_chunk  # while the other side forms y
         plgpu.barrier_wait(y_ready.at[0])
-        g = ops.matmul((dk, vb), (("T", sl.q.at[slot]), z_sm), (("T", k_s), y_sm), init=g * ch.d_chunk)
+        g = ops.matmul((dk, vb), (("T", sl.q.at[slot]), z_sm), (("T", k_s), y_sm), init=decayed)
 
         @pl.when(i > 0)
         def _():  # attn^T, d_in o o_bar and y of this chunk are read (chunk 0 is the last)
