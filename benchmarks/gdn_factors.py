@@ -1,7 +1,8 @@
 """The GDN chunk-factor kernel (`kernels/mosaic_gdn_factors.py`, saving T) vs XLA's `chunk_inverse`: T = (I + M)^-1
 for every chunk, at HyLo-1B GDN shapes (6 heads, d_k 256, chunks of 64), bf16 keys, correlated. One table: error of
-T against XLA in fp32 (highest precision) and ms, of the kernel at one chunk a CTA and at its default walk
-(`default_chunks_per_cta`), and of XLA with bf16 products.
+T against XLA in fp32 (highest precision) and ms, saving T (the training forward) and writing Ag alone (the
+forward), of the kernel walking 1, 2, 4 and 8 chunks a CTA (the default, `default_chunks_per_cta`, marked) and of
+XLA with bf16 products.
 HYLO_MOSAIC_SEMANTICS=warpgroup tries the other lowering (`mosaic_common.compiler_params`).
 
     python benchmarks/gdn_factors.py [--shapes 1x16384,4x4096]      # Hopper GPU
@@ -53,20 +54,23 @@ def main() -> None:
         with jax.default_matmul_precision("highest"):
             t_ref = jax.jit(gated_delta.chunk_inverse)(gated_delta._in_chunks(x[0].astype(F32), 64), *x[1:])
         xla = jax.jit(lambda k, *a: gated_delta.chunk_inverse(gated_delta._in_chunks(k, 64), *a, dtype=BF16))
-        candidates = [("xla bf16", "", xla)]
+        candidates = [("xla bf16", "", xla, None)]
         default = mosaic_gdn_factors.default_chunks_per_cta(b * x[1].shape[1], t // 64,
                                                             pallas_common.grid_cores(interpret))
-        for walk in sorted({1, default}):
-            candidates.append(("kernel", walk, jax.jit(lambda *a, walk=walk: mosaic_gdn_factors.chunk_factor(
-                *a, save_t=True, chunks_per_cta=walk, interpret=interpret)[1])))
-        for name, walk, fn in candidates:
+        for walk in (w for w in (1, 2, 4, 8) if (t // 64) % w == 0):
+            def factor(*a, walk=walk, save_t=True):
+                return mosaic_gdn_factors.chunk_factor(*a, save_t=save_t, chunks_per_cta=walk, interpret=interpret)
+            candidates.append(("kernel", f"{walk}{' (default)' * (walk == default)}",
+                               jax.jit(lambda *a, f=factor: f(*a)[1]), jax.jit(lambda *a, f=factor: f(*a, save_t=False))))
+        for name, walk, fn, ag_only in candidates:
             try:
-                cells = [f"{rel(fn(*x), t_ref):.1e}", f"{time_jax(fn, *x, warmup=1, iters=iters) * 1e3:.3f}"]
+                cells = [f"{rel(fn(*x), t_ref):.1e}", f"{time_jax(fn, *x, warmup=1, iters=iters) * 1e3:.3f}",
+                         "" if ag_only is None else f"{time_jax(ag_only, *x, warmup=1, iters=iters) * 1e3:.3f}"]
             except Exception as err:  # report it and go on
-                cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", ""]
+                cells = [f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}", "", ""]
             rows.append([f"{b}x{t}", name, walk, *cells])
             print(*rows[-1], flush=True)  # a row as soon as it is measured (compiles can be slow)
-    print_table(["B x T", "impl", "chunks a CTA", "T err", "ms"], rows)
+    print_table(["B x T", "impl", "chunks a CTA", "T err", "ms (saving T)", "ms (Ag alone)"], rows)
 
 if __name__ == "__main__":
     main()
