@@ -13,8 +13,10 @@ asks the driver for the device's compute capability first and loads the compiled
 3. registers the plugin's LLVM targets first, as its GPU client does when it starts: their initialisers are
    local symbols of the plugin, called at their offsets from `nm`.
 One table: each kernel's entry point (named in `mosaic_common.gpu_kernel`), registers a thread, spilled bytes
-stored / loaded, stack frame. (Shared memory is dynamic, so ptxas does not see it: the kernels size it
-themselves, `mosaic_common.fit`.)
+stored / loaded, stack frame. `--dump-ptx DIR` also keeps each kernel's PTX; its SASS, to see where spills and
+waits sit in the chunk loop: `ptxas -arch=sm_90a DIR/gdn_forward_0.ptx -o f.cubin && nvdisasm -c f.cubin`
+(nvdisasm: `pip download --no-deps nvidia-cuda-nvdisasm`, in nvidia/cu13/bin; benchmarks/NOTES.md, session 21).
+(Shared memory is dynamic, so ptxas does not see it: the kernels size it themselves, `mosaic_common.fit`.)
 
 Needs the jax-cuda12-pjrt wheel of the installed jax (`pip download --no-deps jax-cuda12-pjrt==<jax version>`;
 --plugin takes the wheel or the .so in it), a C compiler, `nm` (binutils) and ptxas (--cuda-root, default
@@ -78,15 +80,20 @@ REPORT = {
 }
 
 
-def resources(plugin: str, module: bytes, driver_dir: str, cuda_root: str) -> dict[str, str]:
-    """ptxas's report on one module, compiled in a child process."""
+def resources(plugin: str, module: bytes, driver_dir: str, cuda_root: str, dump: str | None = None) -> dict[str, str]:
+    """ptxas's report on one module, compiled in a child process (which writes the module's PTX into `dump`)."""
     with tempfile.NamedTemporaryFile(suffix=".mlirbc") as f:
         f.write(module)
         f.flush()
         env = dict(os.environ, LD_LIBRARY_PATH=driver_dir, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_CUDA_ROOT=cuda_root)
+        if dump:  # (the report then goes to a file there, <kernel>_0.ptxas)
+            env.update(MOSAIC_GPU_DUMP_PTX="1", MOSAIC_GPU_DUMP_TO=dump)
+            before = {p: p.stat().st_mtime for p in pathlib.Path(dump).glob("*.ptxas")}
         child = subprocess.run([sys.executable, __file__, "--compile-one", f.name, "--plugin", plugin],
                                capture_output=True, text=True, env=env)
     log = child.stdout + child.stderr
+    if dump:
+        log += "".join(p.read_text() for p in pathlib.Path(dump).glob("*.ptxas") if before.get(p) != p.stat().st_mtime)
     found = {key: m.group(1) for key, pattern in REPORT.items() if (m := pattern.search(log))}
     if "registers" not in found:
         tail = "\n".join(log.strip().splitlines()[-5:])
@@ -178,6 +185,8 @@ def main() -> None:
     parser.add_argument("--plugin", required=True, help="jax-cuda12-pjrt wheel of the installed jax, or its .so")
     parser.add_argument("--cuda-root", default="/usr/local/cuda", help="where bin/ptxas is")
     parser.add_argument("--ops", default="ssd,gdn")
+    parser.add_argument("--case", default="", help="only the cases whose label contains this, e.g. 'GDN o, batch 4'")
+    parser.add_argument("--dump-ptx", metavar="DIR", help="also write each kernel's PTX (<kernel>_0.ptx) into DIR")
     parser.add_argument("--compile-one", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     if args.compile_one:
@@ -185,15 +194,20 @@ def main() -> None:
 
     from common import print_table
 
+    if args.dump_ptx:
+        os.makedirs(args.dump_ptx, exist_ok=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         plugin, driver = plugin_library(args.plugin, tmp), build_driver(tmp)
         rows, seen = [], set()
         for label, fn, fn_args in cases(set(args.ops.split(","))):
+            if args.case not in label:
+                continue
             for module in mosaic_modules(fn, *fn_args):
                 if module in seen:
                     continue
                 seen.add(module)
-                r = resources(plugin, module, driver, args.cuda_root)
+                r = resources(plugin, module, driver, args.cuda_root, args.dump_ptx)
                 rows.append([label, r.get("kernel", "?"), r["registers"], r.get("spill_stores", "0"),
                              r.get("spill_loads", "0"), r.get("stack", "0")])
     print_table(["case", "kernel", "registers", "spill stores (B)", "spill loads (B)", "stack (B)"], rows)
