@@ -71,10 +71,10 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
 
         def loop(k_sm, beta_sm, g_sm, seg_sm, ready, right, out_sm, *t_sm):
             def issue(j, slot):
-                keys = (row // heads, at(j)[1], row % heads)  # k is in the op's [b, n*C, h, dk] layout
-                plgpu.copy_gmem_to_smem(k_ref.at[keys], k_sm.at[slot], ready.at[slot])
-                for src, dst in zip((beta_ref, g_ref, seg_ref), (beta_sm, g_sm, seg_sm)):
-                    plgpu.copy_gmem_to_smem(src.at[at(j)], dst.at[slot], ready.at[slot])
+                tokens = at(j)[1]  # k is in the op's [b, n*C, h, dk] layout, the segment index [b, n*C]
+                for src, dst, index in ((k_ref, k_sm, (row // heads, tokens, row % heads)), (beta_ref, beta_sm, at(j)),
+                                        (g_ref, g_sm, at(j)), (seg_ref, seg_sm, (row // heads, tokens))):
+                    plgpu.copy_gmem_to_smem(src.at[index], dst.at[slot], ready.at[slot])
 
             def products(slot):
                 """M."""
@@ -154,7 +154,7 @@ def chunk_factor(
     def flat(x):  # [b, h, n, C, ...] -> [b*h, n*C, ...]
         return x.reshape(rows, n * chunk, *x.shape[4:])
 
-    seg = jnp.broadcast_to(seg.astype(F32), (b, h, n, chunk))
+    seg = seg[:, 0].reshape(b, n * chunk).astype(F32)  # read by batch (the passes' layout), not copied per head
     out_type = [jax.ShapeDtypeStruct((rows, n * chunk, chunk), dtype) for dtype in (k.dtype, F32)[:1 + save_t]]
     per_cta = chunks_per_cta or default_chunks_per_cta(rows, n, grid_cores(interpret))
     if n % per_cta:
@@ -162,5 +162,5 @@ def chunk_factor(
     call = gpu_kernel(_kernel(Ops(bool(interpret), chunk), k.dtype, save_t, per_cta), "gdn_chunk_factor",
                       out_type=tuple(out_type), grid=(rows, n // per_cta), grid_names=("rows", "chunks"),
                       interpret=interpret)
-    outs = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32), seg)))
+    outs = call(k, *(flat(x) for x in (beta.astype(F32), cum.astype(F32))), seg)
     return tuple(x.reshape(b, h, n, chunk, chunk) for x in outs)
