@@ -60,8 +60,9 @@ def main() -> None:
         for walk in (w for w in (1, 2, 4, 8) if (t // 64) % w == 0):
             def factor(*a, walk=walk, save_t=True):
                 return mosaic_gdn_factors.chunk_factor(*a, save_t=save_t, chunks_per_cta=walk, interpret=interpret)
-            candidates.append(("kernel", f"{walk}{' (default)' * (walk == default)}",
-                               jax.jit(lambda *a, f=factor: f(*a)[1]), jax.jit(lambda *a, f=factor: f(*a, save_t=False))))
+            label = f"{walk}{' (default)' * (walk == default)}"
+            candidates.append(("kernel", label, jax.jit(lambda *a, f=factor: f(*a)[1]),
+                               jax.jit(lambda *a, f=factor: f(*a, save_t=False))))
         for name, walk, fn, ag_only in candidates:
             try:
                 cells = [f"{rel(fn(*x), t_ref):.1e}", f"{time_jax(fn, *x, warmup=1, iters=iters) * 1e3:.3f}",

@@ -209,16 +209,19 @@ def test_gdn_recurrence_with_outputs_matches_the_scan(b, dv, dtype, tol, vb):
         assert rel_err(a, w) < tol, name
 
 
-@pytest.mark.parametrize("vb, given_state", [(64, True), (32, True), (64, False)])
-def test_gdn_forward_alone_matches_the_scan(vb, given_state):
+@pytest.mark.parametrize("vb, given_state, segmented", [(64, True, True), (32, True, True), (64, False, True),
+                                                        (64, False, False)])
+def test_gdn_forward_alone_matches_the_scan(vb, given_state, segmented):
     """The forward where nothing is saved (fp32, 1e-5) for queries scale * q, asked to carry S^T: with value blocks
     of 64 it does (the products' left operands from registers), with 32 it holds S as the saving forward does;
-    from a given state or from none (zeros, not loaded)."""
+    from a given state or from none (zeros, not loaded); with resets, or with none (no segment index: none loaded,
+    nothing masked)."""
     q, k, v, beta, cum, seg, state = recurrence_inputs(1, 1, 2, 3, 64, 64, 64)
+    seg = seg if segmented else jnp.zeros_like(seg)
     scale = 0.3
     ag = factor(k, beta, cum, seg)
     o, final = mosaic_gdn.kernels(F32, mosaic_common.interpret_params(), vb=vb, scale=scale).forward(
-        ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32), state if given_state else None)
+        ag, v, k, q, cum, seg[:, 0].reshape(1, -1).astype(F32) if segmented else None, state if given_state else None)
     v, k, q = (_in_chunks(x, 64) for x in (v, k, q))
     u, w, k_out, decay, q_in = _recurrence_inputs(ag, v, k, q, cum, seg, F32, F32)
     state = state if given_state else jnp.zeros_like(state)
@@ -276,14 +279,16 @@ def factor_inputs(seed, b, h, n, dk, dtype, correlated):
     return jnp.asarray(k, dtype), jnp.asarray(beta, F32), jnp.asarray(cum, F32), jnp.asarray(seg, jnp.int32)
 
 
-@pytest.mark.parametrize("dtype, correlated, per_cta", [(F32, 0.0, 1), (F32, 0.9, 4), (jnp.bfloat16, 0.0, 4),
-                                                       (jnp.bfloat16, 0.9, 1)])
-def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated, per_cta):
+@pytest.mark.parametrize("dtype, correlated, per_cta, segmented", [
+    (F32, 0.0, 1, True), (F32, 0.9, 4, False), (jnp.bfloat16, 0.0, 4, True), (jnp.bfloat16, 0.9, 1, False)])
+def test_gdn_chunk_factor_kernel_matches_xla(dtype, correlated, per_cta, segmented):
     """The kernel's T = (I + M)^{-1} against `gated_delta.chunk_inverse` on the same (rounded) k: 1e-6 from fp32
     operands; from bf16 ones T and Ag = T diag(beta) (in k's dtype) within 1e-2, ~2.5 bf16 roundoffs (each of the
     doublings' products rounds its fp32 factors to bf16 once: measured 1.4e-3 and 4.9e-3 here); one chunk a CTA
-    or all four (keys prefetched into two slots, each used twice). The bf16 kernel is lowered for CUDA too."""
+    or all four (keys prefetched into two slots, each used twice); with resets or with no segment index. The bf16
+    kernel is lowered for CUDA too."""
     args = factor_inputs(0, 1, 2, 4, 64, dtype, correlated)
+    args = args if segmented else (*args[:3], None)
     if dtype == jnp.bfloat16:
         lowered = jax.jit(functools.partial(mosaic_gdn_factors.chunk_factor, chunks_per_cta=per_cta)).trace(
             *args).lower(lowering_platforms=("cuda",))
@@ -312,12 +317,13 @@ def test_kernels_lower_in_lane_semantics_unless_told(monkeypatch):
         mosaic_common.compiler_params()
 
 
-@pytest.mark.parametrize("given_state", [True, False])
-def test_gdn_mosaic_path_gradients_match_chunked(given_state):
+@pytest.mark.parametrize("given_state, segmented", [(True, True), (False, False)])
+def test_gdn_mosaic_path_gradients_match_chunked(given_state, segmented):
     """The whole op on the Mosaic kernels (factor, forward, reverse and the three gradient passes): output, final
     state and every input cotangent = chunked (fp32), from a given initial state or none (the passes start from
-    zeros they neither receive nor load). Under a mesh the kernels run per device in a shard_map;
-    that is traced here, not run: the GPU interpreter hangs when several CPU devices run it at once."""
+    zeros they neither receive nor load), with packed segments or with none (no index formed). Under a mesh the
+    kernels run per device in a shard_map; that is traced here, not run: the GPU interpreter hangs when several CPU
+    devices run it at once."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -334,8 +340,8 @@ def test_gdn_mosaic_path_gradients_match_chunked(given_state):
 
     def loss(impl):
         def f(q, k, v, g, beta, s0=None):
-            o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg, use_qk_l2norm=True,
-                                        impl=impl)
+            o, final = gated_delta_rule(q, k, v, g, beta, initial_state=s0, segment_ids=seg if segmented else None,
+                                        use_qk_l2norm=True, impl=impl)
             return jnp.sum(o * do) + jnp.sum(final * ds)
         return jax.grad(f, argnums=range(5 + given_state))
 

@@ -143,24 +143,28 @@ def _masked_exp(x: Array, mask: Array) -> Array:
     return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def _chunk_masks(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tuple[Array, Array, Array]:
-    """(G_i - G_j, j <= i in one segment, j < i in one segment) for every chunk, [b, h, n, C, C]."""
+def _chunk_masks(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"] | None) -> tuple[Array, Array, Array]:
+    """(G_i - G_j, j <= i in one segment, j < i in one segment) for every chunk, [b, h, n, C, C] (seg None: one
+    segment)."""
     c = cum.shape[-1]
-    same = seg[..., :, None] == seg[..., None, :]
     causal = jnp.tril(jnp.ones((c, c), dtype=bool))
-    return cum[..., :, None] - cum[..., None, :], causal & same, causal & ~jnp.eye(c, dtype=bool) & same
+    strict = causal & ~jnp.eye(c, dtype=bool)
+    if seg is not None:
+        same = seg[..., :, None] == seg[..., None, :]
+        causal, strict = causal & same, strict & same
+    return cum[..., :, None] - cum[..., None, :], causal, strict
 
 
 def chunk_inverse(
     k: Float[Array, "b h n c dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
-    seg: Int[Array, "b 1 n c"],
+    seg: Int[Array, "b 1 n c"] | None,
     dtype: Any = jnp.float32,
     inverse: Callable[[Array], Array] = lower_inverse,
 ) -> Float[Array, "b h n c c"]:
     """The UT transform of `_chunked`, every chunk at once: with G = `cum` (the chunk-local cumulative log-decay),
-    `seg` the segment index within the chunk and E_ij = e^{G_i - G_j} for j <= i in one segment,
+    `seg` the segment index within the chunk (None: no resets) and E_ij = e^{G_i - G_j} for j <= i in one segment,
 
         T = (I + M)^{-1},  M_ij = beta_i (k_i . k_j) E_ij  (j < i).
 
@@ -173,7 +177,7 @@ def chunk_attn(
     q: Float[Array, "b h n c dk"],
     k: Float[Array, "b h n c dk"],
     cum: Float[Array, "b h n c"],
-    seg: Int[Array, "b 1 n c"],
+    seg: Int[Array, "b 1 n c"] | None,
     dtype: Any = jnp.float32,
 ) -> Float[Array, "b h n c c"]:
     """The chunks' own output weights attn = (q k^T) o E (`chunk_inverse`'s E), fp32, operands in `dtype`."""
@@ -203,11 +207,13 @@ def _reference(
     g: Float[Array, "b t h"],
     beta: Float[Array, "b t h"],
     state: Float[Array, "b h dk dv"],
-    reset: Bool[Array, "b t"],
+    reset: Bool[Array, "b t"] | None,
     chunk_size: int,
 ) -> tuple[Float[Array, "b t h dv"], Float[Array, "b h dk dv"]]:
-    """Token-by-token `lax.scan` of the recurrence (the oracle); the state is zeroed before every reset token."""
+    """Token-by-token `lax.scan` of the recurrence (the oracle); the state is zeroed before every reset token
+    (reset None: none)."""
     del chunk_size
+    reset = jnp.zeros(q.shape[:2], bool) if reset is None else reset
 
     def step(s, xs):
         q_t, k_t, v_t, g_t, beta_t, reset_t = xs
@@ -359,9 +365,11 @@ def _per_device(fn: Callable, ins: str, outs: str) -> Callable:
     return call
 
 
-def _gate_decays(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"]) -> tuple[Array, Array]:
+def _gate_decays(cum: Float[Array, "b h n c"], seg: Int[Array, "b 1 n c"] | None) -> tuple[Array, Array]:
     """(d_in, d_out): e^{G_i} while still in the segment the carried state belongs to, e^{G_C - G_j} in the
-    chunk's last segment (exact zeros elsewhere)."""
+    chunk's last segment (exact zeros elsewhere; seg None: one segment)."""
+    if seg is None:
+        return jnp.exp(cum), jnp.exp(cum[..., -1:] - cum)
     return _masked_exp(cum, seg == 0), _masked_exp(cum[..., -1:] - cum, seg == seg[..., -1:])
 
 
@@ -407,8 +415,8 @@ def _fused(passes: mosaic_gdn.Kernels, factor: Callable | None, dtype: Any, zero
     `_recurrence_inputs`' w, keys and queries and `chunk_attn` would give), then the gates' own VJP in XLA. No
     pass reads u, w or attn: they form what they need from Ag, q and k."""
 
-    def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32
-        return seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
+    def kernel_segments(seg):  # [b, 1, n, C] -> [b, n*C] fp32 (None: no resets, none formed or read)
+        return None if seg is None else seg[:, 0].reshape(seg.shape[0], -1).astype(jnp.float32)
 
     def factors(k, beta, cum, seg, save_t: bool):
         if factor is not None:
@@ -449,7 +457,7 @@ def _chunked(
     g: Float[Array, "b t h"],
     beta: Float[Array, "b t h"],
     state: Float[Array, "b h dk dv"] | None,
-    reset: Bool[Array, "b t"],
+    reset: Bool[Array, "b t"] | None,
     chunk_size: int,
     dtype: Any = jnp.float32,
     kernels: ChunkKernels = ChunkKernels(),
@@ -475,12 +483,14 @@ def _chunked(
     if pad:
         # g = 0 and beta = 0 make padded tokens identity steps: no decay, no write.
         q, k, v, g, beta, reset = (
-            jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g, beta, reset)
+            None if x is None else jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+            for x in (q, k, v, g, beta, reset)
         )
     n = (t + pad) // chunk_size
 
-    # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C].
-    seg = jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
+    # Index of the segment inside its chunk: resets seen so far in the chunk, [b, 1, n, C]; None without resets
+    # (no masks, and the Mosaic kernels neither read nor test one).
+    seg = None if reset is None else jnp.cumsum(reset.reshape(b, n, chunk_size), axis=-1)[:, None]
     g, beta = _in_chunks(g, chunk_size), _in_chunks(beta, chunk_size)
     cum = jnp.cumsum(g, axis=-1)  # G_i, [b, h, n, C]
     if kernels.outputs is not None:  # q, k, v stay in their layout
@@ -556,10 +566,7 @@ def gated_delta_rule(
         state = None  # the Mosaic passes start from zeros they neither receive nor load
     else:
         state = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
-    if segment_ids is None:
-        reset = jnp.zeros((b, t), dtype=bool)
-    else:
-        reset = jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
+    reset = None if segment_ids is None else jnp.pad(segment_ids[:, 1:] != segment_ids[:, :-1], [(0, 0), (1, 0)])
     g32, beta32 = g.astype(jnp.float32), beta.astype(jnp.float32)
     if impl == "pallas":
         # q, k (normalised, and q scaled, in fp32) and v go on in the matmul dtype: the chunk layout moves

@@ -69,14 +69,15 @@ class Ops:
     def decay(self, g_i, s_i, g_j, s_j, *, transposed: bool = False, strict: bool = False):
         """E [i, j] = e^{G_i - G_j} for j <= i (j < i if `strict`) in the same segment, else 0; E^T [j, i] if
         `transposed`. G and the segment index by row (`g_i`, `s_i`: loaded with the row layout) and by column
-        (`g_j`, `s_j`: the column layout)."""
+        (`g_j`, `s_j`: the column layout); segment indices None: one segment."""
         rows, cols = self.iota(0), self.iota(1)
-        same = self.square(s_i, 0) == self.square(s_j, 1)
         if transposed:  # row r = j, column c = i: e^{G_c - G_r} for c >= r
             order, exponent = (cols > rows) if strict else (cols >= rows), self.square(g_j, 1) - self.square(g_i, 0)
         else:
             order, exponent = (rows > cols) if strict else (rows >= cols), self.square(g_i, 0) - self.square(g_j, 1)
-        return jnp.exp(jnp.where(order & same, exponent, -jnp.inf))
+        if s_i is not None:
+            order = order & (self.square(s_i, 0) == self.square(s_j, 1))
+        return jnp.exp(jnp.where(order, exponent, -jnp.inf))
 
     def matmul(self, shape, *terms, init=None, during=None):
         """`init` (fp32, default zeros) + sum of a @ b over `terms`, fp32. An operand is a shared-memory ref,
@@ -127,22 +128,23 @@ class Ops:
 @dataclasses.dataclass(frozen=True)
 class ChunkGates:
     """One chunk's gates in registers: G (the chunk-local cumulative log-decay) and the segment index within the
-    chunk as vectors by row (i), their last entries, and the decays built from them."""
+    chunk as vectors by row (i), their last entries, and the decays built from them. Without segments (`seg_sm`
+    None: no resets) the indices are None and nothing is masked."""
 
     ops: Ops
     g_i: jax.Array
-    s_i: jax.Array
+    s_i: jax.Array | None
     g_last: jax.Array
-    s_last: jax.Array
+    s_last: jax.Array | None
 
     @classmethod
     def load(cls, ops: Ops, g_sm, seg_sm, slot) -> ChunkGates:
-        g_i, s_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm))
-        return cls(ops, g_i, s_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
+        g_i, s_i = (None if v is None else ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm))
+        return cls(ops, g_i, s_i, g_sm[slot, ops.chunk - 1], None if seg_sm is None else seg_sm[slot, ops.chunk - 1])
 
     def columns(self, g_sm, seg_sm, slot):
-        """G and the segment index by column (j)."""
-        return tuple(self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm))
+        """G and the segment index (None without segments) by column (j)."""
+        return tuple(None if v is None else self.ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm))
 
     def rows_of(self, v, width: int):
         """A [C] vector indexed by row, spread over [C, width]."""
@@ -154,11 +156,11 @@ class ChunkGates:
 
     def d_in_of(self, g, s):
         """e^{G} while in the carried-in segment (segment 0), for G and segment indices of any layout."""
-        return jnp.where(s == 0, jnp.exp(g), 0.0)
+        return jnp.exp(g) if s is None else jnp.where(s == 0, jnp.exp(g), 0.0)
 
     def d_out_of(self, g, s):
         """e^{G_last - G} while in the chunk's last segment, for G and segment indices of any layout."""
-        return jnp.where(s == self.s_last, jnp.exp(self.g_last - g), 0.0)
+        return jnp.exp(self.g_last - g) if s is None else jnp.where(s == self.s_last, jnp.exp(self.g_last - g), 0.0)
 
     def decay(self, g_j, s_j, transposed: bool = False):
         """E [i, j] = e^{G_i - G_j} for j <= i in the same segment (`Ops.decay`); E^T if `transposed`."""
@@ -175,7 +177,7 @@ class ChunkGates:
 
     @functools.cached_property
     def d_chunk(self):  # e^{G_last} when the chunk has no reset
-        return jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
+        return jnp.exp(self.g_last) if self.s_last is None else jnp.where(self.s_last == 0, jnp.exp(self.g_last), 0.0)
 
 
 def high_low(x, cdt):

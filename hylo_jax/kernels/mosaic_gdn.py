@@ -114,20 +114,21 @@ def _swizzle(vb: int, cdt) -> int:
 
 class _Slots(NamedTuple):
     """Both passes' inputs per TMA slot: q_c, k_c, Ag_c, the chunk's block of v (forward) or o_bar (reverse), then
-    G and the segment index ([C] vectors)."""
+    G and the segment index ([C] vectors; None without segments)."""
 
     q: object
     k: object
     ag: object
     tok: object
     g: object
-    seg: object
+    seg: object = None
 
 
-def _slots(chunk, dk, vb, cdt, stages: int) -> list:
+def _slots(chunk, dk, vb, cdt, stages: int, segmented: bool = True) -> list:
     sw = _swizzle(vb, cdt)
     return [smem((stages, chunk, dk), cdt, sw), smem((stages, chunk, dk), cdt, sw),
-            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw), *[vectors((stages, chunk))] * 2]
+            smem((stages, chunk, chunk), cdt, sw), smem((stages, chunk, vb), cdt, sw),
+            *[vectors((stages, chunk))] * (1 + segmented)]
 
 
 def _forward_fixed(chunk, dk, vb, cdt) -> list:
@@ -205,15 +206,16 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
     """One pass of two warpgroups over the chunks (last to first if `reverse`) of a grid of (row, value block)
     CTAs. `ins` = (ag [X, n*C, C], the per-token input (v or o_bar) [b, n*C, h, dv], k, q [b, n*C, h, dk] in the
     operand dtype, G [X, n*C] and the segment index [b, n*C] fp32, the carried block's start [X, dk, dv] fp32, or
-    [X, dv, dk] if `transposed`, or None: zeros); `out_type` ends with the carried block's end.
+    [X, dv, dk] if `transposed`, or None: zeros; the segment index None: no resets, none read); `out_type` ends
+    with the carried block's end.
     `sides(ops, at, outs, slots, fixed refs, (consumed, *handovers))` -> (carrier step, other step, handovers the
     carrier drains) (`mosaic_common.two_warpgroup_loop`)."""
     ag, k = ins[0], ins[2]
     (rows_, tp, _), dk = ag.shape, k.shape[-1]
     dv, chunk, vb, cdt = out_type[-1].shape[-2 if transposed else -1], call.chunk, call.vb, k.dtype
-    n_chunks = tp // chunk
+    n_chunks, segmented = tp // chunk, ins[5] is not None
     ops = Ops(bool(call.interpret), chunk)
-    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt)
+    slot_buffers = functools.partial(_slots, chunk, dk, vb, cdt, segmented=segmented)
     fixed_buffers = fixed(chunk, dk, vb, cdt)
     stages = fit(slot_buffers, fixed_buffers, call.stages, n_chunks, name, call.interpret)
 
@@ -221,17 +223,19 @@ def _pass(call: _Call, name: str, sides: Callable, fixed: Callable, ins: tuple, 
         at = _Place(lax.axis_index("rows"), pl.ds(lax.axis_index("vblocks") * vb, vb), chunk, call.heads, n_chunks)
 
         def loop(carried, *refs):
-            slots = _Slots(*refs[:6])
-            fixed_refs, (ready, consumed, *handovers) = refs[6:6 + len(fixed_buffers)], refs[6 + len(fixed_buffers):]
+            n_slots = 5 + segmented
+            slots = _Slots(*refs[:n_slots])
+            fixed_refs = refs[n_slots:n_slots + len(fixed_buffers)]
+            ready, consumed, *handovers = refs[n_slots + len(fixed_buffers):]
             sources = [(q_ref, slots.q, at.keys), (k_ref, slots.k, at.keys), (ag_ref, slots.ag, at.by_row),
                        (tok_ref, slots.tok, at.in_sequence), (g_ref, slots.g, at.by_row),
-                       (seg_ref, slots.seg, at.by_batch)]
+                       (seg_ref, slots.seg, at.by_batch)][:n_slots]
             carrier, other, drained = sides(ops, at, outs, slots, fixed_refs, (consumed, *handovers))
             return two_warpgroup_loop(ops, carrier, other, carried, consumed=consumed, handovers=drained,
                                       other_fetches=True,
                                       sources=sources, ready=ready, stages=stages, n_chunks=n_chunks, reverse=reverse)
 
-        barriers = [plgpu.Barrier(num_arrivals=len(_Slots._fields), num_barriers=stages),
+        barriers = [plgpu.Barrier(num_arrivals=5 + segmented, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=2, num_barriers=stages), *[plgpu.Barrier(num_barriers=1)] * 4]
         block = at.state_t if transposed else at.state
         carry_state(ops, None if start_ref is None else start_ref.at[block], outs[-1].at[block], loop,
@@ -538,7 +542,8 @@ def _value_gradients(chunk: int, vb: int, stages: int, interpret, ag, v, o_bar, 
 class Kernels(NamedTuple):
     """The passes in the chunked layout of `gated_delta._chunked` (ag [b, h, n, C, C]; G [b, h, n, C] fp32; states
     [b, h, dk, dv]), except q, k, v, o and o_bar, which are in the op's own layout [b, n*C, h, d] (no transposes on
-    either side), and the segment index within the chunk, [b, n*C] fp32. What
+    either side), and the segment index within the chunk, [b, n*C] fp32 (None: no resets; the passes then load
+    no index and mask nothing). What
     goes in and out per chunk or token is in the operand dtype, the initial and final states and their cotangents
     fp32:
 
@@ -581,7 +586,8 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
         types = [sds(shape, dtype) for shape in out_type(b * h, n, c, dk, dv)] + [sds(carried, F32)]
         return _pass(_Call(c, block, stages, interpret, h), name, sides, fixed,
                      (*operands(ag), *(x.astype(dtype) for x in (tok, k, q)), g.reshape(b * h, n * c).astype(F32),
-                      seg.astype(F32), None if start is None else rows(start).astype(F32)), types, reverse=reverse,
+                      None if seg is None else seg.astype(F32), None if start is None else rows(start).astype(F32)),
+                     types, reverse=reverse,
                      transposed=transposed)
 
     def operands(*xs):
@@ -630,7 +636,8 @@ def kernels(dtype, interpret=None, vb: int | None = None, stages: int = 2, scale
         b, h, n, c, _ = t.shape
         dq, dk, *vectors_ = mosaic_gdn_keys.key_gradients(
             q.astype(dtype), k.astype(dtype), seq_rows(t), *(x.reshape(b * h, n * c) for x in (beta, g)),
-            seg.astype(F32), *(seq_rows(x) for x in (q_bar, w_bar, k_bar, attn_bar, ag_bar)), chunk=c, scale=scale,
+            jnp.zeros((b, n * c), F32) if seg is None else seg.astype(F32),  # (no resets: all in segment 0)
+            *(seq_rows(x) for x in (q_bar, w_bar, k_bar, attn_bar, ag_bar)), chunk=c, scale=scale,
             stages=stages, interpret=interpret)
         return dq, dk, *(x.reshape(b, h, n, c) for x in vectors_)
 

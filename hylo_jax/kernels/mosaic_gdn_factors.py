@@ -62,24 +62,30 @@ def default_chunks_per_cta(rows: int, chunks: int, cores: int) -> int:
 def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
     c = ops.chunk
 
-    def kernel(k_ref, beta_ref, g_ref, seg_ref, ag_ref, *t_ref):
+    def kernel(k_ref, beta_ref, g_ref, seg_ref, ag_ref, *t_ref):  # seg_ref None: no resets
         row, heads = lax.axis_index("rows"), k_ref.shape[2]
         first = lax.axis_index("chunks") * per_cta
 
         def at(j):  # chunk j of this CTA in the [b*h, n*C, ...] layouts
             return row, pl.ds((first + j) * c, c)
 
-        def loop(k_sm, beta_sm, g_sm, seg_sm, ready, right, out_sm, *t_sm):
+        def loop(k_sm, beta_sm, g_sm, ready, right, out_sm, *rest):
+            seg_sm, t_sm = (None, rest) if seg_ref is None else (rest[0], rest[1:])
+
             def issue(j, slot):
                 tokens = at(j)[1]  # k is in the op's [b, n*C, h, dk] layout, the segment index [b, n*C]
                 for src, dst, index in ((k_ref, k_sm, (row // heads, tokens, row % heads)), (beta_ref, beta_sm, at(j)),
                                         (g_ref, g_sm, at(j)), (seg_ref, seg_sm, (row // heads, tokens))):
-                    plgpu.copy_gmem_to_smem(src.at[index], dst.at[slot], ready.at[slot])
+                    if src is not None:
+                        plgpu.copy_gmem_to_smem(src.at[index], dst.at[slot], ready.at[slot])
 
             def products(slot):
                 """M."""
-                g_i, s_i, beta_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm, beta_sm))
-                g_j, s_j = (ops.load(v.at[slot], BY_COL) for v in (g_sm, seg_sm))
+                def load(v, layout):
+                    return None if v is None else ops.load(v.at[slot], layout)
+
+                g_i, s_i, beta_i = (load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
+                g_j, s_j = (load(v, BY_COL) for v in (g_sm, seg_sm))
                 below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
                 return ops.matmul((c, c), (k_sm.at[slot], ("T", k_sm.at[slot]))) * below
 
@@ -125,9 +131,10 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
 
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(loop, smem((2, c, k_ref.shape[-1]), cdt), *[vectors((2, c))] * 3,
-                      plgpu.Barrier(num_arrivals=4, num_barriers=2), smem((2, c, c), cdt), smem((c, c), cdt),
-                      *[smem((c, c), F32)] * save_t)
+        segmented = seg_ref is not None
+        pl.run_scoped(loop, smem((2, c, k_ref.shape[-1]), cdt), *[vectors((2, c))] * 2,
+                      plgpu.Barrier(num_arrivals=3 + segmented, num_barriers=2), smem((2, c, c), cdt),
+                      smem((c, c), cdt), *[vectors((2, c))] * segmented, *[smem((c, c), F32)] * save_t)
 
     return kernel
 
@@ -136,7 +143,7 @@ def chunk_factor(
     k: Float[Array, "b t h dk"],
     beta: Float[Array, "b h n c"],
     cum: Float[Array, "b h n c"],
-    seg: Int[Array, "b 1 n c"],
+    seg: Int[Array, "b 1 n c"] | None,
     *,
     save_t: bool = False,
     chunks_per_cta: int | None = None,
@@ -144,7 +151,8 @@ def chunk_factor(
 ) -> tuple[Float[Array, "b h n c c"], ...]:
     """(Ag in k's dtype, and T fp32 if `save_t`) of every chunk (module docstring): k [b, n*C, h, dk] in the operand
     dtype (bf16 / fp16; the interpreter also takes fp32), beta and G (`cum`) fp32 and `seg` (the segment index
-    within the chunk) in the chunk layout; `chunks_per_cta` (dividing n) defaults to `default_chunks_per_cta`."""
+    within the chunk; None: no resets) in the chunk layout; `chunks_per_cta` (dividing n) defaults to
+    `default_chunks_per_cta`."""
     b, h, n, chunk = beta.shape
     dk = k.shape[-1]
     if reason := unsupported(dk, chunk, device_dtype(k.dtype, interpret)):
@@ -154,7 +162,8 @@ def chunk_factor(
     def flat(x):  # [b, h, n, C, ...] -> [b*h, n*C, ...]
         return x.reshape(rows, n * chunk, *x.shape[4:])
 
-    seg = seg[:, 0].reshape(b, n * chunk).astype(F32)  # read by batch (the passes' layout), not copied per head
+    if seg is not None:  # read by batch (the passes' layout), not copied per head; None: no resets, no masks
+        seg = seg[:, 0].reshape(b, n * chunk).astype(F32)
     out_type = [jax.ShapeDtypeStruct((rows, n * chunk, chunk), dtype) for dtype in (k.dtype, F32)[:1 + save_t]]
     per_cta = chunks_per_cta or default_chunks_per_cta(rows, n, grid_cores(interpret))
     if n % per_cta:
