@@ -21,8 +21,9 @@ attn is read. One warpgroup (the carrier) holds the [dk, vb] fp32 block of S (or
 accumulator layout); the other forms what does not need it and issues the copies (so the carried chain neither
 issues them nor waits for a slot's release; with the overlap below, 4 x 4096 forward 0.413 -> 0.387 ms on the
 H100, session 21), and the two hand [C, vb] and [dk, vb] operands over in shared memory (one buffer each; the
-next chunk's waits until the reader is done). The S^T carrier (forward alone, value blocks of 64) takes S^T's bf16 copy as the left operand of its first
-product from registers and publishes it while that product runs, as it publishes delta during the update:
+next chunk's waits until the reader is done). The S^T carrier (forward alone, value blocks of 64) takes S^T's
+bf16 copy as the left operand of its first product from registers and publishes it while that product runs, as
+it publishes delta during the update:
   forward: the carrier computes k S, delta and the update; the other side q k^T (attn) and q S, then o;
   reverse: with w = Ag diag(d_in) k and k, q undecayed, D = attn^T o_bar + d_out o (k G) and
            G <- d_c G + q^T (d_in o o_bar) + k^T y, y = -d_in o (Ag^T D); the carrier computes D and G, the
