@@ -53,6 +53,7 @@ declare -A STEPS=(
   [peers]="420 python3 benchmarks/kernels.py --skip chunked,auto,pallas --shapes 4x4096"
   [gends]="200 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x65536"
   [gacc]="150 python3 benchmarks/accuracy.py --only gdn --skip pallas,auto,chunked,fla"
+  [gdocs]="180 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas,fla --shapes 4x4096,1x16384 --gdn-docs 1"
   [gfla]="300 python3 benchmarks/kernels.py --only gdn --skip chunked,auto,pallas --shapes 4x4096"
   [profile]="90 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --top 20"
   [gprof]="120 python3 benchmarks/profile_ops.py gdn --shape 4x4096 --fwd --sources --top 15"

@@ -48,10 +48,20 @@ def with_kernels(fn, kernels: str):
 OURS = (("ours pallas", "pallas", "triton"), ("ours mosaic", "pallas", "mosaic"))
 
 
-def gdn_impls(peers, dk, skip):
-    ours = [(name, "jax", with_kernels(lambda q, k, v, g, beta, impl=impl: gated_delta_rule(
-        q, k, v, g, beta, chunk_size=mixers.CHUNK, impl=impl)[0], kernels)) for name, impl, kernels in OURS]
-    return [i for i in ours + mixers.gdn_impls(peers, dk) if not any(s and s in i[0] for s in skip)]
+def gdn_impls(peers, dk, skip, docs: int = 0):
+    """Our rows and the peers'; with `docs`, also ours on Mosaic with segment ids of that many equal documents a
+    row (the packed-sequence kernels: the segment index loaded and masked; 1: ids given, no reset)."""
+    def ours(impl, kernels, docs=0):
+        def gdn(q, k, v, g, beta):
+            b, t = q.shape[:2]
+            ids = None if not docs else jnp.broadcast_to(jnp.arange(t) * docs // t, (b, t))
+            return gated_delta_rule(q, k, v, g, beta, segment_ids=ids, chunk_size=mixers.CHUNK, impl=impl)[0]
+        return with_kernels(gdn, kernels)
+
+    rows = [(name, "jax", ours(impl, kernels)) for name, impl, kernels in OURS]
+    if docs:
+        rows.append((f"ours mosaic, {docs} docs a row", "jax", ours("pallas", "mosaic", docs)))
+    return [i for i in rows + mixers.gdn_impls(peers, dk) if not any(s and s in i[0] for s in skip)]
 
 
 def ssd_impls(peers, skip):
@@ -166,6 +176,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=None, help="calls per timed sample (default 20; 2 tiny)")
     parser.add_argument("--gdn-value-block", type=int, default=0,
                         help="Mosaic GDN passes' value block (tuning; default `mosaic_gdn.value_block`'s choice)")
+    parser.add_argument("--gdn-docs", type=int, default=0,
+                        help="also time ours on Mosaic with segment ids of N documents a row (1: ids, no reset)")
     parser.add_argument("--check", action="store_true", help="compare pallas vs chunked and exit")
     parser.add_argument("--check-shape", default="1x500", help="B x T of --check")
     parser.add_argument("--check-kernels", default="triton,mosaic", help="kernel sets --check compares")
@@ -196,8 +208,8 @@ def main() -> None:
     rows: list[list] = []
     for b, t in shapes if "gdn" in ops else []:
         d = dims["gdn"]
-        mixers.run_case("gdn", mixers.gdn_case(rng, b, t, **d), gdn_impls(peers, d["dk"], skip), ceiling, iters,
-                        track_memory, rows)
+        mixers.run_case("gdn", mixers.gdn_case(rng, b, t, **d), gdn_impls(peers, d["dk"], skip, args.gdn_docs),
+                        ceiling, iters, track_memory, rows)
     for variant, d in dims["ssd"].items() if "ssd" in ops else []:
         for b, t in shapes:
             mixers.run_case(f"ssd {variant}", mixers.ssd_case(rng, b, t, **d), ssd_impls(peers, skip), ceiling,
