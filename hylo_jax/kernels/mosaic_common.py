@@ -139,8 +139,10 @@ class ChunkGates:
 
     @classmethod
     def load(cls, ops: Ops, g_sm, seg_sm, slot) -> ChunkGates:
-        g_i, s_i = (None if v is None else ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm))
-        return cls(ops, g_i, s_i, g_sm[slot, ops.chunk - 1], None if seg_sm is None else seg_sm[slot, ops.chunk - 1])
+        if seg_sm is None:
+            return cls(ops, ops.load(g_sm.at[slot], BY_ROW), None, g_sm[slot, ops.chunk - 1], None)
+        g_i, s_i = (ops.load(v.at[slot], BY_ROW) for v in (g_sm, seg_sm))
+        return cls(ops, g_i, s_i, g_sm[slot, ops.chunk - 1], seg_sm[slot, ops.chunk - 1])
 
     def columns(self, g_sm, seg_sm, slot):
         """G and the segment index (None without segments) by column (j)."""

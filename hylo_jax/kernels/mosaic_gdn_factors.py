@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from .mosaic_common import BY_COL, BY_ROW, F32, Ops, device_dtype, dtype_reason, gpu_kernel, smem, vectors
+from .mosaic_common import BY_COL, BY_ROW, F32, ChunkGates, Ops, device_dtype, dtype_reason, gpu_kernel, smem, vectors
 from .pallas_common import grid_cores
 
 CHUNK = 64  # the [C, C] fp32 tiles of one warpgroup: 32 registers a thread each
@@ -81,12 +81,9 @@ def _kernel(ops: Ops, cdt, save_t: bool, per_cta: int):
 
             def products(slot):
                 """M."""
-                def load(v, layout):
-                    return None if v is None else ops.load(v.at[slot], layout)
-
-                g_i, s_i, beta_i = (load(v, BY_ROW) for v in (g_sm, seg_sm, beta_sm))
-                g_j, s_j = (load(v, BY_COL) for v in (g_sm, seg_sm))
-                below = ops.decay(g_i, s_i, g_j, s_j, strict=True) * ops.square(beta_i, 0)
+                ch = ChunkGates.load(ops, g_sm, seg_sm, slot)
+                below = ops.decay(ch.g_i, ch.s_i, *ch.columns(g_sm, seg_sm, slot), strict=True)
+                below = below * ops.square(ops.load(beta_sm.at[slot], BY_ROW), 0)
                 return ops.matmul((c, c), (k_sm.at[slot], ("T", k_sm.at[slot]))) * below
 
             def product(a, b, buffer: int):
